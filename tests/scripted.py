@@ -1,0 +1,125 @@
+"""ScriptedModel: a stand-in for oss_mlx.model.Model that replays exact harmony token streams.
+
+It has the Model API the engine uses (`config.max_context` / `vocab_size` / `sliding_window`,
+`make_cache()`, `model(tokens, cache)`, `model.prefill(tokens, cache, chunk_size)`), and real
+mlx-lm caches (a RotatingKVCache on even layers, a KVCache on odd ones, fed with dummy keys), but
+its logits force the next token of a scripted reply whatever the input. So chat and server tests
+run the real engine, sampler and harmony parser on a known stream:
+
+    from scripted import ScriptedModel, harmony_tokens   # tests/ is on sys.path under pytest
+    from oss_mlx.engine import Engine
+    from oss_mlx.harmony import load_encoding
+
+    enc = load_encoding(model_dir)              # or vocab_dir(tmp_path) for a bare vocabulary
+    model = ScriptedModel(
+        "<|channel|>analysis<|message|>Think.<|end|><|start|>assistant<|channel|>final<|message|>Hi!<|return|>",
+        encoding=enc,
+    )
+    engine = Engine(model, enc)
+    completion = engine.complete(conversation, SamplingParams(max_tokens=100))
+    assert completion.final == "Hi!"
+    model.push('<|channel|>commentary to=functions.f <|constrain|>json<|message|>{"a": 1}<|call|>')
+
+Each reply is a string (encoded with `encoding`, special tokens allowed) or a list of token ids.
+A request starts the next queued reply at its `prefill` call (the engine calls prefill exactly
+once per request); after the reply's last token the model forces `after` (default <|return|>), so
+a reply without a stop token still ends. A prefill with no reply queued raises AssertionError.
+`model.prompts` records, per request, the tokens actually prefilled (with prompt-cache reuse,
+only the new suffix), and `model.fed` every token fed one at a time while decoding.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import shutil
+from pathlib import Path
+
+import mlx.core as mx
+from mlx_lm.models.cache import KVCache, RotatingKVCache
+
+from oss_mlx.config import ModelConfig
+
+RETURN = 200002
+
+
+def harmony_tokens(encoding, text: str) -> list[int]:
+    """Token ids of a harmony string written with its special tokens, e.g. "<|channel|>final"."""
+    return encoding.encode(text, allowed_special="all")
+
+
+def vocab_dir(folder) -> Path:
+    """A folder holding the genuine o200k_base.tiktoken, from the bpe-openai package (offline)."""
+    import bpe_openai
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / "o200k_base.tiktoken"
+    if not target.exists():
+        src = Path(os.path.dirname(bpe_openai.__file__)) / "data" / "o200k_base.tiktoken.gz"
+        with gzip.open(src) as f, open(target.with_suffix(".tmp"), "wb") as g:
+            shutil.copyfileobj(f, g)
+        target.with_suffix(".tmp").rename(target)
+    return folder
+
+
+class ScriptedModel:
+    def __init__(self, *replies, encoding=None, max_context: int = 4096, sliding_window: int = 8,
+                 num_layers: int = 2, vocab_size: int = 201088, after: int = RETURN):
+        self.config = ModelConfig(
+            num_hidden_layers=num_layers, vocab_size=vocab_size, sliding_window=sliding_window,
+            initial_context_length=max_context, rope_scaling_factor=1.0,
+        )
+        self.encoding = encoding
+        self.after = after
+        self.queue: list[list[int]] = []
+        self.reply: list[int] = []
+        self.pos = 0
+        self.prompts: list[list[int]] = []
+        self.fed: list[int] = []
+        for r in replies:
+            self.push(r)
+
+    def push(self, reply) -> "ScriptedModel":
+        """Queue the reply for the next request (a harmony string or a list of token ids)."""
+        if isinstance(reply, str):
+            if self.encoding is None:
+                raise ValueError("ScriptedModel needs encoding= to take string replies")
+            reply = harmony_tokens(self.encoding, reply)
+        self.queue.append(list(reply))
+        return self
+
+    def make_cache(self):
+        return [
+            RotatingKVCache(max_size=self.config.sliding_window) if self.config.is_sliding(i)
+            else KVCache()
+            for i in range(self.config.num_hidden_layers)
+        ]
+
+    def _forced(self, batch: int, length: int):
+        """Logits [B, T, V]: the last position puts all mass on the next scripted token."""
+        tok = self.reply[self.pos] if self.pos < len(self.reply) else self.after
+        self.pos += 1
+        row = mx.where(mx.arange(self.config.vocab_size) == tok, 0.0, -1e9)
+        return mx.broadcast_to(row, (batch, length, self.config.vocab_size))
+
+    def _update(self, tokens, cache):
+        if cache is None:
+            return
+        B, T = tokens.shape
+        kv = tokens.astype(mx.float32).reshape(B, 1, T, 1)  # the token ids stand in for K/V
+        for c in cache:
+            c.update_and_fetch(kv, kv)
+
+    def __call__(self, tokens, cache=None):
+        self._update(tokens, cache)
+        self.fed += [int(t) for t in tokens.reshape(-1).tolist()]
+        return self._forced(*tokens.shape)
+
+    def prefill(self, tokens, cache, chunk_size: int = 512):
+        assert self.queue, "ScriptedModel: a request started with no reply queued (use push())"
+        self.reply, self.pos = self.queue.pop(0), 0
+        self.prompts.append([int(t) for t in tokens.reshape(-1).tolist()])
+        for i in range(0, tokens.shape[1], chunk_size):
+            self._update(tokens[:, i : i + chunk_size], cache)
+        return self._forced(tokens.shape[0], 1)[:, -1, :]
