@@ -1,0 +1,152 @@
+"""`oss-mlx bench`: the roofline arithmetic against the published per-token byte counts, the
+chip table, and a smoke run of the whole command on the tiny checkpoint (the real figures come
+from runs, see benchmarks/README.md)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import pytest
+
+from oss_mlx import bench
+from oss_mlx.cli import main
+from oss_mlx.config import ModelConfig
+
+# gpt-oss-20b (spec 1.1 / performance-anchors.md section 2)
+CFG_20B = ModelConfig(num_hidden_layers=24, num_experts=32)
+
+
+@dataclass
+class Fake:
+    """Stands in for an mx.array: only .nbytes is read, so 20b shapes cost no memory."""
+
+    nbytes: int
+
+
+def _params_20b(dense_bits: int) -> dict:
+    """Our tensor names and storage (contract) for the 20b shapes: experts mxfp4 (uint32 packed
+    + uint8 e8m0 scales per 32), dense bf16, or 8-bit affine gs64 (uint32 + bf16 scales/biases)."""
+    c = CFG_20B
+    H, V, E, I, D = c.hidden_size, c.vocab_size, c.num_experts, c.intermediate_size, c.head_dim
+    qkv = (c.num_attention_heads + 2 * c.num_key_value_heads) * D
+
+    def dense(name, rows, cols):
+        if dense_bits == 16:
+            return {f"{name}.weight": Fake(rows * cols * 2)}
+        return {f"{name}.weight": Fake(rows * cols), f"{name}.scales": Fake(rows * cols // 64 * 2),
+                f"{name}.biases": Fake(rows * cols // 64 * 2)}
+
+    p = {**dense("embedding", V, H), **dense("unembedding", V, H), "norm.weight": Fake(H * 2)}
+    for n in range(c.num_hidden_layers):
+        a, m = f"layers.{n}.attention", f"layers.{n}.mlp"
+        p.update(dense(f"{a}.qkv", qkv, H))
+        p.update(dense(f"{a}.out", H, c.num_attention_heads * D))
+        p.update({
+            f"{a}.norm.weight": Fake(H * 2), f"{a}.qkv.bias": Fake(qkv * 2),
+            f"{a}.out.bias": Fake(H * 2), f"{a}.sinks": Fake(c.num_attention_heads * 4),
+            f"{m}.norm.weight": Fake(H * 2),
+            f"{m}.router.weight": Fake(E * H * 2), f"{m}.router.bias": Fake(E * 2),
+            f"{m}.experts.gate_up.weight": Fake(E * 2 * I * H // 8 * 4),
+            f"{m}.experts.gate_up.scales": Fake(E * 2 * I * H // 32),
+            f"{m}.experts.gate_up.bias": Fake(E * 2 * I * 2),
+            f"{m}.experts.down.weight": Fake(E * H * I // 8 * 4),
+            f"{m}.experts.down.scales": Fake(E * H * I // 32),
+            f"{m}.experts.down.bias": Fake(E * H * 2),
+        })
+    return p
+
+
+def test_bytes_per_token_match_published_20b_figures():
+    # performance-anchors.md section 2: 3.706 GB/token with bf16 non-expert weights, 2.564 with
+    # 8-bit; experts 1.269 GB. Biases and norms (not in those sums) are < 0.2%.
+    bf16 = bench.weight_bytes_per_token(_params_20b(16), CFG_20B)
+    assert bf16["experts"] / 1e9 == pytest.approx(1.269, rel=2e-3)
+    assert bf16["unembedding"] / 1e9 == pytest.approx(1.158, rel=1e-3)
+    assert bf16["attention"] / 1e9 == pytest.approx(1.274, rel=2e-3)
+    assert bf16["embedding_row"] == 2880 * 2
+    assert sum(bf16.values()) / 1e9 == pytest.approx(3.706, rel=3e-3)
+    q8 = bench.weight_bytes_per_token(_params_20b(8), CFG_20B)
+    assert sum(q8.values()) / 1e9 == pytest.approx(2.564, rel=3e-3)
+
+
+def test_kv_bytes_match_published_20b_figures():
+    # "20b at L = 4k: +104 MB. At L = 32k: +808 MB" (f16/bf16 K and V, window 128 on half the layers)
+    assert bench.kv_bytes_per_token(CFG_20B, 4096, 2) / 1e6 == pytest.approx(104, abs=0.5)
+    assert bench.kv_bytes_per_token(CFG_20B, 32768, 2) / 1e6 == pytest.approx(808, abs=0.5)
+    # Below the window every layer reads the same number of positions.
+    assert bench.kv_bytes_per_token(CFG_20B, 100, 4) == 24 * 100 * 2 * 8 * 64 * 4
+
+
+@pytest.mark.parametrize("chip,cores,gbps", [
+    ("Apple M4 Max", 32, 410.0), ("Apple M4 Max", 40, 546.0), ("Apple M3 Max", 30, 300.0),
+    ("Apple M2 Ultra", None, 800.0), ("Apple M1", 8, 68.25), ("Apple M4 Pro", 20, 273.0),
+    ("Apple M9 Hyper", None, None), ("AMD EPYC", None, None),
+])
+def test_apple_bandwidth_table(chip, cores, gbps):
+    assert bench.apple_bandwidth(chip, cores) == gbps
+
+
+def test_ratios_are_ours_over_theirs():
+    res = [{"runtime": "a", "name": "oss-mlx", "prompt_tokens": 8,
+            "median": {"prefill_tps": 30.0, "ttft_s": 1.0, "decode_tps": 6.0, "peak_memory_bytes": 5}},
+           {"runtime": "b", "name": "mlx-lm", "prompt_tokens": 8,
+            "median": {"prefill_tps": 10.0, "ttft_s": 2.0, "decode_tps": 4.0, "peak_memory_bytes": 10}}]
+    (r,) = bench.compute_ratios(res)
+    assert (r["prefill_tps"], r["ttft_s"], r["decode_tps"], r["peak_memory_bytes"]) == (3.0, 0.5, 1.5, 0.5)
+
+
+def test_bench_smoke(tiny_model, tiny_hf, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    rc = main(["bench", "--model", str(tiny_model), "--source", str(tiny_hf),
+               "--prompt-tokens", "8,20", "--gen-tokens", "4", "--repeat", "1",
+               "--compare", "mlx-lm", "--dtype", "auto,bfloat16", "--json", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "decode tok/s" in text and "ratios" in text and "float32 on MLX's CPU backend" in text
+
+    report = json.loads(out.read_text())
+    m = report["machine"]
+    assert m["backend"] in ("CPU", "Metal", "CUDA") and m["mlx_version"] and m["chip"]
+    assert report["settings"]["prompt_tokens"] == [8, 20]
+    labels = [r["label"] for r in report["runtimes"]]
+    assert len(labels) == 3 and labels[-1].startswith("mlx-lm") and "oss-mlx bfloat16" in labels
+    assert len(report["results"]) == 6
+    for r in report["results"]:
+        assert len(r["runs"]) == 1 and r["runs"][0]["generated"] == 4
+        for k in ("prefill_tps", "ttft_s", "decode_tps", "peak_memory_bytes"):
+            assert r["median"][k] > 0
+        assert r["roofline"]["bytes_per_token"] > 0 and r["roofline"]["achieved_gbps"] > 0
+        assert r["roofline"]["context"] == r["prompt_tokens"] + 2
+    assert len(report["ratios"]) == 4
+    assert all(q[k] > 0 for q in report["ratios"]
+               for k in ("prefill_tps", "ttft_s", "decode_tps", "peak_memory_bytes"))
+
+    # Ours in bf16 and mlx-lm load the same checkpoint: the bytes a token reads must agree
+    # (experts exactly, being the same mxfp4 tensors; the rest to within norm/sink dtypes).
+    by = {r["runtime"]: r["roofline"]["components"] for r in report["results"] if r["prompt_tokens"] == 8}
+    ours, theirs = by["oss-mlx bfloat16"], by[labels[-1]]
+    assert ours["experts"] == theirs["experts"]
+    assert sum(ours.values()) == pytest.approx(sum(theirs.values()), rel=0.02)
+
+
+@pytest.mark.parametrize("argv", [
+    ["bench"],
+    ["bench", "--synth", "20b", "--prompt-tokens", "0"],
+    ["bench", "--synth", "20b", "--dtype", "int8"],
+    ["bench", "--model", "x", "--layers", "2"],
+])
+def test_bench_bad_arguments_one_line_error(argv, capsys):
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("oss-mlx: error:") and "\n" not in err and "Traceback" not in err
+
+
+def test_bench_compare_needs_a_source(tiny_model, tmp_path, capsys):
+    # A converted folder whose manifest names no source: mlx-lm has nothing to load.
+    import shutil
+
+    model = shutil.copytree(tiny_model, tmp_path / "m")
+    (model / "manifest.json").unlink(missing_ok=True)
+    assert main(["bench", "--model", str(model), "--compare", "mlx-lm", "--prompt-tokens", "4"]) == 1
+    assert capsys.readouterr().err.startswith("oss-mlx: error: --compare mlx-lm needs")
