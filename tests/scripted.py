@@ -31,7 +31,6 @@ only the new suffix), and `model.fed` every token fed one at a time while decodi
 from __future__ import annotations
 
 import gzip
-import os
 import shutil
 from pathlib import Path
 
@@ -50,13 +49,15 @@ def harmony_tokens(encoding, text: str) -> list[int]:
 
 def vocab_dir(folder) -> Path:
     """A folder holding the genuine o200k_base.tiktoken, from the bpe-openai package (offline)."""
-    import bpe_openai
+    import importlib.util
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / "o200k_base.tiktoken"
     if not target.exists():
-        src = Path(os.path.dirname(bpe_openai.__file__)) / "data" / "o200k_base.tiktoken.gz"
+        # Located, not imported: importing bpe_openai loads all its vocabularies.
+        pkg = importlib.util.find_spec("bpe_openai").submodule_search_locations[0]
+        src = Path(pkg) / "data" / "o200k_base.tiktoken.gz"
         with gzip.open(src) as f, open(target.with_suffix(".tmp"), "wb") as g:
             shutil.copyfileobj(f, g)
         target.with_suffix(".tmp").rename(target)
