@@ -1,0 +1,367 @@
+"""`oss-mlx synth`: write a random-weight gpt-oss checkpoint in an exact upstream layout.
+
+The project's stand-in for the real checkpoints in tests, benchmarks and demos: same tensor
+names, shapes, dtypes, MXFP4 expert encoding, sharding, configs and tokenizer files as
+`openai/gpt-oss-{20b,120b}` (spec sections 2-4), with random values.
+
+- Every tensor gets its own random stream, seeded by (seed, tensor name), and is generated in
+  fixed-size row chunks: the values do not depend on the layout (HF's q/k/v are row slices of
+  the original fused qkv) and a full-size model is written tensor by tensor in bounded memory.
+- Scales keep a forward pass well-behaved: unit-RMS residual stream, matmul weights with std
+  about 1/sqrt(fan_in) (MXFP4 block scales 2^-k picked for that), and an unembedding giving
+  logits with std about 2, so the largest of 201088 logits is about 10.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import zlib
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from oss_mlx.config import ModelConfig
+from oss_mlx.errors import OssMlxError
+
+from . import layout as L
+from . import stio
+from . import vocab
+
+PRESETS = {
+    "tiny": ModelConfig(num_hidden_layers=4, num_experts=8, experts_per_token=4, hidden_size=64,
+                        intermediate_size=64, head_dim=64, num_attention_heads=4,
+                        num_key_value_heads=2, sliding_window=8),
+    "small": ModelConfig(num_hidden_layers=8, num_experts=16, experts_per_token=4, hidden_size=512,
+                         intermediate_size=512, head_dim=64, num_attention_heads=8,
+                         num_key_value_heads=2, sliding_window=128),
+    "20b": ModelConfig(num_hidden_layers=24, num_experts=32),
+    "120b": ModelConfig(num_hidden_layers=36, num_experts=128),
+}
+# Upstream shard sizes (spec 2.4): HF 4.8e9 bytes, 0-based names; original 120b has 7 shards.
+HF_SHARD_BYTES = 4_800_000_000
+ORIGINAL_SHARD_BYTES = 10_000_000_000
+CHUNK_ELEMS = 1 << 24
+
+# The original config keys, in upstream order (spec 2.2).
+ORIGINAL_KEYS = ["num_hidden_layers", "num_experts", "experts_per_token", "vocab_size",
+                 "hidden_size", "intermediate_size", "swiglu_limit", "head_dim",
+                 "num_attention_heads", "num_key_value_heads", "sliding_window",
+                 "initial_context_length", "rope_theta", "rope_scaling_factor", "rope_ntk_alpha",
+                 "rope_ntk_beta"]
+FLOAT_KEYS = {"swiglu_limit", "rope_scaling_factor"}
+
+
+def original_config(cfg: ModelConfig) -> dict:
+    d = cfg.to_dict()
+    return {k: (float(d[k]) if k in FLOAT_KEYS else int(d[k])) for k in ORIGINAL_KEYS}
+
+
+def hf_config(cfg: ModelConfig) -> dict:
+    """config.json of the HF repo root (spec 2.1), with this model's dimensions."""
+    return {
+        "architectures": ["GptOssForCausalLM"],
+        "attention_bias": True,
+        "attention_dropout": 0.0,
+        "eos_token_id": 200002,
+        "experts_per_token": cfg.experts_per_token,
+        "head_dim": cfg.head_dim,
+        "hidden_act": "silu",
+        "hidden_size": cfg.hidden_size,
+        "initial_context_length": cfg.initial_context_length,
+        "initializer_range": 0.02,
+        "intermediate_size": cfg.intermediate_size,
+        "layer_types": ["sliding_attention" if cfg.is_sliding(i) else "full_attention"
+                        for i in range(cfg.num_hidden_layers)],
+        "max_position_embeddings": cfg.max_context,
+        "model_type": "gpt_oss",
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_experts_per_tok": cfg.experts_per_token,
+        "num_hidden_layers": cfg.num_hidden_layers,
+        "num_key_value_heads": cfg.num_key_value_heads,
+        "num_local_experts": cfg.num_experts,
+        "output_router_logits": False,
+        "pad_token_id": 199999,
+        "quantization_config": {
+            "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",
+                                       "model.embed_tokens", "lm_head"],
+            "quant_method": "mxfp4",
+        },
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "rope_scaling": {
+            "beta_fast": float(cfg.rope_ntk_beta),
+            "beta_slow": float(cfg.rope_ntk_alpha),
+            "factor": float(cfg.rope_scaling_factor),
+            "original_max_position_embeddings": cfg.initial_context_length,
+            "rope_type": "yarn",
+            "truncate": False,
+        },
+        "rope_theta": int(cfg.rope_theta),
+        "router_aux_loss_coef": 0.9,
+        "sliding_window": cfg.sliding_window,
+        "swiglu_limit": float(cfg.swiglu_limit),
+        "tie_word_embeddings": False,
+        "transformers_version": "4.55.0.dev0",
+        "use_cache": True,
+        "vocab_size": cfg.vocab_size,
+    }
+
+
+GENERATION_CONFIG = {"bos_token_id": 199998, "do_sample": True,
+                     "eos_token_id": [200002, 199999, 200012], "pad_token_id": 199999,
+                     "transformers_version": "4.55.0.dev0"}
+
+
+def tokenizer_config() -> dict:
+    return {
+        "added_tokens_decoder": {
+            str(i): {"content": s, "lstrip": False, "normalized": False, "rstrip": False,
+                     "single_word": False, "special": True}
+            for i, s in vocab.special_tokens().items()
+        },
+        "bos_token": "<|startoftext|>",
+        "clean_up_tokenization_spaces": False,
+        "eos_token": "<|return|>",
+        "extra_special_tokens": {},
+        "model_input_names": ["input_ids", "attention_mask"],
+        "model_max_length": 1000000000000000019884624838656,
+        "pad_token": "<|endoftext|>",
+        "tokenizer_class": "PreTrainedTokenizerFast",
+    }
+
+
+SPECIAL_TOKENS_MAP = {"bos_token": "<|startoftext|>", "eos_token": "<|return|>",
+                      "pad_token": "<|endoftext|>"}
+
+
+# ---- random values ----------------------------------------------------------------------
+
+
+def _bf16(x: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bits (uint16), round to nearest even."""
+    u = x.astype(np.float32).view(np.uint32)
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def _fp4_scale(fan_in: int) -> int:
+    """E8M0 scale so that uniform random FP4 codes (std 2.93) give std ~ 1/sqrt(fan_in)."""
+    fp4_std = math.sqrt(68.5 / 8)  # RMS of the 16 E2M1 values (spec 4.1)
+    return 127 - math.ceil(math.log2(math.sqrt(fan_in) * fp4_std))
+
+
+def _rule(name: str, cfg: ModelConfig):
+    """How tensor `name` (our name) is drawn: ("normal", mean, std) | ("bytes",) | ("scales", s)."""
+    h, i = cfg.hidden_size, cfg.intermediate_size
+    leaf = name.split(".", 2)[-1] if name.startswith("layers.") else name
+    return {
+        "embedding.weight": ("normal", 0.0, 1.0),
+        "norm.weight": ("normal", 1.0, 0.1),
+        "unembedding.weight": ("normal", 0.0, 2.0 / math.sqrt(h)),
+        "attention.norm.weight": ("normal", 1.0, 0.1),
+        "attention.qkv.weight": ("normal", 0.0, 1.0 / math.sqrt(h)),
+        "attention.qkv.bias": ("normal", 0.0, 0.02),
+        "attention.sinks": ("normal", 0.0, 0.5),
+        # Residual branches at half strength so the stream stays O(1) over many layers.
+        "attention.out.weight": ("normal", 0.0, 0.5 / math.sqrt(cfg.num_attention_heads * cfg.head_dim)),
+        "attention.out.bias": ("normal", 0.0, 0.02),
+        "mlp.norm.weight": ("normal", 1.0, 0.1),
+        "mlp.router.weight": ("normal", 0.0, 1.0 / math.sqrt(h)),
+        "mlp.router.bias": ("normal", 0.0, 0.1),
+        "mlp.experts.gate_up.weight": ("bytes",),
+        "mlp.experts.gate_up.scales": ("scales", _fp4_scale(h)),
+        "mlp.experts.gate_up.bias": ("normal", 0.0, 0.05),
+        "mlp.experts.down.weight": ("bytes",),
+        "mlp.experts.down.scales": ("scales", _fp4_scale(i) - 1),
+        "mlp.experts.down.bias": ("normal", 0.0, 0.05),
+    }[leaf]
+
+
+def generate(name: str, shape: tuple[int, ...], cfg: ModelConfig, seed: int):
+    """Chunks (numpy, split along axis 0) of tensor `name`'s values, as stored on disk."""
+    rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+    rule = _rule(name, cfg)
+    row = math.prod(shape[1:])
+    rows = max(1, CHUNK_ELEMS // max(row, 1))
+    for start in range(0, shape[0], rows):
+        n = min(rows, shape[0] - start)
+        if rule[0] == "normal":
+            x = rng.standard_normal(n * row, dtype=np.float32)
+            yield _bf16(x * np.float32(rule[2]) + np.float32(rule[1]))
+        elif rule[0] == "bytes":
+            yield np.frombuffer(rng.bytes(n * row), dtype=np.uint8)
+        else:  # E8M0 scales jittered by one binade so the scale decoding is exercised
+            yield (rng.integers(-1, 2, n * row, dtype=np.int16) + rule[1]).astype(np.uint8)
+
+
+def _jobs(cfg: ModelConfig, layout: str, seed: int) -> list[stio.Job]:
+    jobs = []
+    for ours, orig, hf, dtype, shape in L.entries(cfg):
+        produce = (lambda ours=ours, shape=shape: generate(ours, shape, cfg, seed))
+        if layout == "original":
+            names = [(orig, shape)]
+        elif len(hf) == 1:
+            names = [(hf[0], shape)]
+        else:  # q | k | v are consecutive row ranges of the fused qkv: written in that order
+            names = [(n, (r,) + shape[1:]) for n, r in zip(hf, L.qkv_split(cfg))]
+        jobs.append(stio.Job([stio.TensorInfo(n, dtype, s) for n, s in names], produce))
+    return jobs
+
+
+def synth(out, preset: str = "tiny", layout: str = "hf", layers: int | None = None,
+          seed: int = 0, force: bool = False, max_shard_bytes: int | None = None) -> Path:
+    """Write a random-weight checkpoint to `out` and return its path.
+
+    layout "hf": `out` is an HF repo root (configs, sharded safetensors + index, tokenizer files).
+    layout "original": `out` is the content of `original/` (config.json, dtypes.json,
+    model.safetensors), with no tokenizer. Same seed => same values in both layouts.
+    `max_shard_bytes` overrides the preset's sharding (tests use it to get several shards).
+    """
+    if preset not in PRESETS:
+        raise OssMlxError(f"unknown preset {preset!r} (choose from {', '.join(PRESETS)})")
+    if layout not in ("hf", "original"):
+        raise OssMlxError(f"unknown layout {layout!r} (choose hf or original)")
+    cfg = PRESETS[preset]
+    if layers is not None:
+        if layers < 1:
+            raise OssMlxError("--layers must be at least 1")
+        cfg = replace(cfg, num_hidden_layers=layers)
+    out = Path(out).expanduser()
+    if out.exists() and not force:
+        raise OssMlxError(f"{out} already exists (use --force to replace it)")
+
+    jobs = _jobs(cfg, layout, seed)
+    total = sum(j.nbytes for j in jobs)
+    stio.disk_check(out.parent, total + (30 << 20))
+    big = total > 1_000_000_000
+    with stio.AtomicFolder(out, replace=force) as tmp:
+        if layout == "hf":
+            limit = max_shard_bytes or (HF_SHARD_BYTES if big else None)
+            _write_json(tmp / "config.json", hf_config(cfg))
+            _write_json(tmp / "generation_config.json", GENERATION_CONFIG)
+            _write_json(tmp / "tokenizer_config.json", tokenizer_config())
+            _write_json(tmp / "special_tokens_map.json", SPECIAL_TOKENS_MAP)
+            (tmp / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+            (tmp / "tokenizer.json").write_bytes(vocab.tokenizer_json().read_bytes())
+            name = lambda i, n: f"model-{i:05d}-of-{n - 1:05d}.safetensors"  # noqa: E731
+        else:
+            limit = max_shard_bytes or (ORIGINAL_SHARD_BYTES if total > ORIGINAL_SHARD_BYTES else None)
+            (tmp / "config.json").write_text(json.dumps(original_config(cfg)))
+            _write_json(tmp / "dtypes.json", {
+                t.name: ("FP4" if t.name.endswith(".blocks") else
+                         "UE8" if t.name.endswith(".scales") else t.dtype)
+                for j in jobs for t in j.tensors})
+            name = lambda i, n: f"model--{i + 1:05d}-of-{n:05d}.safetensors"  # noqa: E731
+        with stio.Progress(total, f"synth {preset} ({layout})") as advance:
+            if limit is None:
+                stio.write_shards(tmp, jobs, total + 1, lambda i, n: "model.safetensors",
+                                  metadata={"format": "pt"}, index=None, on_bytes=advance)
+            else:
+                stio.write_shards(tmp, jobs, limit, name, metadata={"format": "pt"},
+                                  on_bytes=advance)
+    return out
+
+
+def _write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+# A harmony chat template (spec 5.2-5.5): system message as harmony renders it, a leading
+# system/developer message as developer instructions, function tools, past assistant turns as
+# final answers (with analysis only for a pending tool call), tool results on commentary.
+CHAT_TEMPLATE = r"""{#- gpt-oss harmony chat template (oss-mlx synth) -#}
+{%- macro render_type(p) -%}
+{%- if p.enum is defined -%}"{{ p.enum | join('" | "') }}"
+{%- elif p.type == "integer" or p.type == "number" -%}number
+{%- elif p.type == "array" -%}{{ render_type(p['items']) if p['items'] is defined else 'any' }}[]
+{%- elif p.type is defined -%}{{ p.type }}
+{%- else -%}any{%- endif -%}
+{%- endmacro -%}
+{%- macro render_tools(tools) -%}
+## functions
+
+namespace functions {
+
+{% for t in tools %}{% set f = t.function if t.function is defined else t %}// {{ f.description }}
+{% if f.parameters is defined and f.parameters.properties %}type {{ f.name }} = (_: {
+{% for k, p in f.parameters.properties.items() %}{% if p.description is defined %}// {{ p.description }}
+{% endif %}{{ k }}{{ '' if k in (f.parameters.required or []) else '?' }}: {{ render_type(p) }},
+{% endfor %}}) => any;
+{% else %}type {{ f.name }} = () => any;
+{% endif %}
+{% endfor %}} // namespace functions
+{%- endmacro -%}
+<|start|>system<|message|>You are ChatGPT, a large language model trained by OpenAI.
+Knowledge cutoff: 2024-06
+{%- if strftime_now is defined %}
+Current date: {{ strftime_now("%Y-%m-%d") }}
+{%- endif %}
+
+Reasoning: {{ reasoning_effort | default("medium") }}
+
+# Valid channels: analysis, commentary, final. Channel must be included for every message.
+{%- if tools %}
+Calls to these tools must go to the commentary channel: 'functions'.
+{%- endif %}<|end|>
+{%- set msgs = messages %}
+{%- if msgs and msgs[0].role in ("system", "developer") %}
+{%- set instructions = msgs[0].content %}
+{%- set msgs = msgs[1:] %}
+{%- endif %}
+{%- if instructions is defined or tools -%}
+<|start|>developer<|message|>
+{%- if instructions is defined %}# Instructions
+
+{{ instructions }}
+{%- endif %}
+{%- if tools %}{% if instructions is defined %}
+
+{% endif %}# Tools
+
+{{ render_tools(tools) }}
+{%- endif %}<|end|>
+{%- endif %}
+{%- set last_final = namespace(i=-1) %}
+{%- for m in msgs %}{% if m.role == "assistant" and not m.tool_calls %}{% set last_final.i = loop.index0 %}{% endif %}{% endfor %}
+{%- for m in msgs %}
+{%- if m.role == "user" -%}
+<|start|>user<|message|>{{ m.content }}<|end|>
+{%- elif m.role == "assistant" %}
+{%- if m.tool_calls %}
+{%- if (m.thinking or m.reasoning_content) and loop.index0 > last_final.i -%}
+<|start|>assistant<|channel|>analysis<|message|>{{ m.thinking or m.reasoning_content }}<|end|>
+{%- endif %}
+{%- for c in m.tool_calls %}{% set f = c.function if c.function is defined else c -%}
+<|start|>assistant to=functions.{{ f.name }}<|channel|>commentary <|constrain|>json<|message|>{{ f.arguments if f.arguments is string else (f.arguments | tojson) }}<|call|>
+{%- endfor %}
+{%- else -%}
+<|start|>assistant<|channel|>final<|message|>{{ m.content }}<|end|>
+{%- endif %}
+{%- elif m.role == "tool" -%}
+<|start|>functions.{{ m.name | default("tool") }} to=assistant<|channel|>commentary<|message|>{{ m.content }}<|end|>
+{%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt -%}
+<|start|>assistant
+{%- endif %}"""
+
+
+# ---- `oss-mlx synth` --------------------------------------------------------------------
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("out", metavar="OUT", help="folder to create")
+    parser.add_argument("--preset", choices=list(PRESETS), default="tiny",
+                        help="model dimensions: tiny (unit tests), small, 20b, 120b (real sizes)")
+    parser.add_argument("--layers", type=int, default=None, help="override the number of layers")
+    parser.add_argument("--layout", choices=["hf", "original"], default="hf",
+                        help="hf: HF repo root; original: the `original/` folder")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--force", action="store_true", help="replace OUT if it exists")
+
+
+def main(args) -> int:
+    out = synth(args.out, preset=args.preset, layout=args.layout, layers=args.layers,
+                seed=args.seed, force=args.force)
+    print(out)
+    return 0
