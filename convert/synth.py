@@ -269,81 +269,78 @@ def _write_json(path: Path, obj) -> None:
 # A harmony chat template (spec 5.2-5.5): system message as harmony renders it, a leading
 # system/developer message as developer instructions, function tools, past assistant turns as
 # final answers (with analysis only for a pending tool call), tool results on commentary.
-CHAT_TEMPLATE = r"""{#- gpt-oss harmony chat template (oss-mlx synth) -#}
+CHAT_TEMPLATE = r"""{#- gpt-oss harmony chat template (oss-mlx synth). All text is emitted by
+    expressions so the output does not depend on the trim_blocks/lstrip_blocks settings. -#}
 {%- macro render_type(p) -%}
-{%- if p.enum is defined -%}"{{ p.enum | join('" | "') }}"
-{%- elif p.type == "integer" or p.type == "number" -%}number
-{%- elif p.type == "array" -%}{{ render_type(p['items']) if p['items'] is defined else 'any' }}[]
-{%- elif p.type is defined -%}{{ p.type }}
-{%- else -%}any{%- endif -%}
+    {%- if p.enum is defined -%}{{- '"' + (p.enum | join('" | "')) + '"' -}}
+    {%- elif p.type == "integer" or p.type == "number" -%}{{- "number" -}}
+    {%- elif p.type == "array" -%}{{- (render_type(p['items']) if p['items'] is defined else "any") + "[]" -}}
+    {%- elif p.type is defined -%}{{- p.type -}}
+    {%- else -%}{{- "any" -}}{%- endif -%}
 {%- endmacro -%}
 {%- macro render_tools(tools) -%}
-## functions
-
-namespace functions {
-
-{% for t in tools %}{% set f = t.function if t.function is defined else t %}// {{ f.description }}
-{% if f.parameters is defined and f.parameters.properties %}type {{ f.name }} = (_: {
-{% for k, p in f.parameters.properties.items() %}{% if p.description is defined %}// {{ p.description }}
-{% endif %}{{ k }}{{ '' if k in (f.parameters.required or []) else '?' }}: {{ render_type(p) }},
-{% endfor %}}) => any;
-{% else %}type {{ f.name }} = () => any;
-{% endif %}
-{% endfor %}} // namespace functions
+    {{- "## functions\n\nnamespace functions {\n\n" -}}
+    {%- for t in tools -%}
+        {%- set f = t.function if t.function is defined else t -%}
+        {{- "// " + f.description + "\n" -}}
+        {%- if f.parameters is defined and f.parameters.properties -%}
+            {{- "type " + f.name + " = (_: {\n" -}}
+            {%- for k, p in f.parameters.properties.items() -%}
+                {%- if p.description is defined -%}{{- "// " + p.description + "\n" -}}{%- endif -%}
+                {{- k + ("" if k in (f.parameters.required or []) else "?") + ": " + render_type(p) + ",\n" -}}
+            {%- endfor -%}
+            {{- "}) => any;\n\n" -}}
+        {%- else -%}
+            {{- "type " + f.name + " = () => any;\n\n" -}}
+        {%- endif -%}
+    {%- endfor -%}
+    {{- "} // namespace functions" -}}
 {%- endmacro -%}
-<|start|>system<|message|>You are ChatGPT, a large language model trained by OpenAI.
-Knowledge cutoff: 2024-06
-{%- if strftime_now is defined %}
-Current date: {{ strftime_now("%Y-%m-%d") }}
-{%- endif %}
-
-Reasoning: {{ reasoning_effort | default("medium") }}
-
-# Valid channels: analysis, commentary, final. Channel must be included for every message.
-{%- if tools %}
-Calls to these tools must go to the commentary channel: 'functions'.
-{%- endif %}<|end|>
-{%- set msgs = messages %}
-{%- if msgs and msgs[0].role in ("system", "developer") %}
-{%- set instructions = msgs[0].content %}
-{%- set msgs = msgs[1:] %}
-{%- endif %}
-{%- if instructions is defined or tools -%}
-<|start|>developer<|message|>
-{%- if instructions is defined %}# Instructions
-
-{{ instructions }}
-{%- endif %}
-{%- if tools %}{% if instructions is defined %}
-
-{% endif %}# Tools
-
-{{ render_tools(tools) }}
-{%- endif %}<|end|>
-{%- endif %}
-{%- set last_final = namespace(i=-1) %}
-{%- for m in msgs %}{% if m.role == "assistant" and not m.tool_calls %}{% set last_final.i = loop.index0 %}{% endif %}{% endfor %}
-{%- for m in msgs %}
-{%- if m.role == "user" -%}
-<|start|>user<|message|>{{ m.content }}<|end|>
-{%- elif m.role == "assistant" %}
-{%- if m.tool_calls %}
-{%- if (m.thinking or m.reasoning_content) and loop.index0 > last_final.i -%}
-<|start|>assistant<|channel|>analysis<|message|>{{ m.thinking or m.reasoning_content }}<|end|>
-{%- endif %}
-{%- for c in m.tool_calls %}{% set f = c.function if c.function is defined else c -%}
-<|start|>assistant to=functions.{{ f.name }}<|channel|>commentary <|constrain|>json<|message|>{{ f.arguments if f.arguments is string else (f.arguments | tojson) }}<|call|>
-{%- endfor %}
-{%- else -%}
-<|start|>assistant<|channel|>final<|message|>{{ m.content }}<|end|>
-{%- endif %}
-{%- elif m.role == "tool" -%}
-<|start|>functions.{{ m.name | default("tool") }} to=assistant<|channel|>commentary<|message|>{{ m.content }}<|end|>
-{%- endif %}
-{%- endfor %}
-{%- if add_generation_prompt -%}
-<|start|>assistant
-{%- endif %}"""
+{{- "<|start|>system<|message|>You are ChatGPT, a large language model trained by OpenAI.\nKnowledge cutoff: 2024-06" -}}
+{%- if strftime_now is defined -%}{{- "\nCurrent date: " + strftime_now("%Y-%m-%d") -}}{%- endif -%}
+{{- "\n\nReasoning: " + (reasoning_effort | default("medium")) -}}
+{{- "\n\n# Valid channels: analysis, commentary, final. Channel must be included for every message." -}}
+{%- if tools -%}{{- "\nCalls to these tools must go to the commentary channel: 'functions'." -}}{%- endif -%}
+{{- "<|end|>" -}}
+{%- set msgs = messages -%}
+{%- set ns = namespace(instructions=none, last_final=-1) -%}
+{%- if msgs and msgs[0].role in ("system", "developer") -%}
+    {%- set ns.instructions = msgs[0].content -%}
+    {%- set msgs = msgs[1:] -%}
+{%- endif -%}
+{%- if ns.instructions or tools -%}
+    {{- "<|start|>developer<|message|>" -}}
+    {%- if ns.instructions -%}{{- "# Instructions\n\n" + ns.instructions -}}{%- endif -%}
+    {%- if tools -%}
+        {%- if ns.instructions -%}{{- "\n\n" -}}{%- endif -%}
+        {{- "# Tools\n\n" + render_tools(tools) -}}
+    {%- endif -%}
+    {{- "<|end|>" -}}
+{%- endif -%}
+{%- for m in msgs -%}
+    {%- if m.role == "assistant" and not m.tool_calls -%}{%- set ns.last_final = loop.index0 -%}{%- endif -%}
+{%- endfor -%}
+{%- for m in msgs -%}
+    {%- if m.role == "user" -%}
+        {{- "<|start|>user<|message|>" + m.content + "<|end|>" -}}
+    {%- elif m.role == "assistant" and m.tool_calls -%}
+        {%- set thinking = m.thinking or m.reasoning_content -%}
+        {%- if thinking and loop.index0 > ns.last_final -%}
+            {{- "<|start|>assistant<|channel|>analysis<|message|>" + thinking + "<|end|>" -}}
+        {%- endif -%}
+        {%- for c in m.tool_calls -%}
+            {%- set f = c.function if c.function is defined else c -%}
+            {{- "<|start|>assistant to=functions." + f.name + "<|channel|>commentary <|constrain|>json<|message|>" -}}
+            {{- f.arguments if f.arguments is string else (f.arguments | tojson) -}}
+            {{- "<|call|>" -}}
+        {%- endfor -%}
+    {%- elif m.role == "assistant" -%}
+        {{- "<|start|>assistant<|channel|>final<|message|>" + m.content + "<|end|>" -}}
+    {%- elif m.role == "tool" -%}
+        {{- "<|start|>functions." + (m.name | default("tool")) + " to=assistant<|channel|>commentary<|message|>" + m.content + "<|end|>" -}}
+    {%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}{{- "<|start|>assistant" -}}{%- endif -%}"""
 
 
 # ---- `oss-mlx synth` --------------------------------------------------------------------
