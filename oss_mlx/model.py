@@ -16,7 +16,7 @@ learned sinks, sliding window on even layers), Experts/MLP (router, top-4, one f
 from __future__ import annotations
 
 import json
-from functools import partial
+from functools import lru_cache, partial
 from pathlib import Path
 
 import mlx.core as mx
@@ -36,21 +36,26 @@ def default_dtype() -> mx.Dtype:
     return mx.float32 if mx.default_device().type == mx.DeviceType.cpu else mx.bfloat16
 
 
-@partial(mx.compile, shapeless=True)
-def _rms_norm(x, weight, eps):
+@lru_cache
+def _rms_norm(dtype):
     # The reference normalises AND multiplies by the weight in float32, then casts (spec 1.3);
     # mx.fast.rms_norm on a bf16 input would cast before the multiply.
-    return mx.fast.rms_norm(x.astype(mx.float32), weight, eps).astype(x.dtype)
+    @partial(mx.compile, shapeless=True)
+    def norm(x, weight, eps):
+        return mx.fast.rms_norm(x.astype(mx.float32), weight, eps).astype(dtype)
+
+    return norm
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dims: int, eps: float):
+    def __init__(self, dims: int, eps: float, dtype=mx.float32):
         super().__init__()
         self.weight = mx.ones((dims,))  # kept in float32 whatever the model dtype
         self.eps = eps
+        self.dtype = dtype  # of the output, i.e. of the matmuls that follow
 
     def __call__(self, x):
-        return _rms_norm(x, self.weight, self.eps)
+        return _rms_norm(self.dtype)(x, self.weight, self.eps)
 
 
 class Attention(nn.Module):
@@ -162,6 +167,11 @@ class Model(nn.Module):
         self.layers = [Block(config, **experts_quantization) for _ in range(config.num_hidden_layers)]
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.unembedding = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        # The residual stream stays float32 (as in OpenAI's Metal reference): each norm casts
+        # its output to the model dtype for the matmuls that follow.
+        for _, m in self.named_modules():
+            if isinstance(m, RMSNorm):
+                m.dtype = dtype
         # mx.fast.rope takes periods (1 / inv_freq) when base is None.
         self._periods = mx.array(1.0 / yarn(config).inv_freq)
         sliding = [config.is_sliding(i) for i in range(config.num_hidden_layers)]
@@ -189,7 +199,7 @@ class Model(nn.Module):
     def hidden(self, tokens, cache=None):
         """Residual stream after the last block (before the final norm): [B, T, H]."""
         # The embedding stays in its stored dtype (an exact row lookup); only rows are cast.
-        x = self.embedding(tokens).astype(self.dtype)
+        x = self.embedding(tokens).astype(mx.float32)
         if cache is None:
             cache = [None] * len(self.layers)
         full_mask, window_mask = self.masks(x, cache)
