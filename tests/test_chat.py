@@ -1,0 +1,385 @@
+"""`oss-mlx chat`: the real REPL driven through a pseudo-terminal (pexpect) and through a pipe.
+
+Two kinds of model:
+- the tiny random-weight checkpoint (`tiny_model` fixture, and `--demo`): the whole stack for
+  real; its text is noise, so those tests check the session mechanics (footer, cache reuse,
+  effort, Ctrl-C, exit codes, no network);
+- a ScriptedModel (tests/scripted.py) behind the real Engine and harmony parser, for exact
+  content: the REPL builds it through the test-only hook OSS_MLX_TEST_ENGINE=test_chat:
+  scripted_engine (see oss_mlx/chat.py), with the replies in OSS_MLX_TEST_SCRIPT (JSON list of
+  harmony strings). The engine it builds writes every prompt it is asked to complete, decoded,
+  to OSS_MLX_TEST_LOG, so a test can check what the model was actually given.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pexpect = pytest.importorskip("pexpect")
+
+TESTS = Path(__file__).resolve().parent
+REPO = TESTS.parent
+PROMPT = ">>> "
+
+THINK1 = "The user asks for a sum. Two plus two."
+ANSWER1 = "The answer is **4**."
+REPLY1 = (f"<|channel|>analysis<|message|>{THINK1}<|end|>"
+          f"<|start|>assistant<|channel|>final<|message|>{ANSWER1}<|return|>")
+REPLY2 = ("<|channel|>analysis<|message|>Now three plus three.<|end|>"
+          "<|start|>assistant<|channel|>final<|message|>It is 6.<|return|>")
+LONG_REPLY = "<|channel|>final<|message|>" + "word " * 3000 + "<|return|>"
+
+
+# ---- the test-only engine the REPL builds through OSS_MLX_TEST_ENGINE ----------------------
+
+
+def scripted_engine(model_dir):
+    """Engine(ScriptedModel) with the replies of $OSS_MLX_TEST_SCRIPT; logs each prompt."""
+    from scripted import ScriptedModel
+
+    from oss_mlx.engine import Engine
+    from oss_mlx.harmony import load_encoding
+
+    enc = load_encoding(model_dir)
+    delay = float(os.environ.get("OSS_MLX_TEST_DELAY", "0"))
+    log = os.environ.get("OSS_MLX_TEST_LOG")
+
+    class SlowModel(ScriptedModel):
+        def __call__(self, tokens, cache=None):
+            time.sleep(delay)  # makes a long reply last long enough to press Ctrl-C in it
+            return super().__call__(tokens, cache)
+
+    class LoggedEngine(Engine):
+        def stream(self, conversation, params=None, cancel=None):
+            if log:
+                with open(log, "a") as f:
+                    f.write(json.dumps(enc.decode(self.render(conversation))) + "\n")
+            return super().stream(conversation, params, cancel)
+
+    replies = json.loads(os.environ["OSS_MLX_TEST_SCRIPT"])
+    max_context = int(os.environ.get("OSS_MLX_TEST_CONTEXT", "4096"))
+    return LoggedEngine(SlowModel(*replies, encoding=enc, max_context=max_context), enc)
+
+
+# ---- helpers ---------------------------------------------------------------------------------
+
+
+def child_env(tmp_path, script=None, **extra):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(TESTS), str(REPO), env.get("PYTHONPATH", "")])
+    env["OSS_MLX_HOME"] = str(tmp_path / "home")  # readline history and store, per test
+    env["TERM"] = "xterm"
+    env["HF_HUB_OFFLINE"] = "1"
+    env.pop("OSS_MLX_TEST_ENGINE", None)
+    if script is not None:
+        env["OSS_MLX_TEST_ENGINE"] = "test_chat:scripted_engine"
+        env["OSS_MLX_TEST_SCRIPT"] = json.dumps(script)
+        env["OSS_MLX_TEST_LOG"] = str(tmp_path / "prompts.jsonl")
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def logged_prompts(tmp_path) -> list[str]:
+    path = tmp_path / "prompts.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+@pytest.fixture(scope="module")
+def vocab(tmp_path_factory):
+    """A folder with just the genuine vocabulary: all a scripted engine needs."""
+    from scripted import vocab_dir
+
+    return vocab_dir(tmp_path_factory.mktemp("vocab"))
+
+
+def spawn(args, env, timeout=30):
+    child = pexpect.spawn(sys.executable, ["-m", "oss_mlx.cli", "chat", *args], cwd=str(REPO),
+                          env=env, encoding="utf-8", timeout=timeout, dimensions=(40, 120))
+    return child
+
+
+ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07]*\x07|\x1b[()][0-9A-Za-z]|\r")
+
+
+def plain(text: str) -> str:
+    """Terminal output without escape sequences (rich styles each streamed piece)."""
+    return ANSI.sub("", text or "")
+
+
+def command(child, line, expect=None):
+    """Send one line at the prompt; return what was printed (plain text) up to the next prompt."""
+    child.sendline(line)
+    child.expect_exact(PROMPT)
+    out = plain(child.before)
+    if expect is not None:
+        assert re.search(expect, out), out
+    return out
+
+
+def stats_numbers(text):
+    m = re.search(r"prompt tokens ([\d,]+), cached tokens ([\d,]+), generated tokens ([\d,]+)", text)
+    assert m, text
+    return tuple(int(g.replace(",", "")) for g in m.groups())
+
+
+def finish(child, status=0):
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == status, child.before
+    assert "Traceback" not in (child.before or "")
+
+
+# ---- through a pseudo-terminal ---------------------------------------------------------------
+
+
+def test_tty_scripted_session(vocab, tmp_path):
+    """Effort switch, two turns with cache reuse, harmony history, /save + /load, /quit."""
+    child = spawn(["--model", str(vocab), "--reasoning", "low"],
+                  child_env(tmp_path, [REPLY1, REPLY2]))
+    child.expect("reasoning low")
+    child.expect_exact(PROMPT)
+
+    command(child, "/effort high", "reasoning effort: high")
+    out = command(child, "/prompt")
+    assert "Reasoning: high" in out
+
+    out = command(child, "What is 2 + 2?")
+    assert "Thinking" in out and THINK1 in out
+    assert "The answer is 4." in out  # rendered as markdown: the "**" became bold
+    assert re.search(r"\d+ tokens · TTFT [\d.]+ s · [\d.]+ tok/s · context [\d,]+/4,096", out)
+    prompt1, cached1, gen1 = stats_numbers(command(child, "/stats"))
+    assert cached1 == 0 and gen1 > 0
+
+    out = command(child, "And 3 + 3?")
+    assert "It is 6." in out and re.search(r"context [\d,]+/4,096 \(\d+%\) · [\d,]+ cached", out)
+    prompt2, cached2, _ = stats_numbers(command(child, "/stats"))
+    # The follow-up only prefills what is new: the first prompt came from the cache (the engine
+    # may feed its last token again, from a rotating-cache snapshot, hence the - 1).
+    assert cached2 >= prompt1 - 1 and prompt2 - cached2 < prompt2 - prompt1 + 2
+
+    # What the engine was given: effort high in the system message; the second prompt carries
+    # the first answer but not its reasoning (harmony drops finished analysis).
+    first, second = logged_prompts(tmp_path)
+    assert "Reasoning: high" in first and "Reasoning: high" in second
+    assert ANSWER1 in second and THINK1 not in second
+
+    saved = tmp_path / "conv.json"
+    command(child, f"/save {saved}", "saved 2 exchanges")
+    data = json.loads(saved.read_text())
+    assert data["settings"]["reasoning"] == "high"
+    assert [(m["role"], m.get("channel")) for m in data["messages"]] == [
+        ("user", None), ("assistant", "analysis"), ("assistant", "final"),
+        ("user", None), ("assistant", "analysis"), ("assistant", "final")]
+    assert data["messages"][1]["content"] == THINK1  # saved in full, analysis included
+
+    command(child, "/reset", "new conversation")
+    command(child, "/effort low")
+    assert "What is 2 + 2?" not in command(child, "/prompt")
+    command(child, f"/load {saved}", "loaded 2 exchanges")
+    out = command(child, "/prompt")
+    assert "Reasoning: high" in out and "And 3 + 3?" in out and "It is 6." in out
+    assert THINK1 not in out
+
+    command(child, f"/load {tmp_path / 'missing.json'}", "no such file")
+    command(child, "/efort low", "did you mean /effort")
+    child.sendline("/quit")
+    finish(child)
+
+
+def test_tty_ctrl_c_stops_answer_and_keeps_session(vocab, tmp_path):
+    child = spawn(["--model", str(vocab), "--max-tokens", "5000"],
+                  child_env(tmp_path, [LONG_REPLY, REPLY2], OSS_MLX_TEST_DELAY=0.004))
+    child.expect_exact(PROMPT)
+    child.sendline("Say many words.")
+    child.expect("word word word")
+    child.sendintr()  # Ctrl-C mid-generation
+    child.expect_exact(PROMPT)
+    out = plain(child.before)
+    assert "[interrupted by the user]" in out
+    assert int(re.search(r"(\d+) tokens · TTFT", out).group(1)) < 3000  # it did stop early
+
+    assert "It is 6." in command(child, "And 3 + 3?")  # the session goes on
+    saved = tmp_path / "conv.json"
+    command(child, f"/save {saved}", "saved 2 exchanges")
+    first_answer = json.loads(saved.read_text())["messages"][1]
+    assert first_answer["interrupted"] is True and first_answer["content"].startswith("word word")
+    # The model saw the partial answer, marked as interrupted.
+    second = logged_prompts(tmp_path)[1]
+    assert "word word" in second and "[interrupted by the user]" in second
+
+    child.sendeof()  # Ctrl-D at the prompt leaves cleanly
+    finish(child)
+
+
+def test_tty_ctrl_c_at_prompt_exits_cleanly(vocab, tmp_path):
+    child = spawn(["--model", str(vocab)], child_env(tmp_path, []))
+    child.expect_exact(PROMPT)
+    child.sendintr()
+    finish(child)
+
+
+def test_tty_multiline_and_history(vocab, tmp_path):
+    """A trailing backslash continues the message; typed input lands in the readline history."""
+    child = spawn(["--model", str(vocab)], child_env(tmp_path, [REPLY1]))
+    child.expect_exact(PROMPT)
+    child.sendline("first line \\")
+    child.expect_exact("... ")
+    assert "The answer is 4." in command(child, "second line")
+    child.sendline("/quit")
+    finish(child)
+    assert "first line \nsecond line" in logged_prompts(tmp_path)[0]
+    history = (tmp_path / "home" / "chat_history").read_text()
+    assert "first line" in history and "second line" in history
+
+
+def test_tty_tiny_model(tiny_model, tmp_path):
+    """The real stack on random weights: turns, cache reuse, effort, Ctrl-C, exit."""
+    child = spawn(["--model", str(tiny_model), "--temperature", "0", "--max-tokens", "16"],
+                  child_env(tmp_path), timeout=60)
+    child.expect("reasoning medium")
+    child.expect_exact(PROMPT)
+    out = command(child, "Hello there")
+    assert re.search(r"16 tokens · TTFT [\d.]+ s · [\d.]+ tok/s · context [\d,]+/131,072", out)
+    prompt1, cached1, _ = stats_numbers(command(child, "/stats"))
+    assert cached1 == 0
+
+    assert re.search(r"\d+ tokens · TTFT", command(child, "Tell me more"))
+    _, cached2, _ = stats_numbers(command(child, "/stats"))
+    assert cached2 >= prompt1 - 1  # the follow-up reused the first prompt's cache
+
+    command(child, "/effort high", "reasoning effort: high")
+    assert "Reasoning: high" in command(child, "/prompt")
+    child.sendline("/quit")
+    finish(child)
+
+
+def test_tty_tiny_model_ctrl_c(tiny_model, tmp_path):
+    child = spawn(["--model", str(tiny_model), "--temperature", "0", "--max-tokens", "100000"],
+                  child_env(tmp_path), timeout=60)
+    child.expect_exact(PROMPT)
+    child.sendline("Go on forever")
+    time.sleep(3)
+    child.sendintr()
+    child.expect_exact(PROMPT)
+    out = plain(child.before)
+    assert "[interrupted by the user]" in out
+    assert int(re.search(r"(\d+) tokens · TTFT", out).group(1)) < 100000
+    command(child, "/stats", "exchanges: 1")
+    child.sendeof()
+    finish(child)
+
+
+# ---- through a pipe --------------------------------------------------------------------------
+
+
+def run_pipe(args, stdin, env, timeout=60, netns=False):
+    cmd = [sys.executable, "-m", "oss_mlx.cli", "chat", *args]
+    if netns:
+        cmd = ["unshare", "-n", *cmd]
+    return subprocess.run(cmd, input=stdin, capture_output=True, text=True, cwd=str(REPO),
+                          env=env, timeout=timeout)
+
+
+def test_pipe_batch_scripted(vocab, tmp_path):
+    """Each line a turn (or a /command); the answers, and only they, on stdout."""
+    saved = tmp_path / "conv.json"
+    stdin = f"What is 2 + 2?\n/effort high\n/bogus\nAnd 3 + 3?\n/save {saved}\n"
+    r = run_pipe(["--model", str(vocab), "--reasoning", "low"], stdin,
+                 child_env(tmp_path, [REPLY1, REPLY2]))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == f"{ANSWER1}\nIt is 6.\n"
+    assert THINK1 in r.stderr and "unknown command /bogus" in r.stderr
+    assert len(re.findall(r"\d+ tokens · TTFT", r.stderr)) == 2
+    first, second = logged_prompts(tmp_path)
+    assert "Reasoning: low" in first and "Reasoning: high" in second
+    assert len(json.loads(saved.read_text())["messages"]) == 6
+
+
+def test_pipe_context_full_is_a_message(vocab, tmp_path):
+    """A prompt beyond the context: one clear line, the session goes on, exit 1 at the end."""
+    env = child_env(tmp_path, [REPLY1, REPLY1], OSS_MLX_TEST_CONTEXT=120)
+    r = run_pipe(["--model", str(vocab), "--hide-reasoning"], "hi\n" + "long " * 200 + "\nhi\n", env)
+    assert "Traceback" not in r.stderr
+    assert "context" in r.stderr and "/reset" in r.stderr
+    assert r.returncode == 1
+    assert ANSWER1 in r.stdout and THINK1 not in r.stderr  # hidden reasoning stays hidden
+
+
+def test_pipe_tiny_model_without_network(tiny_model, tmp_path):
+    """The real stack in a network namespace with no interface up: nothing needs the network."""
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "-n", "true"]).returncode:
+        pytest.skip("cannot create a network namespace here (needs root or user namespaces)")
+    r = run_pipe(["--model", str(tiny_model), "--temperature", "0", "--max-tokens", "8"],
+                 "Hello\n/stats\nAgain\n", child_env(tmp_path), netns=True)
+    assert r.returncode == 0, r.stderr
+    assert len(re.findall(r"8 tokens · TTFT", r.stderr)) == 2
+    assert "Traceback" not in r.stderr
+
+
+def test_demo_without_network(tmp_path):
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "-n", "true"]).returncode:
+        pytest.skip("cannot create a network namespace here (needs root or user namespaces)")
+    r = run_pipe(["--demo", "--max-tokens", "4"], "Hello\n", child_env(tmp_path), netns=True,
+                 timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "RANDOM weights" in r.stderr
+    assert "4 tokens · TTFT" in r.stderr
+
+
+def test_missing_default_model_says_how_to_get_it(tmp_path):
+    r = run_pipe([], "hi\n", child_env(tmp_path))
+    assert r.returncode == 1
+    assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    assert "oss-mlx convert openai/gpt-oss-20b" in r.stderr
+
+
+# ---- the conversation file -------------------------------------------------------------------
+
+
+def test_load_rejects_bad_files_with_one_line(tmp_path):
+    from oss_mlx.chat import Session, Settings
+    from oss_mlx.errors import OssMlxError
+
+    cases = {
+        "truncated.json": '{"format": "oss-mlx-chat", "messages": [',
+        "other.json": '{"hello": 1}',
+        "role.json": json.dumps({"format": "oss-mlx-chat", "messages": [
+            {"role": "system", "content": "x"}]}),
+        "order.json": json.dumps({"format": "oss-mlx-chat", "messages": [
+            {"role": "assistant", "content": "x"}]}),
+        "effort.json": json.dumps({"format": "oss-mlx-chat", "settings": {"reasoning": "max"},
+                                   "messages": []}),
+    }
+    s = Session(Settings(reasoning="low"))
+    for name, text in cases.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(OssMlxError) as e:
+            s.load(tmp_path / name)
+        assert "\n" not in str(e.value) and name in str(e.value)
+        assert s.settings.reasoning == "low" and s.turns == []  # all or nothing
+
+
+def test_save_load_round_trip_keeps_interruptions(tmp_path):
+    from oss_mlx.chat import Session, Settings, Turn
+    from oss_mlx.harmony import assistant_message
+
+    s = Session(Settings(reasoning="high", system="Be brief."), date="2026-01-02")
+    s.turns = [Turn("q1", [assistant_message("think", "analysis"), assistant_message("a1")]),
+               Turn("q2", [assistant_message("partial")], interrupted=True),
+               Turn("q3", [], interrupted=True)]
+    s.save(tmp_path / "c.json", model="m")
+    t = Session(Settings())
+    t.load(tmp_path / "c.json")
+    assert t.settings == s.settings and t.date == "2026-01-02"
+    assert [(x.user, x.interrupted, len(x.messages)) for x in t.turns] == [
+        ("q1", False, 2), ("q2", True, 1), ("q3", True, 0)]
+    assert t.conversation().to_dict() == s.conversation().to_dict()
