@@ -32,10 +32,11 @@ a stray special token, a bad header; what was parsed before is kept). <|end|> on
 Prompt cache: the engine keeps the KV cache of its last request and the token list it holds. A new
 prompt that shares a prefix with it prefills only the rest (`Stats.cached_tokens`). The sliding
 layers' rotating caches cannot be rolled back once they wrapped, so the engine keeps a few copies of
-their state (a few MB each) at the end of each prefill and of each completion, and restores the
+their state (a few MB each) before the last token of each prompt and at the end of each completion, and restores the
 best one. After a completion the cache holds prompt + completion without the final stop token,
 so the next harmony turn (which renders <|return|> as <|end|> and drops the analysis) reuses
-either everything up to there or everything up to the end of the previous prompt.
+either everything up to there or the previous prompt but its last token (where the prefill
+snapshot is taken, so that the same prompt again also reuses all but one token).
 
 One engine serves one request at a time (a lock); `stream` is a generator, so errors such as a
 prompt longer than the context (OssMlxError) are raised at the first `next()`.
@@ -296,9 +297,19 @@ class Engine:
         return len(self._cached)
 
     def _prefill(self, tokens: list[int]):
-        """Feed `tokens` after what is cached; returns the logits [1, V] of the last one."""
+        """Feed `tokens` after what is cached; returns the logits [1, V] of the last one.
+
+        All but the last token go first and the rotating caches are snapshotted there, so the
+        same prompt again, or one that continues it differently, can restore that point and
+        still get the last token's logits.
+        """
         import mlx.core as mx
 
+        if len(tokens) > 1:
+            self.model.prefill(mx.array(tokens[:-1])[None], self._cache, self.prefill_chunk)
+            self._cached += tokens[:-1]
+            self._snapshot()
+            tokens = tokens[-1:]
         logits = self.model.prefill(mx.array(tokens)[None], self._cache, self.prefill_chunk)
         self._cached += tokens
         return logits
@@ -316,7 +327,6 @@ class Engine:
             start = self._prepare(prompt)
             out = self._prefill(prompt[start:])[0].astype(mx.float32)
             mx.eval(out)
-            self._snapshot()
             return out
 
     # ---- generation ----
@@ -384,7 +394,6 @@ class Engine:
                 with mx.stream(generation_stream):
                     y = sample(self._prefill(prompt[start:]))
                 mx.async_eval(y)
-                self._snapshot()
                 n = 0
                 while True:
                     # Queue the next step before reading this token, so the device never waits.

@@ -21,9 +21,9 @@ run the real engine, sampler and harmony parser on a known stream:
     model.push('<|channel|>commentary to=functions.f <|constrain|>json<|message|>{"a": 1}<|call|>')
 
 Each reply is a string (encoded with `encoding`, special tokens allowed) or a list of token ids.
-A request starts the next queued reply at its `prefill` call (the engine calls prefill exactly
-once per request); after the reply's last token the model forces `after` (default <|return|>), so
-a reply without a stop token still ends. A prefill with no reply queued raises AssertionError.
+A request starts the next queued reply when the engine begins prefilling it; after the reply's
+last token the model forces `after` (default <|return|>), so a reply without a stop token still
+ends. A prefill with no reply queued raises AssertionError.
 `model.prompts` records, per request, the tokens actually prefilled (with prompt-cache reuse,
 only the new suffix), and `model.fed` every token fed one at a time while decoding.
 """
@@ -76,6 +76,7 @@ class ScriptedModel:
         self.queue: list[list[int]] = []
         self.reply: list[int] = []
         self.pos = 0
+        self._last_prefill = 0  # tokens in the last prefill call, 0 after a decode step
         self.prompts: list[list[int]] = []
         self.fed: list[int] = []
         for r in replies:
@@ -97,12 +98,15 @@ class ScriptedModel:
             for i in range(self.config.num_hidden_layers)
         ]
 
-    def _forced(self, batch: int, length: int):
-        """Logits [B, T, V]: the last position puts all mass on the next scripted token."""
-        tok = self.reply[self.pos] if self.pos < len(self.reply) else self.after
-        self.pos += 1
+    def _forced(self, batch: int, length: int, tok: int):
+        """Logits [B, T, V] that put all the mass on `tok`."""
         row = mx.where(mx.arange(self.config.vocab_size) == tok, 0.0, -1e9)
         return mx.broadcast_to(row, (batch, length, self.config.vocab_size))
+
+    def _next(self) -> int:
+        tok = self.reply[self.pos] if self.pos < len(self.reply) else self.after
+        self.pos += 1
+        return tok
 
     def _update(self, tokens, cache):
         if cache is None:
@@ -115,12 +119,21 @@ class ScriptedModel:
     def __call__(self, tokens, cache=None):
         self._update(tokens, cache)
         self.fed += [int(t) for t in tokens.reshape(-1).tolist()]
-        return self._forced(*tokens.shape)
+        self._last_prefill = 0
+        return self._forced(*tokens.shape, self._next())
 
     def prefill(self, tokens, cache, chunk_size: int = 512):
-        assert self.queue, "ScriptedModel: a request started with no reply queued (use push())"
-        self.reply, self.pos = self.queue.pop(0), 0
-        self.prompts.append([int(t) for t in tokens.reshape(-1).tolist()])
-        for i in range(0, tokens.shape[1], chunk_size):
+        # The engine prefills a prompt as (all but the last token) then (the last token), or
+        # only the last token when the rest is cached: a request starts at a several-token
+        # prefill, or at a one-token prefill that does not follow a several-token one.
+        n = tokens.shape[1]
+        if n > 1 or self._last_prefill <= 1:
+            assert self.queue, "ScriptedModel: a request started with no reply queued (use push())"
+            self.reply = self.queue.pop(0)
+            self.prompts.append([])
+        self._last_prefill = n
+        self.prompts[-1] += [int(t) for t in tokens.reshape(-1).tolist()]
+        for i in range(0, n, chunk_size):
             self._update(tokens[:, i : i + chunk_size], cache)
-        return self._forced(tokens.shape[0], 1)[:, -1, :]
+        self.pos = 0
+        return self._forced(tokens.shape[0], 1, self._next())[:, -1, :]
