@@ -1,0 +1,546 @@
+"""`oss-mlx serve` through the real `openai` client over loopback HTTP.
+
+Random-weight models never decide to call a tool, so most tests drive the real engine, harmony
+parser and HTTP layers with ScriptedModel, which replays exact harmony token streams (a tool call,
+analysis then final, a malformed stream). The expected answers are the scripted texts themselves,
+and the expected prompts are harmony's own renderings (spec 5.3-5.5). One test runs the tiny
+synthetic model end to end.
+"""
+
+import json
+import socket
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+import uvicorn
+from scripted import ScriptedModel, vocab_dir
+
+from oss_mlx.engine import Engine
+from oss_mlx.harmony import load_encoding
+from oss_mlx.server import StopFilter, create_app
+
+MODEL = "scripted-oss"
+KEY = "sk-test-key"
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather in a city.",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                       "required": ["city"]},
+    },
+}
+FLAT_WEATHER = {"type": "function", **WEATHER["function"]}
+
+THINK_THEN_ANSWER = ("<|channel|>analysis<|message|>The user greets me.<|end|>"
+                     "<|start|>assistant<|channel|>final<|message|>Hello! How can I help?<|return|>")
+CALL_WEATHER = ("<|channel|>analysis<|message|>Need the weather tool.<|end|>"
+                "<|start|>assistant<|channel|>commentary to=functions.get_weather <|constrain|>json"
+                '<|message|>{"city": "Paris"}<|call|>')
+ANSWER_WEATHER = ("<|channel|>analysis<|message|>It is sunny.<|end|>"
+                  "<|start|>assistant<|channel|>final<|message|>Sunny, 20 degrees in Paris.<|return|>")
+
+
+class ServerThread:
+    """uvicorn serving `app` on a free loopback port, in a background thread."""
+
+    def __init__(self, app):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
+                                       daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started:
+            assert self.thread.is_alive() and time.time() < deadline, "server did not start"
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+        self.sock.close()
+
+
+class SlowScripted(ScriptedModel):
+    """A ScriptedModel whose decode steps take `delay` seconds (to test cancellation)."""
+
+    delay = 0.0
+
+    def __call__(self, tokens, cache=None):
+        time.sleep(self.delay)
+        return super().__call__(tokens, cache)
+
+
+@pytest.fixture(scope="module")
+def encoding(tmp_path_factory):
+    return load_encoding(vocab_dir(tmp_path_factory.mktemp("vocab")))
+
+
+@pytest.fixture(scope="module")
+def scripted(encoding):
+    model = SlowScripted(encoding=encoding, max_context=2048)
+    engine = Engine(model, encoding)
+    with ServerThread(create_app(engine, MODEL)) as srv:
+        srv.model, srv.engine = model, engine
+        yield srv
+
+
+@pytest.fixture
+def srv(scripted):
+    scripted.model.queue.clear()
+    scripted.model.delay = 0.0
+    yield scripted
+    scripted.model.queue.clear()
+
+
+@pytest.fixture
+def client(srv):
+    return openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def prompt_text(srv) -> str:
+    """What the engine was last given (prompt + completion), decoded with its special tokens."""
+    return srv.model.encoding.decode(srv.engine.cached_tokens)
+
+
+def no_markup(text):
+    assert text is None or ("<|" not in text and "|>" not in text), text
+
+
+# ---- plumbing ---------------------------------------------------------------------------------
+
+
+def test_models_and_health(client, srv):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    assert client.models.retrieve(MODEL).id == MODEL
+    assert httpx.get(srv.url + "/health").json()["status"] == "ok"
+
+
+def test_stop_filter_holds_back_partial_matches():
+    f = StopFilter(["END"])
+    assert f.feed("abc E") == "abc "  # "E" may begin "END": held back
+    assert f.feed("x") == "Ex"
+    assert f.feed("yEN") == "y"
+    assert f.feed("Dzz") == "" and f.hit
+    assert f.flush() == ""
+    g = StopFilter(["ab", "b!"])
+    assert g.feed("xa") == "x" and g.feed("c") == "ac" and g.flush() == ""
+
+
+# ---- chat completions -------------------------------------------------------------------------
+
+
+def test_chat_plain(client, srv):
+    srv.model.push(THINK_THEN_ANSWER)
+    r = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "system", "content": "Be kind."},
+                               {"role": "user", "content": "Hi"}])
+    choice = r.choices[0]
+    assert choice.message.content == "Hello! How can I help?"
+    assert choice.message.reasoning_content == "The user greets me."
+    assert choice.finish_reason == "stop" and choice.message.tool_calls is None
+    # The system message became developer instructions; the default effort is medium.
+    prompt = prompt_text(srv)
+    assert "<|start|>developer<|message|># Instructions\n\nBe kind.<|end|>" in prompt
+    assert "\nReasoning: medium\n" in prompt
+    assert prompt.endswith("<|start|>user<|message|>Hi<|end|><|start|>assistant"
+                           "<|channel|>analysis<|message|>The user greets me.<|end|>"
+                           "<|start|>assistant<|channel|>final<|message|>Hello! How can I help?")
+    completion_tokens = len(srv.model.encoding.encode(THINK_THEN_ANSWER, allowed_special="all"))
+    assert r.usage.completion_tokens == completion_tokens
+    assert r.usage.prompt_tokens + completion_tokens == r.usage.total_tokens
+    assert r.usage.completion_tokens_details.reasoning_tokens > 0
+
+
+def test_chat_streamed_with_usage(client, srv):
+    srv.model.push(THINK_THEN_ANSWER)
+    chunks = list(client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Hi"}], stream=True,
+        stream_options={"include_usage": True}))
+    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    reasoning = "".join(getattr(c.choices[0].delta, "reasoning_content", None) or ""
+                        for c in chunks if c.choices)
+    assert content == "Hello! How can I help?" and reasoning == "The user greets me."
+    assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) > 1  # streamed
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == ["stop"]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens > 0
+    assert len({c.id for c in chunks}) == 1
+
+
+def test_chat_raw_sse_ends_with_done(srv):
+    srv.model.push(THINK_THEN_ANSWER)
+    with httpx.stream("POST", srv.url + "/v1/chat/completions", json={
+            "model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "stream": True}) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        lines = [ln for ln in r.iter_lines() if ln]
+    assert all(ln.startswith("data: ") for ln in lines)
+    assert lines[-1] == "data: [DONE]"
+    for ln in lines[:-1]:
+        no_markup(json.dumps(json.loads(ln[6:])["choices"][0]["delta"]))
+
+
+@pytest.mark.parametrize("effort", ["low", "high"])
+def test_reasoning_effort_reaches_system_prompt(client, srv, effort):
+    srv.model.push(THINK_THEN_ANSWER)
+    client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}],
+                                   reasoning_effort=effort)
+    assert f"\nReasoning: {effort}\n" in prompt_text(srv)
+
+
+def test_chat_tool_call_round_trip(client, srv):
+    srv.model.push(CALL_WEATHER)
+    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    r = client.chat.completions.create(model=MODEL, messages=messages, tools=[WEATHER])
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.content is None
+    assert choice.message.reasoning_content == "Need the weather tool."
+    (call,) = choice.message.tool_calls
+    assert call.type == "function" and call.id.startswith("call_")
+    assert call.function.name == "get_weather"
+    assert json.loads(call.function.arguments) == {"city": "Paris"}
+    # The tools were rendered as a harmony `functions` namespace (spec 5.4).
+    prompt = prompt_text(srv)
+    assert ("namespace functions {\n\n// Current weather in a city.\ntype get_weather = (_: {\n"
+            "city: string,\n}) => any;\n\n} // namespace functions") in prompt
+    assert "Calls to these tools must go to the commentary channel: 'functions'." in prompt
+
+    # Send the call back with its result, as a client does; the reasoning of the tool chain in
+    # progress goes back too (spec 5.7 keeps it until a final answer).
+    messages += [
+        {"role": "assistant", "content": None, "reasoning_content": "Need the weather tool.",
+         "tool_calls": [call.model_dump()]},
+        {"role": "tool", "tool_call_id": call.id, "content": '{"sunny": true, "temp": 20}'},
+    ]
+    srv.model.push(ANSWER_WEATHER)
+    r2 = client.chat.completions.create(model=MODEL, messages=messages, tools=[WEATHER])
+    assert r2.choices[0].finish_reason == "stop"
+    assert r2.choices[0].message.content == "Sunny, 20 degrees in Paris."
+    prompt = prompt_text(srv)
+    assert ("<|start|>user<|message|>Weather in Paris?<|end|>"
+            "<|start|>assistant<|channel|>analysis<|message|>Need the weather tool.<|end|>"
+            "<|start|>assistant to=functions.get_weather<|channel|>commentary <|constrain|>json"
+            '<|message|>{"city": "Paris"}<|call|>'
+            "<|start|>functions.get_weather to=assistant<|channel|>commentary"
+            '<|message|>{"sunny": true, "temp": 20}<|end|><|start|>assistant') in prompt
+    # The conversation grew: the engine reused its cache for the shared prefix.
+    assert r2.usage.prompt_tokens_details.cached_tokens > 100
+
+
+def test_chat_tool_call_streamed(client, srv):
+    srv.model.push(CALL_WEATHER)
+    chunks = list(client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Weather?"}], tools=[WEATHER],
+        tool_choice="auto", stream=True))
+    deltas = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
+    assert deltas[0].id.startswith("call_") and deltas[0].function.name == "get_weather"
+    assert all(d.index == 0 for d in deltas)
+    args = "".join(d.function.arguments or "" for d in deltas)
+    assert json.loads(args) == {"city": "Paris"}
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == ""
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_tool_choice_none_renders_no_tools(client, srv):
+    srv.model.push(THINK_THEN_ANSWER)
+    client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}],
+                                   tools=[WEATHER], tool_choice="none")
+    prompt = prompt_text(srv)
+    assert "get_weather" not in prompt and "namespace functions" not in prompt
+
+
+def test_tool_choice_named_renders_that_tool(client, srv):
+    other = {"type": "function", "function": {"name": "get_time", "description": "Time."}}
+    srv.model.push(CALL_WEATHER)
+    client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Weather?"}], tools=[other, WEATHER],
+        tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    prompt = prompt_text(srv)
+    assert "type get_weather" in prompt and "get_time" not in prompt
+    with pytest.raises(openai.BadRequestError, match="nope"):
+        client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "x"}], tools=[WEATHER],
+            tool_choice={"type": "function", "function": {"name": "nope"}})
+
+
+def test_tool_call_on_analysis_channel_is_still_a_call(client, srv):
+    # gpt-oss sometimes writes the call on analysis; it must not end up in the reasoning.
+    srv.model.push('<|channel|>analysis to=functions.get_weather <|constrain|>json'
+                   '<|message|>{"city": "Oslo"}<|call|>')
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "?"}],
+                                       tools=[WEATHER])
+    assert r.choices[0].finish_reason == "tool_calls"
+    assert json.loads(r.choices[0].message.tool_calls[0].function.arguments) == {"city": "Oslo"}
+    assert not r.choices[0].message.reasoning_content
+
+
+def test_finished_turns_drop_their_reasoning(client, srv):
+    srv.model.push(THINK_THEN_ANSWER)
+    client.chat.completions.create(model=MODEL, messages=[
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello.", "reasoning_content": "OLD THOUGHT"},
+        {"role": "user", "content": "Again"}])
+    prompt = prompt_text(srv)
+    assert "OLD THOUGHT" not in prompt
+    assert "<|start|>assistant<|channel|>final<|message|>Hello.<|end|>" in prompt
+
+
+def test_malformed_stream_keeps_what_was_parsed(client, srv):
+    # A control token in the middle of the answer: the parser stops there, nothing leaks.
+    bad = ("<|channel|>analysis<|message|>Thinking.<|end|><|start|>assistant<|channel|>final"
+           "<|message|>Partial answer<|channel|>final<|message|>junk<|return|>")
+    srv.model.push(bad)
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "?"}])
+    assert r.choices[0].message.content == "Partial answer"
+    assert r.choices[0].message.reasoning_content == "Thinking."
+    assert r.choices[0].finish_reason == "stop"
+    srv.model.push(bad)
+    chunks = list(client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "?"}], stream=True))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == "Partial answer"
+    # A stray stop token after a complete answer is a normal end, not an error.
+    srv.model.push("<|channel|>final<|message|>Done.<|end|><|return|>")
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "?"}])
+    assert r.choices[0].message.content == "Done." and r.choices[0].finish_reason == "stop"
+
+
+def test_max_tokens_gives_length(client, srv):
+    srv.model.push(THINK_THEN_ANSWER)
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}],
+                                       max_tokens=5)
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 5
+    srv.model.push(THINK_THEN_ANSWER)
+    chunks = list(client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_completion_tokens=5,
+        stream=True))
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_stop_strings_cut_the_answer(client, srv):
+    srv.model.push("<|channel|>final<|message|>one two three four five six seven<|return|>")
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "?"}],
+                                       stop=[" four", "zzz"])
+    assert r.choices[0].message.content == "one two three"
+    assert r.choices[0].finish_reason == "stop"
+    srv.model.push("<|channel|>final<|message|>one two three four five six seven<|return|>")
+    chunks = list(client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "?"}], stop=" four", stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "one two three"
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+# ---- responses --------------------------------------------------------------------------------
+
+
+def test_responses_plain(client, srv):
+    srv.model.push(THINK_THEN_ANSWER)
+    r = client.responses.create(model=MODEL, input="Hi", instructions="Be kind.",
+                                reasoning={"effort": "high"})
+    assert r.status == "completed"
+    assert [o.type for o in r.output] == ["reasoning", "message"]
+    assert r.output[0].content[0].text == "The user greets me."
+    assert r.output_text == "Hello! How can I help?"
+    assert r.usage.output_tokens > 0 and r.usage.output_tokens_details.reasoning_tokens > 0
+    prompt = prompt_text(srv)
+    assert "\nReasoning: high\n" in prompt and "# Instructions\n\nBe kind." in prompt
+
+
+def test_responses_tool_call_round_trip(client, srv):
+    srv.model.push(CALL_WEATHER)
+    r = client.responses.create(model=MODEL, input="Weather in Paris?", tools=[FLAT_WEATHER])
+    assert [o.type for o in r.output] == ["reasoning", "function_call"]
+    call = r.output[1]
+    assert call.name == "get_weather" and json.loads(call.arguments) == {"city": "Paris"}
+    assert "type get_weather" in prompt_text(srv)
+
+    srv.model.push(ANSWER_WEATHER)
+    r2 = client.responses.create(model=MODEL, tools=[FLAT_WEATHER], input=[
+        {"role": "user", "content": "Weather in Paris?"},
+        *[o.model_dump(exclude_none=True) for o in r.output],
+        {"type": "function_call_output", "call_id": call.call_id, "output": '{"sunny": true}'},
+    ])
+    assert r2.output_text == "Sunny, 20 degrees in Paris."
+    prompt = prompt_text(srv)
+    assert ("<|start|>assistant<|channel|>analysis<|message|>Need the weather tool.<|end|>"
+            "<|start|>assistant to=functions.get_weather<|channel|>commentary <|constrain|>json"
+            '<|message|>{"city": "Paris"}<|call|><|start|>functions.get_weather to=assistant'
+            '<|channel|>commentary<|message|>{"sunny": true}<|end|><|start|>assistant') in prompt
+
+
+def test_responses_streamed_events(client, srv):
+    srv.model.push(CALL_WEATHER)
+    events = list(client.responses.create(model=MODEL, input="Weather?", tools=[FLAT_WEATHER],
+                                          stream=True))
+    types = [e.type for e in events]
+    assert types[:2] == ["response.created", "response.in_progress"]
+    assert types[-1] == "response.completed"
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert "response.reasoning_text.delta" in types
+    args = "".join(e.delta for e in events if e.type == "response.function_call_arguments.delta")
+    assert json.loads(args) == {"city": "Paris"}
+    done = [e.item for e in events if e.type == "response.output_item.done"]
+    assert [i.type for i in done] == ["reasoning", "function_call"]
+    assert [o.type for o in events[-1].response.output] == ["reasoning", "function_call"]
+
+    srv.model.push(THINK_THEN_ANSWER)
+    events = list(client.responses.create(model=MODEL, input="Hi", stream=True))
+    text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert text == "Hello! How can I help?"
+    assert events[-1].response.output_text == text
+    (done_text,) = [e.text for e in events if e.type == "response.output_text.done"]
+    assert done_text == text
+
+
+def test_responses_max_output_tokens_is_incomplete(client, srv):
+    srv.model.push(THINK_THEN_ANSWER)
+    r = client.responses.create(model=MODEL, input="Hi", max_output_tokens=4)
+    assert r.status == "incomplete" and r.incomplete_details.reason == "max_output_tokens"
+
+
+# ---- errors -----------------------------------------------------------------------------------
+
+
+def test_context_overflow_is_400(client, srv):
+    long = "word " * 3000  # > 2048 tokens, the scripted model's context
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": long}])
+    assert e.value.code == "context_length_exceeded"
+    assert e.value.body["type"] == "invalid_request_error" and "2048" in e.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.responses.create(model=MODEL, input=long)
+    assert e.value.code == "context_length_exceeded"
+
+
+def test_bad_requests_are_4xx_with_clear_messages(client, srv):
+    post = lambda path, **kw: httpx.post(srv.url + path, **kw)  # noqa: E731
+    r = post("/v1/chat/completions", content=b'{"model": "x", "messages": [')
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+    r = post("/v1/chat/completions", json={"model": MODEL, "messages": "hello"})
+    assert r.status_code == 400 and "messages" in r.json()["error"]["message"]
+    r = post("/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "wizard",
+                                                                          "content": "x"}]})
+    assert r.status_code == 400 and "messages.0.role" in r.json()["error"]["message"]
+    r = post("/v1/chat/completions", json={"model": MODEL, "max_tokens": "ten",
+                                           "messages": [{"role": "user", "content": "x"}]})
+    assert r.status_code == 400 and "max_tokens" in r.json()["error"]["message"]
+    r = post("/v1/chat/completions", json=[1, 2])
+    assert r.status_code == 400
+    r = post("/v1/chat/completions", json={"model": MODEL, "messages": [
+        {"role": "tool", "tool_call_id": "call_x", "content": "{}"}]})
+    assert r.status_code == 400 and "call_x" in r.json()["error"]["message"]
+    r = post("/v1/chat/completions", json={"model": MODEL, "messages": [
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]})
+    assert r.status_code == 400 and "image_url" in r.json()["error"]["message"]
+    r = post("/v1/responses", json={"model": MODEL, "input": [{"type": "telepathy"}]})
+    assert r.status_code == 400 and "telepathy" in r.json()["error"]["message"]
+    r = post("/v1/nothing", json={})
+    assert r.status_code == 404 and r.json()["error"]["message"]
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "x"}])
+    assert e.value.code == "model_not_found" and MODEL in e.value.body["message"]
+    # Nothing above reached the engine, and it still serves.
+    srv.model.push(THINK_THEN_ANSWER)
+    assert client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "x"}]).choices[0].message.content
+
+
+def test_api_key_required(encoding):
+    model = ScriptedModel(encoding=encoding)
+    with ServerThread(create_app(Engine(model, encoding), MODEL, api_key=KEY)) as s:
+        for key in ("wrong", ""):
+            bad = openai.OpenAI(base_url=s.url + "/v1", api_key=key or "x", max_retries=0)
+            if not key:
+                r = httpx.get(s.url + "/v1/models")
+                assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+                continue
+            with pytest.raises(openai.AuthenticationError):
+                bad.models.list()
+            with pytest.raises(openai.AuthenticationError):
+                bad.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}])
+        good = openai.OpenAI(base_url=s.url + "/v1", api_key=KEY, max_retries=0)
+        model.push(THINK_THEN_ANSWER)
+        r = good.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}])
+        assert r.choices[0].message.content == "Hello! How can I help?"
+
+
+def test_disconnect_cancels_generation(client, srv):
+    srv.model.delay = 0.01  # 600 tokens would take 6 s or more
+    long = "<|channel|>final<|message|>" + "la " * 600 + "<|return|>"
+    srv.model.push(long)
+    fed_before = len(srv.model.fed)
+    stream = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "sing"}], stream=True)
+    got = 0
+    for chunk in stream:
+        got += bool(chunk.choices and chunk.choices[0].delta.content)
+        if got >= 3:
+            break
+    stream.close()
+    fed_at_close = len(srv.model.fed) - fed_before
+    # A non-streaming client that times out is cancelled too.
+    srv.model.push(long)
+    impatient = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0, timeout=0.8)
+    with pytest.raises(openai.APITimeoutError):
+        impatient.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}])
+    # The next request is served promptly: both generations stopped long before their end.
+    srv.model.delay = 0.0
+    srv.model.push(THINK_THEN_ANSWER)
+    t0 = time.time()
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}])
+    assert r.choices[0].message.content == "Hello! How can I help?"
+    assert time.time() - t0 < 4
+    fed_after = len(srv.model.fed) - fed_before
+    assert fed_at_close < 100 and fed_after - fed_at_close < 300, (fed_at_close, fed_after)
+
+
+def test_requests_are_served_in_order(client, srv):
+    from concurrent.futures import ThreadPoolExecutor
+
+    srv.model.delay = 0.002
+    for i in range(4):
+        srv.model.push(f"<|channel|>final<|message|>answer {i}<|return|>")
+
+    def ask(i):
+        time.sleep(0.15 * i)  # arrive in order 0, 1, 2, 3
+        return client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": f"q{i}"}]).choices[0].message.content
+
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(ask, range(4)))
+    assert answers == [f"answer {i}" for i in range(4)]  # FIFO: replies were queued in order
+
+
+# ---- the tiny synthetic model, end to end -----------------------------------------------------
+
+
+def test_tiny_model_end_to_end(tiny_model):
+    engine = Engine.load(str(tiny_model))
+    with ServerThread(create_app(engine, "tiny")) as s:
+        c = openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0, timeout=120)
+        r = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}],
+                                      max_tokens=8, temperature=0, seed=1)
+        assert r.choices[0].finish_reason in ("length", "stop")
+        assert 0 < r.usage.completion_tokens <= 8 and r.usage.prompt_tokens > 20
+        no_markup(r.choices[0].message.content)
+        no_markup(r.choices[0].message.reasoning_content)
+        chunks = list(c.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=8,
+            temperature=0, seed=1, stream=True, stream_options={"include_usage": True}))
+        assert chunks[-1].usage.completion_tokens == r.usage.completion_tokens
+        # Greedy decoding: the streamed text equals the non-streamed one.
+        text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+        assert text == (r.choices[0].message.content or "")
+        resp = c.responses.create(model="tiny", input="Hi", max_output_tokens=8, temperature=0)
+        assert resp.status in ("completed", "incomplete") and resp.usage.output_tokens <= 8
