@@ -96,14 +96,16 @@ def load_o200k(path: str | os.PathLike | None = None) -> tuple[bytes, str]:
 
 @lru_cache(maxsize=1)
 def _bpe_openai_o200k() -> bytes:
-    try:
-        import bpe_openai
-    except ImportError:
+    import importlib.util
+
+    # Find the package's data without importing it (its import does work we do not need).
+    spec = importlib.util.find_spec("bpe_openai")
+    if spec is None or not spec.submodule_search_locations:
         raise OssMlxError(
             "no offline copy of o200k_base.tiktoken: install bpe-openai, set TIKTOKEN_ENCODINGS_BASE "
             "to a folder holding o200k_base.tiktoken, or pass --vocab FILE"
-        ) from None
-    gz = Path(bpe_openai.__file__).parent / "data" / "o200k_base.tiktoken.gz"
+        )
+    gz = Path(list(spec.submodule_search_locations)[0]) / "data" / "o200k_base.tiktoken.gz"
     if not gz.is_file():
         raise OssMlxError(f"bpe-openai has no o200k_base data at {gz}")
     return _check(gzip.decompress(gz.read_bytes()), str(gz))
