@@ -568,15 +568,8 @@ class _Collector:
         )
 
 
-def resolve_model_dir(model) -> "Path":
+def resolve_model_dir(model):
     """A converted model folder from a path or a model-store name (oss_mlx.store); offline."""
-    from pathlib import Path
+    from .store import resolve_model
 
-    p = Path(model).expanduser()
-    if p.is_dir():
-        return p
-    try:
-        from .store import resolve_model
-    except ImportError:
-        raise OssMlxError(f"no model folder {model}") from None
-    return Path(resolve_model(str(model)))
+    return resolve_model(model)
