@@ -277,7 +277,8 @@ def create_app(engine, model_name: str, api_key: str | None = None,
                                     "`Authorization: Bearer <key>`", code="invalid_api_key")
 
     app = FastAPI(title="oss-mlx", lifespan=lifespan, docs_url=None, redoc_url=None,
-                  openapi_url=None, dependencies=[Depends(authorize)])
+                  openapi_url=None)
+    v1 = {"dependencies": [Depends(authorize)]}  # /health stays open
     created = now()
 
     def error(e: APIError) -> JSONResponse:
@@ -374,16 +375,16 @@ def create_app(engine, model_name: str, api_key: str | None = None,
     def model_card():
         return {"id": model_name, "object": "model", "created": created, "owned_by": "oss-mlx"}
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", **v1)
     async def models():
         return {"object": "list", "data": [model_card()]}
 
-    @app.get("/v1/models/{name:path}")
+    @app.get("/v1/models/{name:path}", **v1)
     async def model(name: str):
         check_model(name)
         return model_card()
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", **v1)
     async def chat_completions(request: Request):
         req: ChatRequest = parse_request(ChatRequest, await body(request))
         check_model(req.model)
@@ -454,7 +455,7 @@ def create_app(engine, model_name: str, api_key: str | None = None,
                              "finish_reason": turn.finish_reason}],
                 "usage": turn.usage(chat_usage)}
 
-    @app.post("/v1/responses")
+    @app.post("/v1/responses", **v1)
     async def responses(request: Request):
         req: ResponsesRequest = parse_request(ResponsesRequest, await body(request))
         check_model(req.model)

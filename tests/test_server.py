@@ -469,6 +469,7 @@ def test_api_key_required(encoding):
                 bad.models.list()
             with pytest.raises(openai.AuthenticationError):
                 bad.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}])
+        assert httpx.get(s.url + "/health").status_code == 200  # liveness needs no key
         good = openai.OpenAI(base_url=s.url + "/v1", api_key=KEY, max_retries=0)
         model.push(THINK_THEN_ANSWER)
         r = good.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}])
@@ -544,3 +545,26 @@ def test_tiny_model_end_to_end(tiny_model):
         assert text == (r.choices[0].message.content or "")
         resp = c.responses.create(model="tiny", input="Hi", max_output_tokens=8, temperature=0)
         assert resp.status in ("completed", "incomplete") and resp.usage.output_tokens <= 8
+
+
+# ---- the command ------------------------------------------------------------------------------
+
+
+def test_serve_command_errors_are_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    def serve(*args):
+        r = subprocess.run([sys.executable, "-m", "oss_mlx.cli", "serve", *args],
+                           capture_output=True, text=True, timeout=120)
+        return r.returncode, r.stderr.strip()
+
+    rc, err = serve("--model", str(tmp_path / "missing"), "--port", "0")
+    assert rc == 1 and err.startswith("oss-mlx: error: ") and "\n" not in err
+    assert "missing" in err
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        rc, err = serve("--model", str(tmp_path), "--port", str(taken.getsockname()[1]))
+    assert rc == 1 and err.startswith("oss-mlx: error: cannot listen on 127.0.0.1:")
+    assert "\n" not in err
