@@ -18,6 +18,8 @@ import json
 import math
 import zlib
 from dataclasses import replace
+from functools import lru_cache
+from statistics import NormalDist
 from pathlib import Path
 
 import numpy as np
@@ -138,10 +140,18 @@ SPECIAL_TOKENS_MAP = {"bos_token": "<|startoftext|>", "eos_token": "<|return|>",
 # ---- random values ----------------------------------------------------------------------
 
 
-def _bf16(x: np.ndarray) -> np.ndarray:
-    """float32 -> bfloat16 bits (uint16), round to nearest even."""
-    u = x.astype(np.float32).view(np.uint32)
-    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+@lru_cache(maxsize=None)
+def _normal_table(mean: float, std: float) -> np.ndarray:
+    """bf16 bits of the 65536 quantiles of N(mean, std^2) at (k + 0.5) / 65536.
+
+    Indexing it with uniform random uint16 draws from the normal distribution (discretized to
+    65536 levels, tails cut at 4.3 std) about 5x faster than `standard_normal` + rounding,
+    which matters for the 1.8 G dense values of a 20b checkpoint.
+    """
+    inv = NormalDist(mean, std).inv_cdf
+    x = np.array([inv((k + 0.5) / 65536) for k in range(65536)], dtype=np.float32)
+    u = x.view(np.uint32)
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)  # round to nearest even
 
 
 def _fp4_scale(fan_in: int) -> int:
@@ -186,8 +196,8 @@ def generate(name: str, shape: tuple[int, ...], cfg: ModelConfig, seed: int):
     for start in range(0, shape[0], rows):
         n = min(rows, shape[0] - start)
         if rule[0] == "normal":
-            x = rng.standard_normal(n * row, dtype=np.float32)
-            yield _bf16(x * np.float32(rule[2]) + np.float32(rule[1]))
+            idx = np.frombuffer(rng.bytes(2 * n * row), dtype=np.uint16)
+            yield _normal_table(rule[1], rule[2])[idx]
         elif rule[0] == "bytes":
             yield np.frombuffer(rng.bytes(n * row), dtype=np.uint8)
         else:  # E8M0 scales jittered by one binade so the scale decoding is exercised

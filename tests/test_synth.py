@@ -298,3 +298,18 @@ def test_chat_template_tool_call_matches_harmony(tiny_hf, o200k_folder, monkeypa
         .with_recipient("assistant").with_channel("commentary")])
     enc = load_harmony_encoding(HarmonyEncodingName.HARMONY_GPT_OSS)
     assert text == enc.decode(enc.render_conversation_for_completion(conv, Role.ASSISTANT))
+
+
+def test_cli(tmp_path, capsys):
+    from oss_mlx.cli import main
+
+    out = tmp_path / "c"
+    assert main(["synth", str(out), "--preset", "tiny", "--layers", "1", "--layout", "original",
+                 "--seed", "3"]) == 0
+    assert capsys.readouterr().out.strip() == str(out)
+    assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 1
+    assert main(["synth", str(out)]) == 1  # exists: one line, untouched
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "already exists" in err
+    assert main(["synth", str(tmp_path / "d"), "--layers", "0"]) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
