@@ -322,8 +322,7 @@ class TerminalView:
             if self.hide_reasoning:
                 self.live.update(self._spinner())
             else:
-                self.console.print(text, style="dim italic", end="", markup=False,
-                                   soft_wrap=True)
+                self._stream(text)
             return
         self.text += text
         if kind == "answer":
@@ -343,6 +342,7 @@ class TerminalView:
                 self.live.start()
             else:
                 self.console.print("Thinking", style="dim bold", markup=False)
+                self.col, self.pending = 0, ""
         elif kind == "answer":
             self.live = Live(self._tail(), console=self.console, transient=True,
                              refresh_per_second=12, vertical_overflow="crop")
@@ -358,6 +358,7 @@ class TerminalView:
             self.live = None
         if self.section == "analysis":
             if not self.hide_reasoning:
+                self._stream("", flush=True)
                 self.console.print()
                 self.console.print()
             else:
@@ -370,6 +371,42 @@ class TerminalView:
         if interrupted:
             self.warn(INTERRUPTED_NOTE)
         self.section = None
+
+    def _stream(self, text: str, flush: bool = False):
+        """Print streamed reasoning, wrapping at word boundaries (the terminal would cut words).
+
+        The trailing piece of a word is held back until the next delta shows where it ends.
+        """
+        import re
+
+        from rich.cells import cell_len
+
+        width = self.console.size.width
+        self.pending += text
+        pieces = re.findall(r"\S+|\s+", self.pending)
+        self.pending = "" if flush or not pieces or pieces[-1].isspace() else pieces.pop()
+        out = []
+        for piece in pieces:
+            n = cell_len(piece)
+            if "\n" in piece:
+                out.append("\n" * piece.count("\n"))
+                self.col = 0
+            elif piece.isspace():
+                if self.col + n >= width:
+                    out.append("\n")
+                    self.col = 0
+                elif self.col:
+                    out.append(piece)
+                    self.col += n
+            else:
+                if self.col and self.col + n > width:
+                    out.append("\n")
+                    self.col = 0
+                out.append(piece)
+                self.col = (self.col + n) % width if self.col + n > width else self.col + n
+        if out:
+            self.console.print("".join(out), style="dim italic", end="", markup=False,
+                               highlight=False, soft_wrap=True)
 
     def _spinner(self):
         from rich.spinner import Spinner
@@ -386,6 +423,8 @@ class TerminalView:
 
     def footer(self, text: str):
         self.console.print(text, style="dim", markup=False)
+
+    def end(self):
         self.console.print()
 
 
@@ -435,6 +474,9 @@ class PipeView:
 
     def footer(self, text: str):
         self._err(text)
+
+    def end(self):
+        pass
 
 
 # --------------------------------------------------------------------------------------------
@@ -556,6 +598,7 @@ class Chat:
         if stop != "context" and frac > NEARLY_FULL:
             self.view.warn(f"the context is nearly full ({100 * frac:.0f}%): /reset starts a new "
                            f"conversation (or /undo drops the last exchange)")
+        self.view.end()
 
     # commands --------------------------------------------------------------------------------
 
@@ -719,6 +762,9 @@ def read_tty(readline, prompt: str = ">>> ") -> str:
 
     Raises EOFError / KeyboardInterrupt like input().
     """
+    # Lines typed while an answer streamed are separate messages; only input that arrives in
+    # one burst after the prompt is shown is a paste.
+    typed_ahead = _pending_input()
     lines = []
     line = input(prompt)
     while True:
@@ -727,7 +773,7 @@ def read_tty(readline, prompt: str = ">>> ") -> str:
             line = input("... ")
             continue
         lines.append(line)
-        if not _pending_input():
+        if typed_ahead or not _pending_input():
             break
         line = input("... ")
     text = "\n".join(lines).strip()
@@ -830,7 +876,9 @@ def main(args) -> int:
 
             view.warn("DEMO: a tiny model with RANDOM weights, made on the spot; "
                       "its answers are noise.")
-            model_dir = stack.enter_context(demo_model())
+            with (view.console.status("making the demo model…", spinner="dots") if interactive
+                  else contextlib.nullcontext()):
+                model_dir = stack.enter_context(demo_model())
             name = DEMO_NAME
         elif args.model:
             from .engine import resolve_model_dir

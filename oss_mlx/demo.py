@@ -14,7 +14,7 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-DEMO_NAME = "tiny-random (demo: random weights, output is noise)"
+DEMO_NAME = "tiny-random (demo)"
 
 
 def make_demo_model(folder: str | Path, seed: int = 0) -> Path:
