@@ -24,6 +24,7 @@ import copy
 import hmac
 import json
 import queue
+import logging
 import threading
 from dataclasses import dataclass, field
 from typing import Any
@@ -52,6 +53,7 @@ from .openai_api import (
 # One generation at a time, in arrival order.
 
 _END = object()
+log = logging.getLogger("oss_mlx.server")
 
 
 @dataclass
@@ -253,6 +255,7 @@ def create_app(engine, model_name: str, api_key: str | None = None,
 
     from fastapi import Depends, FastAPI, Request
     from fastapi.responses import JSONResponse, StreamingResponse
+    from starlette.background import BackgroundTask
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     from .engine import SamplingParams
@@ -333,8 +336,16 @@ def create_app(engine, model_name: str, api_key: str | None = None,
             kw["seed"] = req.seed
         return SamplingParams(**kw)
 
+    def sse_response(stream, job: Job) -> StreamingResponse:
+        # The background task runs however the response ends, a client that left included, so
+        # a job still queued or running is always cancelled.
+        return StreamingResponse(stream, media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"},
+                                 background=BackgroundTask(job.cancel.set))
+
     def failure(e: Exception) -> APIError:
         msg = str(e) if isinstance(e, OssMlxError) else f"{type(e).__name__}: {e}"
+        log.error("generation failed: %s", msg)
         return APIError(500, f"generation failed: {msg}", type="server_error",
                         code="server_error")
 
@@ -362,6 +373,8 @@ def create_app(engine, model_name: str, api_key: str | None = None,
         try:
             async for _ in generation(job, turn):
                 pass
+        except Exception as e:  # noqa: BLE001 - an OpenAI error object, and keep serving
+            raise failure(e) from None
         finally:
             watcher.cancel()
         return turn
@@ -437,8 +450,7 @@ def create_app(engine, model_name: str, api_key: str | None = None,
                     yield chunk({}, usage=turn.usage(chat_usage), choices=False)
                 yield sse("[DONE]")
 
-            return StreamingResponse(stream(), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
+            return sse_response(stream(), job)
 
         await run(job, request, turn)
         message: dict[str, Any] = {"role": "assistant",
@@ -528,8 +540,7 @@ def create_app(engine, model_name: str, api_key: str | None = None,
                 yield event("response.incomplete" if final["status"] == "incomplete"
                             else "response.completed", response=final)
 
-            return StreamingResponse(stream(), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
+            return sse_response(stream(), job)
 
         await run(job, request, turn)
         for kind, value in _replay(turn):

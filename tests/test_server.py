@@ -506,6 +506,46 @@ def test_disconnect_cancels_generation(client, srv):
     assert fed_at_close < 100 and fed_after - fed_at_close < 300, (fed_at_close, fed_after)
 
 
+def test_client_leaving_while_queued_is_never_run(client, srv):
+    srv.model.delay = 0.01
+    srv.model.push("<|channel|>final<|message|>" + "la " * 300 + "<|return|>")  # A, running
+    srv.model.push("<|channel|>final<|message|>B never runs<|return|>")           # B, queued
+    requests_before = len(srv.model.prompts)
+    a = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "a"}],
+                                       stream=True)
+    next(iter(a))
+    b = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "b"}],
+                                       stream=True)
+    assert next(iter(b)).choices[0].delta.role == "assistant"  # accepted, waiting its turn
+    b.close()
+    time.sleep(0.3)
+    a.close()
+    srv.model.delay = 0.0
+    srv.model.queue.clear()  # drop B's reply: if B ran after all, C would find none
+    srv.model.push("<|channel|>final<|message|>C<|return|>")
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "c"}])
+    assert r.choices[0].message.content == "C"
+    assert len(srv.model.prompts) - requests_before == 2  # A and C reached the model, B did not
+
+
+def test_engine_failure_is_reported_not_fatal(client, srv):
+    # No reply queued: ScriptedModel raises inside the engine, as a real failure would.
+    with pytest.raises(openai.InternalServerError) as e:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}])
+    assert e.value.body["type"] == "server_error" and "generation failed" in e.value.body["message"]
+    with pytest.raises(openai.APIError, match="generation failed"):
+        list(client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "x"}], stream=True))
+    events = list(client.responses.create(model=MODEL, input="x", stream=True))
+    assert [e.type for e in events] == ["response.created", "response.in_progress", "error",
+                                        "response.failed"]
+    assert "generation failed" in events[2].message
+    assert events[3].response.status == "failed"
+    srv.model.push(THINK_THEN_ANSWER)
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}])
+    assert r.choices[0].message.content == "Hello! How can I help?"
+
+
 def test_requests_are_served_in_order(client, srv):
     from concurrent.futures import ThreadPoolExecutor
 
