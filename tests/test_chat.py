@@ -229,18 +229,25 @@ def test_tty_ctrl_c_at_prompt_exits_cleanly(vocab, tmp_path):
     finish(child)
 
 
-def test_tty_multiline_and_history(vocab, tmp_path):
-    """A trailing backslash continues the message; typed input lands in the readline history."""
-    child = spawn(["--model", str(vocab)], child_env(tmp_path, [REPLY1]))
+def test_tty_multiline_paste_and_history(vocab, tmp_path):
+    """A trailing backslash continues a message, a paste stays one message, up-arrow recalls."""
+    child = spawn(["--model", str(vocab)], child_env(tmp_path, [REPLY1, REPLY2, REPLY2]))
     child.expect_exact(PROMPT)
     child.sendline("first line \\")
     child.expect_exact("... ")
     assert "The answer is 4." in command(child, "second line")
+    child.send("pasted one\npasted two\n")  # arrives in one burst, like a paste
+    child.expect_exact(PROMPT)
+    assert "It is 6." in plain(child.before)
+    assert "It is 6." in command(child, "\x1b[A")  # up arrow + Enter: the paste again
     child.sendline("/quit")
     finish(child)
-    assert "first line \nsecond line" in logged_prompts(tmp_path)[0]
+    first, second, third = logged_prompts(tmp_path)
+    assert first.endswith("<|start|>user<|message|>first line \nsecond line<|end|><|start|>assistant")
+    assert second.endswith("<|start|>user<|message|>pasted one\npasted two<|end|><|start|>assistant")
+    assert third.endswith("<|start|>user<|message|>pasted one\npasted two<|end|><|start|>assistant")
     history = (tmp_path / "home" / "chat_history").read_text()
-    assert "first line" in history and "second line" in history
+    assert "first line" in history and "pasted two" in history
 
 
 def test_tty_tiny_model(tiny_model, tmp_path):
@@ -285,26 +292,47 @@ def run_pipe(args, stdin, env, timeout=60, netns=False):
 def test_pipe_batch_scripted(vocab, tmp_path):
     """Each line a turn (or a /command); the answers, and only they, on stdout."""
     saved = tmp_path / "conv.json"
-    stdin = f"What is 2 + 2?\n/effort high\n/bogus\nAnd 3 + 3?\n/save {saved}\n"
+    stdin = (f"What is 2 + 2?\n/effort high\n/bogus\nAnd 3 + 3?\n/undo\n"
+             f"/system Answer in French.\nAnd 3 + \\\n3?\n/save {saved}\n")
     r = run_pipe(["--model", str(vocab), "--reasoning", "low"], stdin,
-                 child_env(tmp_path, [REPLY1, REPLY2]))
+                 child_env(tmp_path, [REPLY1, REPLY2, REPLY2]))
     assert r.returncode == 0, r.stderr
-    assert r.stdout == f"{ANSWER1}\nIt is 6.\n"
+    assert r.stdout == f"{ANSWER1}\nIt is 6.\nIt is 6.\n"
     assert THINK1 in r.stderr and "unknown command /bogus" in r.stderr
-    assert len(re.findall(r"\d+ tokens · TTFT", r.stderr)) == 2
-    first, second = logged_prompts(tmp_path)
+    assert len(re.findall(r"\d+ tokens · TTFT", r.stderr)) == 3
+    first, second, third = logged_prompts(tmp_path)
     assert "Reasoning: low" in first and "Reasoning: high" in second
+    assert "# Instructions" not in second and "# Instructions\n\nAnswer in French." in third
+    # /undo dropped the second exchange; the third question came in two lines.
+    assert third.count("<|start|>user") == 2 and "And 3 + \n3?" in third
     assert len(json.loads(saved.read_text())["messages"]) == 6
 
 
 def test_pipe_context_full_is_a_message(vocab, tmp_path):
     """A prompt beyond the context: one clear line, the session goes on, exit 1 at the end."""
-    env = child_env(tmp_path, [REPLY1, REPLY1], OSS_MLX_TEST_CONTEXT=120)
+    # 68 prompt tokens + 28 generated = 96 of 104: nearly full. Then a question too long for the
+    # context, then one that fits but leaves no room for the whole answer.
+    env = child_env(tmp_path, [REPLY1, REPLY1], OSS_MLX_TEST_CONTEXT=104)
     r = run_pipe(["--model", str(vocab), "--hide-reasoning"], "hi\n" + "long " * 200 + "\nhi\n", env)
     assert "Traceback" not in r.stderr
-    assert "context" in r.stderr and "/reset" in r.stderr
+    assert "context 96/104 (92%)" in r.stderr and "the context is nearly full (92%)" in r.stderr
+    assert re.search(r"prompt is \d+ tokens and the model's context is 104", r.stderr)
+    assert "the context is full (104 tokens): the answer was cut" in r.stderr
     assert r.returncode == 1
     assert ANSWER1 in r.stdout and THINK1 not in r.stderr  # hidden reasoning stays hidden
+
+
+def test_pipe_tool_call_is_shown(vocab, tmp_path):
+    call = ('<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>'
+            '{"city": "Paris"}<|call|>')
+    r = run_pipe(["--model", str(vocab)], "Weather in Paris?\nThanks\n",
+                 child_env(tmp_path, [call, REPLY2]))
+    assert r.returncode == 0, r.stderr
+    assert 'tool call functions.get_weather({"city": "Paris"})' in r.stderr
+    assert r.stdout == "It is 6.\n"
+    # harmony wants a result after a call: the model is told there are no tools.
+    assert ('<|start|>functions.get_weather to=assistant<|channel|>commentary<|message|>'
+            'error: no tools are available in this chat<|end|>') in logged_prompts(tmp_path)[1]
 
 
 def test_demo_without_network(tmp_path):
