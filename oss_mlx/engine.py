@@ -54,6 +54,9 @@ from openai_harmony import HarmonyError, Message, Role, StreamableParser, Stream
 from . import harmony
 from .errors import OssMlxError
 
+# Tokens that close a message in harmony's parser (its stop_tokens(), spec 5.6).
+_CLOSERS = (harmony.END, harmony.RETURN, harmony.CALL)
+
 STOP_REASONS = ("stop", "tool_call", "length", "context", "cancelled", "malformed")
 
 
@@ -453,6 +456,9 @@ class _Collector:
         self.events: list[Event] = []
         self.done: list[Message] = []  # finished messages
         self.streamed = ""  # text of the current message already sent as deltas
+        # The parser's state, tracked here: StreamableParser.state serialises the whole current
+        # message, which would make each token cost O(message length).
+        self.state = StreamState.HEADER  # the prompt ended with <|start|>assistant
 
     def drain(self):
         events, self.events = self.events, []
@@ -476,7 +482,7 @@ class _Collector:
     def feed(self, tok: int, stop: set) -> Optional[str]:
         """Process one sampled token; returns a stop reason when the turn ends."""
         self.tokens.append(tok)
-        state = self.parser.state
+        state = self.state
         if tok in stop or tok == harmony.ENDOFTEXT:
             if state == StreamState.EXPECT_START:
                 # A stop right after <|end|>: the turn is complete (seen as HTTP 500s elsewhere).
@@ -498,9 +504,9 @@ class _Collector:
             return "malformed"  # a control token inside a message: never leak it as text
         if not self._process(tok):
             return "malformed"
-        if state != StreamState.EXPECT_START and self.parser.state == StreamState.EXPECT_START:
+        if state != StreamState.EXPECT_START and self.state == StreamState.EXPECT_START:
             self._close()
-        elif self.parser.state == StreamState.CONTENT:
+        elif self.state == StreamState.CONTENT:
             delta = self.parser.last_content_delta
             if delta:
                 self.streamed += delta
@@ -512,15 +518,22 @@ class _Collector:
     def _process(self, tok) -> bool:
         try:
             self.parser.process(tok)
-            return True
         except HarmonyError:
             return False
+        if self.state == StreamState.EXPECT_START:
+            self.state = StreamState.HEADER  # only <|start|> gets here
+        elif tok in _CLOSERS:
+            self.state = StreamState.EXPECT_START
+        elif tok == harmony.MESSAGE and self.state == StreamState.HEADER:
+            self.state = StreamState.CONTENT
+        return True
 
     def _eos(self) -> bool:
         try:
             self.parser.process_eos()
         except HarmonyError:
             return False
+        self.state = StreamState.EXPECT_START
         return self._close()
 
     def finish(self, stop_reason: str, stats: Stats) -> Completion:
@@ -528,7 +541,7 @@ class _Collector:
         partial = None
         if stop_reason not in ("stop", "tool_call"):
             try:
-                if self.parser.state == StreamState.CONTENT and self.parser.current_content:
+                if self.state == StreamState.CONTENT and self.parser.current_content:
                     partial = Message.from_role_and_content(Role.ASSISTANT, self.parser.current_content)
                     partial.channel = self.parser.current_channel
                     partial.recipient = self.parser.current_recipient

@@ -363,3 +363,26 @@ def test_pipelined_stop_rollback_then_extension_logits(tiny):
         warm_engine.complete(p1, SamplingParams(temperature=0.0, max_tokens=40))
         got = np.array(warm_engine.logits(p))
         np.testing.assert_allclose(got, cold_logits(model, p), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("stream", [
+    "<|channel|>analysis<|message|>a b<|end|><|start|>assistant<|channel|>final<|message|>c<|return|>",
+    "<|channel|>commentary to=functions.f <|constrain|>json<|message|>{}<|call|>",
+    " to=functions.f<|channel|>commentary json<|message|>{}<|call|>",
+    "no header at all<|end|><|end|><|start|>assistant<|channel|>final<|end|><|return|>",
+    "<|channel|>final<|message|>x<|end|>oops",
+    "<|channel|>final<|message|>x<|start|>assistant",
+])
+def test_tracked_parser_state_matches_harmony(enc, stream):
+    """The collector tracks the parser's state itself (harmony's property is O(message));
+    after every token it must agree with harmony's own."""
+    from oss_mlx.engine import _Collector
+
+    col = _Collector(enc)
+    for tok in harmony_tokens(enc, stream):
+        reason = col.feed(tok, {RETURN, CALL})
+        if reason == "malformed":
+            break
+        assert col.state == col.parser.state, (enc.decode([tok]), col.state, col.parser.state)
+        if reason:
+            break
