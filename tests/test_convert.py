@@ -399,3 +399,33 @@ def test_missing_source(tmp_path, capsys):
     assert main(["convert", str(tmp_path / "empty"), "-o", str(tmp_path / "out")]) == 1
     assert "no config.json" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_vocabulary_sources_for_original_layout(tiny_original, tmp_path, monkeypatch, capsys):
+    from oss_mlx.cli import main
+
+    good = tmp_path / "tk"
+    good.mkdir()
+    (good / "o200k_base.tiktoken").write_bytes(_o200k_bytes())
+    monkeypatch.setenv("TIKTOKEN_ENCODINGS_BASE", str(good))
+    assert main(["convert", str(tiny_original), "-o", str(tmp_path / "a")]) == 0
+    man = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    assert "TIKTOKEN_ENCODINGS_BASE" in man["vocabulary"]["from"]
+    assert "no tokenizer.json" in capsys.readouterr().err  # it says where the vocabulary came from
+    bad = tmp_path / "bad.tiktoken"
+    bad.write_bytes(_o200k_bytes()[:-10])
+    assert main(["convert", str(tiny_original), "-o", str(tmp_path / "b"), "--vocab", str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not the genuine o200k_base" in err
+    assert not (tmp_path / "b").exists()
+
+
+def _o200k_bytes() -> bytes:
+    import gzip
+    import importlib.util
+
+    spec = importlib.util.find_spec("bpe_openai")
+    gz = Path(list(spec.submodule_search_locations)[0]) / "data" / "o200k_base.tiktoken.gz"
+    data = gzip.decompress(gz.read_bytes())
+    assert hashlib.sha256(data).hexdigest() == O200K_SHA256
+    return data
