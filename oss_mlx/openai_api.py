@@ -292,6 +292,33 @@ def responses_items(req: ResponsesRequest) -> list[Item]:
     return items
 
 
+def restore_reasoning(items: list[Item], recall) -> list[Item]:
+    """Put back the chain of thought of tool calls whose reasoning the client did not return.
+
+    Most OpenAI clients drop `reasoning_content` from the history, but harmony keeps the analysis
+    of a tool-call sequence in progress (spec 5.7): without it the model loses its plan, and the
+    prompt no longer matches the cached tokens. `recall(call_id)` gives the reasoning that
+    preceded that call when this server made it (None otherwise).
+    """
+    out: list[Item] = []
+    seen = False  # a reasoning item since the last user message or tool result
+    for it in items:
+        if it.kind in ("user", "tool_result"):
+            seen = False
+        elif it.kind == "reasoning":
+            seen = True
+        elif it.kind == "tool_call" and not seen:
+            thought = recall(it.call_id)
+            if thought:
+                j = len(out)
+                while j and out[j - 1].kind == "assistant":  # before the call's preamble
+                    j -= 1
+                out.insert(j, Item("reasoning", thought))
+                seen = True
+        out.append(it)
+    return out
+
+
 def select_tools(tools: list[Tool], tool_choice: Any) -> list[Tool]:
     """The tools to render. "none": none; "auto"/"required": all (harmony has no way to force a
     call, so "required" is only a request); a named function: that one alone, so the model sees

@@ -23,9 +23,10 @@ import asyncio
 import copy
 import hmac
 import json
-import queue
 import logging
+import queue
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +44,7 @@ from .openai_api import (
     responses_items,
     responses_tools,
     responses_usage,
+    restore_reasoning,
     select_tools,
     sse,
     tool_name,
@@ -96,6 +98,7 @@ class Scheduler:
                 break
             if job is not None:
                 job.cancel.set()
+                job.put(_END)
         if self.current is not None:
             self.current.cancel.set()
         self._jobs.put(None)
@@ -262,6 +265,13 @@ def create_app(engine, model_name: str, api_key: str | None = None,
     from .errors import OssMlxError
 
     state: dict[str, Scheduler] = {}
+    thoughts: OrderedDict[str, str] = OrderedDict()  # tool call id -> the reasoning before it
+
+    def remember(turn: "Turn"):
+        for call in turn.tool_calls if turn.reasoning else []:
+            thoughts[call.id] = turn.reasoning
+            while len(thoughts) > 4096:
+                thoughts.popitem(last=False)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -356,6 +366,8 @@ def create_app(engine, model_name: str, api_key: str | None = None,
             pieces = turn.feed(ev)
             if ev.type == "message":
                 pieces.append(("message", None))
+            elif ev.type == "done":
+                remember(turn)
             yield pieces
             if turn.stopped:
                 job.cancel.set()
@@ -402,7 +414,8 @@ def create_app(engine, model_name: str, api_key: str | None = None,
         req: ChatRequest = parse_request(ChatRequest, await body(request))
         check_model(req.model)
         conversation = build_conversation(
-            chat_items(req), select_tools(chat_tools(req), req.tool_choice), req.reasoning_effort)
+            restore_reasoning(chat_items(req), thoughts.get),
+            select_tools(chat_tools(req), req.tool_choice), req.reasoning_effort)
         prompt = prompt_tokens(conversation)
         params = sampling(req, req.max_completion_tokens or req.max_tokens)
         job = state["scheduler"].submit(prompt, params)
@@ -478,7 +491,8 @@ def create_app(engine, model_name: str, api_key: str | None = None,
         effort = req.reasoning.effort if req.reasoning else None
         tools = responses_tools(req)
         conversation = build_conversation(
-            responses_items(req), select_tools(tools, req.tool_choice), effort)
+            restore_reasoning(responses_items(req), thoughts.get),
+            select_tools(tools, req.tool_choice), effort)
         prompt = prompt_tokens(conversation)
         job = state["scheduler"].submit(prompt, sampling(req, req.max_output_tokens))
         turn = Turn()
@@ -693,6 +707,7 @@ def main(args) -> int:
           + (" (API key required)" if args.api_key else ""), flush=True)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print("oss-mlx: warning: listening beyond this machine without --api-key", flush=True)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    # Ctrl-C: give open requests 2 s, then cancel them (which cancels their generations).
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
     server.run(sockets=[sock])
     return 0

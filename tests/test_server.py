@@ -238,6 +238,41 @@ def test_chat_tool_call_round_trip(client, srv):
     assert r2.usage.prompt_tokens_details.cached_tokens > 100
 
 
+def test_reasoning_of_a_tool_call_is_restored_when_the_client_drops_it(client, srv):
+    # Most clients send back the tool call without its reasoning; the server remembers it, so
+    # the model keeps its plan (spec 5.7) and the prompt still matches what it generated.
+    srv.model.push(CALL_WEATHER)
+    r = client.chat.completions.create(model=MODEL, tools=[WEATHER],
+                                       messages=[{"role": "user", "content": "Weather?"}])
+    call = r.choices[0].message.tool_calls[0]
+    srv.model.push(ANSWER_WEATHER)
+    client.chat.completions.create(model=MODEL, tools=[WEATHER], messages=[
+        {"role": "user", "content": "Weather?"},
+        {"role": "assistant", "tool_calls": [call.model_dump()]},
+        {"role": "tool", "tool_call_id": call.id, "content": "sunny"}])
+    assert ("<|start|>user<|message|>Weather?<|end|><|start|>assistant<|channel|>analysis"
+            "<|message|>Need the weather tool.<|end|><|start|>assistant to=functions.get_weather"
+            ) in prompt_text(srv)
+
+    srv.model.push(CALL_WEATHER)
+    r = client.responses.create(model=MODEL, input="Weather?", tools=[FLAT_WEATHER])
+    fc = r.output[-1]
+    srv.model.push(ANSWER_WEATHER)
+    client.responses.create(model=MODEL, tools=[FLAT_WEATHER], input=[
+        {"role": "user", "content": "Weather?"}, fc.model_dump(exclude_none=True),
+        {"type": "function_call_output", "call_id": fc.call_id, "output": "sunny"}])
+    assert "<|channel|>analysis<|message|>Need the weather tool.<|end|>" in prompt_text(srv)
+    # An unknown call id has nothing to restore, and a finished turn still drops it.
+    srv.model.push(THINK_THEN_ANSWER)
+    client.chat.completions.create(model=MODEL, tools=[WEATHER], messages=[
+        {"role": "user", "content": "Weather?"},
+        {"role": "assistant", "tool_calls": [call.model_dump()]},
+        {"role": "tool", "tool_call_id": call.id, "content": "sunny"},
+        {"role": "assistant", "content": "Sunny."},
+        {"role": "user", "content": "Thanks"}])
+    assert "Need the weather tool." not in prompt_text(srv)
+
+
 def test_chat_tool_call_streamed(client, srv):
     srv.model.push(CALL_WEATHER)
     chunks = list(client.chat.completions.create(
