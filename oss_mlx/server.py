@@ -15,6 +15,17 @@ Harmony in, OpenAI out: the final channel becomes `content` (Chat) or a `message
 (Responses), the analysis channel `reasoning_content` or a `reasoning` item, and a message to
 `functions.NAME` a structured tool call with finish_reason "tool_calls". No harmony markup ever
 reaches the client: the engine's parser splits the channels, and we only forward their text.
+
+Choices worth knowing:
+- tool_choice "none" renders no tools; "auto" and "required" render them all (harmony cannot
+  force a call, so "required" is a request, not a guarantee); a named function renders that one
+  tool alone.
+- `stop` strings cut the user-visible text (not the reasoning) and end the generation.
+- A turn the model breaks (a stray control token) ends with what was parsed and
+  finish_reason "stop"; max_tokens or a full context give "length" (Responses: "incomplete").
+- The server remembers the reasoning before each tool call it made, and puts it back when a
+  client returns the call without it (harmony keeps a tool chain's analysis; spec 5.7).
+- The Responses API is stateless: `previous_response_id` is refused; send the items back.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the route annotations at run time.
