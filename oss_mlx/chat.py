@@ -542,6 +542,14 @@ class Chat:
                            "/undo drops the last exchange")
             self.failed = True
             return
+        except Exception as e:  # noqa: BLE001 - a bug in one answer must not lose the session
+            if os.environ.get("OSS_MLX_DEBUG"):
+                raise
+            self.view.finish()
+            self.view.error(f"error: {type(e).__name__}: {e} (the question was not added; "
+                            f"set OSS_MLX_DEBUG=1 for details)")
+            self.failed = True
+            return
         finally:
             signal.signal(signal.SIGINT, previous)
 

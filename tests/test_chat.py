@@ -353,6 +353,16 @@ def test_missing_default_model_says_how_to_get_it(tmp_path):
     assert r.returncode == 1
     assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
     assert "oss-mlx convert openai/gpt-oss-20b" in r.stderr
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "-n", "true"]).returncode:
+        return
+    # At a terminal with no network: no download offer, the same one-line advice.
+    child = pexpect.spawn("unshare", ["-n", sys.executable, "-m", "oss_mlx.cli", "chat"],
+                          cwd=str(REPO), env=child_env(tmp_path), encoding="utf-8", timeout=30)
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 1
+    out = plain(child.before).strip()
+    assert "\n" not in out and "oss-mlx convert openai/gpt-oss-20b" in out
 
 
 # ---- the conversation file -------------------------------------------------------------------
@@ -396,3 +406,33 @@ def test_save_load_round_trip_keeps_interruptions(tmp_path):
     assert [(x.user, x.interrupted, len(x.messages)) for x in t.turns] == [
         ("q1", False, 2), ("q2", True, 1), ("q3", True, 0)]
     assert t.conversation().to_dict() == s.conversation().to_dict()
+
+
+def test_default_model_offer_when_online(tmp_path, monkeypatch):
+    """Interactive and online: offer to download and convert; yes runs `oss-mlx convert`."""
+    import subprocess as sp
+
+    from oss_mlx import chat
+    from oss_mlx.errors import OssMlxError
+
+    monkeypatch.setenv("OSS_MLX_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(chat, "network_reachable", lambda *a, **k: True)
+    said = []
+    monkeypatch.setattr("builtins.input", lambda prompt="": "n")
+    with pytest.raises(OssMlxError, match="oss-mlx convert openai/gpt-oss-20b"):
+        chat.default_model(True, said.append)
+    assert "not in the local model store" in said[0]
+
+    calls = []
+
+    def fake_convert(cmd):  # what a successful `oss-mlx convert` leaves in the store
+        calls.append(cmd[-2:])
+        entry = tmp_path / "home" / "models" / "gpt-oss-20b"
+        entry.mkdir(parents=True)
+        (entry / "config.json").write_text(json.dumps({"format": "oss-mlx"}))
+        return 0
+
+    monkeypatch.setattr("builtins.input", lambda prompt="": "y")
+    monkeypatch.setattr(sp, "call", fake_convert)
+    assert chat.default_model(True, said.append) == tmp_path / "home" / "models" / "gpt-oss-20b"
+    assert calls == [["convert", "openai/gpt-oss-20b"]]
