@@ -43,11 +43,26 @@ class APIError(Exception):
 
 
 def validation_message(e: ValidationError) -> str:
-    """The first pydantic error as one readable line: `messages.0.role: Input should be ...`."""
-    err = e.errors()[0]
-    where = ".".join(str(p) for p in err["loc"]) or "body"
-    extra = f" ({len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
-    return f"invalid request: {where}: {err['msg']}{extra}"
+    """The first pydantic error as one readable line: `messages.0.role: Input should be ...`.
+
+    Errors of one field that may take several types (a union) are joined with "or".
+    """
+
+    def where(err) -> str:
+        # Drop the union-member tags pydantic puts in locations (`str`, `list[dict[...]]`).
+        parts = [str(p) for p in err["loc"]
+                 if not (isinstance(p, str) and (p in _TYPE_TAGS or "[" in p))]
+        return ".".join(parts) or "body"
+
+    errors = e.errors()
+    first = where(errors[0])
+    same = list(dict.fromkeys(err["msg"] for err in errors if where(err) == first))
+    rest = sum(where(err) != first for err in errors)
+    more = f" ({rest} more)" if rest else ""
+    return f"invalid request: {first}: {' or '.join(same)}{more}"
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none", "literal"}
 
 
 def parse_request(model: type[BaseModel], data: Any) -> BaseModel:
