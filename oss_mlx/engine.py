@@ -356,7 +356,14 @@ class Engine:
             prompt = self.render(conversation)
         self._check_fits(prompt)
         with self._lock:
-            yield from self._generate(prompt, params, cancel, t0)
+            try:
+                yield from self._generate(prompt, params, cancel, t0)
+            except GeneratorExit:
+                raise  # the consumer stopped at an event: the cache and its token list agree
+            except BaseException:
+                # Interrupted between a cache update and its bookkeeping (e.g. Ctrl-C): forget it.
+                self._cache, self._cached, self._snapshots = None, [], []
+                raise
 
     def _generate(self, prompt, params, cancel, t0):
         import mlx.core as mx

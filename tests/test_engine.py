@@ -242,12 +242,18 @@ def tokens_prompt(enc, n_turn_words=30):
     return render_prompt(enc, build_conversation([user_message(words)], date="2025-01-01"))
 
 
+def last_logits_no_cache(model, seq):
+    """Reference: the whole sequence in one forward pass with no cache at all; only the last
+    position goes through the (CPU-costly, 201088-row) unembedding."""
+    h = model.hidden(mx.array(seq)[None])[:, -1:]
+    return model.unembedding(model.norm(h))[0, -1].astype(mx.float32)
+
+
 def no_cache_greedy(model, prompt, n):
     """Reference: greedy decoding that recomputes the whole sequence with no cache each step."""
     seq = list(prompt)
     for _ in range(n):
-        logits = model(mx.array(seq)[None])[0, -1]
-        seq.append(int(mx.argmax(logits).item()))
+        seq.append(int(mx.argmax(last_logits_no_cache(model, seq)).item()))
     return seq[len(prompt):]
 
 
@@ -304,8 +310,7 @@ class StopAfter:
 
 
 def cold_logits(model, prompt):
-    """Reference: the whole sequence in one forward pass, no cache at all."""
-    return np.array(model(mx.array(prompt)[None])[0, -1].astype(mx.float32))
+    return np.array(last_logits_no_cache(model, prompt))
 
 
 def test_prompt_cache_reuse_matches_cold_start(tiny):
@@ -386,3 +391,34 @@ def test_tracked_parser_state_matches_harmony(enc, stream):
         assert col.state == col.parser.state, (enc.decode([tok]), col.state, col.parser.state)
         if reason:
             break
+
+
+def test_abandoned_stream_keeps_a_consistent_cache(enc):
+    """A consumer that stops reading (a server client going away) leaves the cache usable."""
+    reply = "<|channel|>final<|message|>" + "word " * 20 + "<|return|>"
+    model = ScriptedModel(reply, reply, encoding=enc)
+    engine = Engine(model, enc)
+    gen = engine.stream(conv(), SamplingParams(max_tokens=100))
+    for i, ev in enumerate(gen):
+        if i == 5:
+            break
+    gen.close()
+    held = engine.cached_tokens
+    assert held[: len(render_prompt(enc, conv()))] == render_prompt(enc, conv())
+    # what the cache holds is what the model was fed, in order
+    assert held == model.prompts[0] + model.fed
+    c = engine.complete(conv(), SamplingParams(max_tokens=100))
+    assert c.final == "word " * 20 and c.stop_reason == "stop"
+    assert c.stats.cached_tokens == len(render_prompt(enc, conv())) - 1
+
+
+def test_model_error_resets_the_cache(enc):
+    class Broken(ScriptedModel):
+        def __call__(self, tokens, cache=None):
+            raise RuntimeError("device lost")
+
+    model = Broken("<|channel|>final<|message|>hi<|return|>", encoding=enc)
+    engine = Engine(model, enc)
+    with pytest.raises(RuntimeError, match="device lost"):
+        engine.complete(conv(), SamplingParams(max_tokens=10))
+    assert engine.cached_tokens == []
