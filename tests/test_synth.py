@@ -211,10 +211,11 @@ def test_values_are_scaled(tiny_original):
 
 @pytest.fixture(scope="module")
 def o200k_folder(tmp_path_factory):
-    import bpe_openai
+    import importlib.util
 
     d = tmp_path_factory.mktemp("tiktoken")
-    gz = Path(bpe_openai.__file__).parent / "data" / "o200k_base.tiktoken.gz"
+    pkg = importlib.util.find_spec("bpe_openai").submodule_search_locations[0]
+    gz = Path(pkg) / "data" / "o200k_base.tiktoken.gz"
     (d / "o200k_base.tiktoken").write_bytes(gzip.decompress(gz.read_bytes()))
     return d
 
