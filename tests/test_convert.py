@@ -429,3 +429,21 @@ def _o200k_bytes() -> bytes:
     data = gzip.decompress(gz.read_bytes())
     assert hashlib.sha256(data).hexdigest() == O200K_SHA256
     return data
+
+
+def test_mlx_lm_reads_the_source_the_same_way(tiny_hf, tiny_model):
+    """mlx-lm loads the synth HF checkpoint with its own sanitize (gate/up split by striding);
+    its logits match our model on our conversion up to bf16 rounding."""
+    pytest.importorskip("oss_mlx.model")
+    mlx_lm = pytest.importorskip("mlx_lm")
+    import mlx.core as mx
+
+    from oss_mlx import load
+
+    ref_model, tok = mlx_lm.load(str(tiny_hf))
+    assert tok.encode("Hello world", add_special_tokens=False) == [13225, 2375]
+    x = mx.array([[200006, 173781, 200005, 13225, 2375, 0, 1, 2]])
+    ref = ref_model(x).astype(mx.float32)
+    got = load(tiny_model)(x).astype(mx.float32)
+    assert mx.array_equal(mx.argmax(ref, -1), mx.argmax(got, -1)).item()
+    assert float(mx.max(mx.abs(ref - got))) < 0.1 * float(mx.max(mx.abs(ref)))
