@@ -688,11 +688,17 @@ def add_arguments(parser):
                              "last path part, e.g. gpt-oss-20b)")
     parser.add_argument("--max-tokens", type=int, default=None,
                         help="token budget of a request that sets none (default: the rest of "
-                             "the context)")
+                             "the context; 64 with --demo)")
+    parser.add_argument("--demo", action="store_true",
+                        help="serve a tiny random-weight model made on the spot, as "
+                             "'tiny-random' (no download; its output is noise)")
 
 
 def main(args) -> int:
+    import contextlib
+    import signal
     import socket
+    import sys
     from pathlib import Path
 
     import uvicorn
@@ -702,6 +708,8 @@ def main(args) -> int:
 
     if not 0 <= args.port < 65536:
         raise OssMlxError(f"--port {args.port}: not a port number")
+    if args.max_tokens is not None and args.max_tokens < 1:
+        raise OssMlxError(f"--max-tokens {args.max_tokens}: must be at least 1")
     # Bind before loading the model: a taken port is a one-line error, not a wasted load.
     try:
         family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
@@ -710,15 +718,28 @@ def main(args) -> int:
         sock.bind((args.host, args.port))
     except OSError as e:
         raise OssMlxError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
-    engine = Engine.load(args.model)
-    name = args.name or Path(str(args.model).rstrip("/")).name
-    app = create_app(engine, name, api_key=args.api_key, default_max_tokens=args.max_tokens)
-    host, port = sock.getsockname()[:2]
-    print(f"oss-mlx: serving {name!r} at http://{args.host}:{port}/v1"
-          + (" (API key required)" if args.api_key else ""), flush=True)
-    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
-        print("oss-mlx: warning: listening beyond this machine without --api-key", flush=True)
-    # Ctrl-C: give open requests 2 s, then cancel them (which cancels their generations).
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
-    server.run(sockets=[sock])
+    with contextlib.ExitStack() as stack:
+        if args.demo:
+            from .demo import demo_model
+
+            model_dir, default_name = stack.enter_context(demo_model()), "tiny-random"
+            max_tokens = args.max_tokens or 64  # random weights never stop by themselves
+        else:
+            model_dir, default_name = args.model, Path(str(args.model).rstrip("/")).name
+            max_tokens = args.max_tokens
+        engine = Engine.load(str(model_dir))
+        name = args.name or default_name
+        app = create_app(engine, name, api_key=args.api_key, default_max_tokens=max_tokens)
+        port = sock.getsockname()[1]
+        print(f"oss-mlx: serving {name!r} at http://{args.host}:{port}/v1"
+              + (" (API key required)" if args.api_key else ""), flush=True)
+        if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+            print("oss-mlx: warning: listening beyond this machine without --api-key", flush=True)
+        # Ctrl-C: give open requests 2 s, then cancel them (which cancels their generations).
+        server = uvicorn.Server(uvicorn.Config(app, log_level="warning",
+                                               timeout_graceful_shutdown=2))
+        # uvicorn re-raises SIGTERM once it has shut down; end as for Ctrl-C instead of dying
+        # there, so the demo model's temporary folder is removed.
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        server.run(sockets=[sock])
     return 0
