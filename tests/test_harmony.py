@@ -284,3 +284,32 @@ def test_vocab_loads_without_env_left_behind(tmp_path, monkeypatch):
     assert sorted(enc.stop_tokens_for_assistant_actions()) == [200002, 200012]
     # spec 5.1 plain-text ids
     assert enc.encode("assistant") == [173781] and enc.encode("analysis") == [35644]
+
+
+def test_ongoing_tool_call_keeps_analysis_upstream_golden(enc):
+    """[HAR] test-data/test_does_not_drop_if_ongoing_analysis.txt (openai/harmony @ f573ab5).
+    That snapshot predates the renderer writing the recipient in the role header (spec 6 item
+    5; both parse the same), so its one tool-call header is rewritten to 0.0.8's order."""
+    golden = (
+        "<|start|>user<|message|>What is the weather in SF?<|end|><|start|>assistant<|channel|>"
+        "analysis<|message|>User asks: “What is the weather in SF?” We need to use lookup_weather "
+        "tool.<|end|><|start|>assistant<|channel|>commentary to=functions.lookup_weather "
+        "<|constrain|>json<|message|>{\"location\": \"San Francisco\"}<|call|><|start|>functions."
+        "lookup_weather<|message|>{\"temperature\": 20, \"description\": \"sunny\"}<|end|>"
+        "<|start|>assistant"
+    ).replace(
+        "<|start|>assistant<|channel|>commentary to=functions.lookup_weather <|constrain|>json",
+        "<|start|>assistant to=functions.lookup_weather<|channel|>commentary <|constrain|>json",
+    )
+    history = [
+        user_message("What is the weather in SF?"),
+        assistant_message(
+            "User asks: “What is the weather in SF?” We need to use lookup_weather tool.", "analysis"
+        ),
+        tool_call_message("functions.lookup_weather", '{"location": "San Francisco"}'),
+        Message.from_author_and_content(
+            Author.new(Role.TOOL, "functions.lookup_weather"),
+            '{"temperature": 20, "description": "sunny"}',
+        ),
+    ]
+    assert text(enc, render_prompt(enc, history)) == golden
