@@ -163,8 +163,11 @@ def _normalized(cfg: ModelConfig) -> ModelConfig:
     layouts convert to byte-identical config.json files."""
     import dataclasses
 
-    return ModelConfig(**{f.name: type(f.default)(getattr(cfg, f.name))
-                          for f in dataclasses.fields(cfg)})
+    try:
+        return ModelConfig(**{f.name: type(f.default)(getattr(cfg, f.name))
+                              for f in dataclasses.fields(cfg)})
+    except (TypeError, ValueError) as e:
+        raise OssMlxError(f"not a gpt-oss config: malformed value ({e})") from None
 
 
 def open_source(src: str | os.PathLike) -> Source:
@@ -184,9 +187,9 @@ def open_source(src: str | os.PathLike) -> Source:
         raise OssMlxError(f"no such folder: {s}")
     folder, lay, cfg = _find_layout(folder)
     cfg = _normalized(cfg)
-    if cfg.hidden_size % 64 or cfg.intermediate_size % 32:
+    if cfg.hidden_size % 32 or cfg.intermediate_size % 32:  # MXFP4 blocks of 32 inputs
         raise OssMlxError(f"unsupported dimensions hidden={cfg.hidden_size} "
-                          f"intermediate={cfg.intermediate_size} (need multiples of 64 and 32)")
+                          f"intermediate={cfg.intermediate_size} (need multiples of 32)")
     source = Source(folder, lay, cfg, _load_tensors(folder), s, revision)
     _check_tensors(source)
     return source
@@ -312,6 +315,9 @@ def convert(src, out=None, dense_bits: int = 16, force: bool = False, vocab_file
     if dense_bits not in (16, 8):
         raise OssMlxError(f"--dense-bits must be 16 or 8, not {dense_bits}")
     source = open_source(src)
+    c = source.config
+    if dense_bits == 8 and (c.hidden_size % 64 or (c.num_attention_heads * c.head_dim) % 64):
+        raise OssMlxError("--dense-bits 8 needs hidden size and attention width divisible by 64")
     out = Path(out).expanduser() if out is not None else store_path_for(src, dense_bits)
     _check_out(source, out, force)
     tiktoken, vocab_from = _vocabulary(source, vocab_file)
