@@ -71,6 +71,7 @@ def one_request(url: str, client: int, i: int) -> dict:
             "max_tokens": MAX_TOKENS, "temperature": 1.0, "seed": client * 100 + i,
             "messages": [{"role": "user", "content": f"client {client} request {i}: hello"}]}
     seen = {"ids": set(), "finish": [], "usage": None, "done": False, "text": "", "chunks": 0}
+    t0 = time.perf_counter()
     with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=120) as r:
         assert r.status_code == 200, r.read()
         for line in r.iter_lines():
@@ -91,6 +92,7 @@ def one_request(url: str, client: int, i: int) -> dict:
                 seen["text"] += choice["delta"].get("content") or ""
                 if choice["finish_reason"]:
                     seen["finish"].append(choice["finish_reason"])
+    seen["latency"] = time.perf_counter() - t0
     return seen
 
 
@@ -118,7 +120,9 @@ def test_eight_streaming_clients(server):
     assert len(ids) == CLIENTS * REQUESTS  # every request answered once, by its own stream
 
     tokens = sum(r["usage"]["completion_tokens"] for r in results)
+    lat = sorted(r["latency"] for r in results)
     print(f"\nload: {CLIENTS} clients x {REQUESTS} streamed requests (max_tokens {MAX_TOKENS}, "
           f"tiny model): {len(results)} ok in {wall:.2f} s = {len(results) / wall:.2f} req/s, "
-          f"{tokens} completion tokens = {tokens / wall:.1f} tok/s; "
+          f"{tokens} completion tokens = {tokens / wall:.1f} tok/s; request latency "
+          f"p50 {lat[len(lat) // 2]:.2f} s, max {lat[-1]:.2f} s; "
           f"server peak RSS {rss:.0f} MiB")
