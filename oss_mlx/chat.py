@@ -55,24 +55,28 @@ COMMAND_NAMES = [usage.split()[0] for usage, _ in COMMANDS]
 
 
 def add_arguments(parser):
-    parser.add_argument("--model", "-m", default=None,
-                        help=f"converted model folder or store name (default: {DEFAULT_MODEL})")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--model", "-m", metavar="M", default=None,
+                       help=f"converted model folder or store name (default: {DEFAULT_MODEL})")
+    which.add_argument("--demo", action="store_true",
+                       help="run on a tiny random-weight model made on the spot (no download; "
+                            "the answers are noise)")
     parser.add_argument("--reasoning", choices=EFFORTS, default="medium",
-                        help="reasoning effort (default: medium, harmony's default)")
-    parser.add_argument("--system", default=None,
-                        help="instructions for the model (sent as the harmony developer message)")
-    parser.add_argument("--max-tokens", type=int, default=None,
+                        help="reasoning effort (default: medium, harmony's default); /effort "
+                             "changes it")
+    parser.add_argument("--system", metavar="TEXT", default=None,
+                        help="instructions for the model (the harmony developer message)")
+    parser.add_argument("--max-tokens", metavar="N", type=int, default=None,
                         help=f"most tokens per answer, reasoning included "
                              f"(default: {DEFAULT_MAX_TOKENS}, {DEMO_MAX_TOKENS} with --demo)")
-    parser.add_argument("--temperature", type=float, default=1.0,
+    parser.add_argument("--temperature", metavar="T", type=float, default=1.0,
                         help="sampling temperature, 0 = greedy (default: 1.0, OpenAI's advice)")
-    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (default: 1.0)")
-    parser.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    parser.add_argument("--top-p", metavar="P", type=float, default=1.0,
+                        help="nucleus sampling (default: 1.0)")
+    parser.add_argument("--seed", metavar="S", type=int, default=None,
+                        help="random seed for sampling")
     parser.add_argument("--hide-reasoning", action="store_true",
                         help="do not show the model's reasoning (toggle with /reasoning)")
-    parser.add_argument("--demo", action="store_true",
-                        help="run on a tiny random-weight model made on the spot (no download; "
-                             "the answers are noise)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -876,6 +880,8 @@ def main(args) -> int:
                         hide_reasoning=args.hide_reasoning)
     if settings.max_tokens <= 0:
         raise OssMlxError("--max-tokens must be positive")
+    if settings.temperature < 0 or not 0 < settings.top_p <= 1:
+        raise OssMlxError("--temperature must be >= 0 and --top-p in (0, 1]")
     view = (TerminalView if interactive else PipeView)(settings.hide_reasoning)
 
     with contextlib.ExitStack() as stack:
