@@ -730,8 +730,9 @@ def short(text: str, n: int = 60) -> str:
 
 
 def history_file() -> Path:
-    home = os.environ.get("OSS_MLX_HOME") or os.path.join(os.path.expanduser("~"), ".oss-mlx")
-    return Path(home) / "chat_history"
+    from .store import home
+
+    return home() / "chat_history"
 
 
 def setup_readline():
