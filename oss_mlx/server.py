@@ -181,6 +181,7 @@ class ToolCall:
     id: str
     name: str
     arguments: str = ""
+    done: bool = False  # its harmony message closed (<|call|>); False when cut off
 
 
 @dataclass
@@ -231,6 +232,8 @@ class Turn:
                     self.content += text
                     out.append(("content", text))
         elif ev.type == "message":
+            if self._open_call:
+                self.tool_calls[-1].done = True
             self._open_call = False
         elif ev.type == "done":
             self.completion = ev.completion
@@ -241,9 +244,14 @@ class Turn:
         return out
 
     @property
+    def calls(self) -> list[ToolCall]:
+        """The tool calls the model finished (one cut off by max_tokens is not a call)."""
+        return [c for c in self.tool_calls if c.done]
+
+    @property
     def finish_reason(self) -> str:
         reason = self.completion.stop_reason if self.completion else "stop"
-        if self.tool_calls:
+        if self.calls:
             return "tool_calls"
         if reason in ("length", "context") and not self.stopped:
             return "length"
@@ -279,7 +287,7 @@ def create_app(engine, model_name: str, api_key: str | None = None,
     thoughts: OrderedDict[str, str] = OrderedDict()  # tool call id -> the reasoning before it
 
     def remember(turn: "Turn"):
-        for call in turn.tool_calls if turn.reasoning else []:
+        for call in turn.calls if turn.reasoning else []:
             thoughts[call.id] = turn.reasoning
             while len(thoughts) > 4096:
                 thoughts.popitem(last=False)
@@ -478,13 +486,13 @@ def create_app(engine, model_name: str, api_key: str | None = None,
 
         await run(job, request, turn)
         message: dict[str, Any] = {"role": "assistant",
-                                   "content": turn.content if turn.content or not turn.tool_calls
+                                   "content": turn.content if turn.content or not turn.calls
                                    else None}
         message["reasoning_content"] = turn.reasoning or None
-        if turn.tool_calls:
+        if turn.calls:
             message["tool_calls"] = [
                 {"id": c.id, "type": "function",
-                 "function": {"name": c.name, "arguments": c.arguments}} for c in turn.tool_calls]
+                 "function": {"name": c.name, "arguments": c.arguments}} for c in turn.calls]
         return {"id": cid, "object": "chat.completion", "created": created_at,
                 "model": model_name,
                 "choices": [{"index": 0, "message": message, "logprobs": None,
@@ -559,7 +567,7 @@ def create_app(engine, model_name: str, api_key: str | None = None,
                     return
                 if turn.completion is None:
                     return
-                for type_, data in items.close():
+                for type_, data in items.close(last_status(turn)):
                     yield event(type_, **data)
                 final = finished()
                 yield event("response.incomplete" if final["status"] == "incomplete"
@@ -570,10 +578,15 @@ def create_app(engine, model_name: str, api_key: str | None = None,
         await run(job, request, turn)
         for kind, value in _replay(turn):
             items.feed(kind, value)
-        items.close()
+        items.close(last_status(turn))
         return finished()
 
     return app
+
+
+def last_status(turn: Turn) -> str:
+    """The status of the item open when the turn ended: "incomplete" if max tokens cut it."""
+    return "incomplete" if turn.finish_reason == "length" else "completed"
 
 
 def _replay(turn: Turn):
@@ -582,7 +595,7 @@ def _replay(turn: Turn):
         yield "reasoning", turn.reasoning
     if turn.content:
         yield "content", turn.content
-    for call in turn.tool_calls:
+    for call in turn.calls:
         yield "tool_call", call
         yield "arguments", call.arguments
 
@@ -642,13 +655,13 @@ class OutputItems:
                 "item_id": cur["id"], "output_index": len(self.items) - 1, "delta": value}))
         return events
 
-    def close(self) -> list[tuple[str, dict]]:
-        """Finish the open item (at a harmony message boundary or the end)."""
+    def close(self, status: str = "completed") -> list[tuple[str, dict]]:
+        """Finish the open item (at a harmony message boundary or, cut or not, at the end)."""
         item, self.open = self.open, None
         if item is None:
             return []
         idx = self.items.index(item)
-        item["status"] = "completed"
+        item["status"] = status
         events: list[tuple[str, dict]] = []
         if item["type"] == "reasoning":
             events.append(("response.reasoning_text.done", {

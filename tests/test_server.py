@@ -363,6 +363,31 @@ def test_max_tokens_gives_length(client, srv):
     assert chunks[-1].choices[0].finish_reason == "length"
 
 
+def test_tool_call_cut_by_max_tokens_is_not_a_call(client, srv):
+    n = len(srv.model.encoding.encode(CALL_WEATHER, allowed_special="all"))
+    srv.model.push(CALL_WEATHER)
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "?"}],
+                                       tools=[WEATHER], max_tokens=n - 3)
+    assert r.choices[0].finish_reason == "length"
+    assert r.choices[0].message.tool_calls is None
+    srv.model.push(CALL_WEATHER)
+    chunks = list(client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "?"}], tools=[WEATHER],
+        max_tokens=n - 3, stream=True))
+    assert chunks[-1].choices[0].finish_reason == "length"  # the partial arguments are cut
+    srv.model.push(CALL_WEATHER)
+    events = list(client.responses.create(model=MODEL, input="?", tools=[FLAT_WEATHER],
+                                          max_output_tokens=n - 3, stream=True))
+    assert events[-1].type == "response.incomplete"
+    (cut,) = [e.item for e in events if e.type == "response.output_item.done"
+              and e.item.type == "function_call"]
+    assert cut.status == "incomplete"
+    srv.model.push(CALL_WEATHER)
+    r = client.responses.create(model=MODEL, input="?", tools=[FLAT_WEATHER],
+                                max_output_tokens=n - 3)
+    assert r.status == "incomplete" and [o.type for o in r.output] == ["reasoning"]
+
+
 def test_stop_strings_cut_the_answer(client, srv):
     srv.model.push("<|channel|>final<|message|>one two three four five six seven<|return|>")
     r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "?"}],
