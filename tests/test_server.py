@@ -273,6 +273,31 @@ def test_reasoning_of_a_tool_call_is_restored_when_the_client_drops_it(client, s
     assert "Need the weather tool." not in prompt_text(srv)
 
 
+def test_call_token_is_a_stop(client, srv):
+    # What a model may write after <|call|> (an invented tool result) is never generated.
+    invented = ("<|start|>functions.get_weather to=assistant<|channel|>commentary<|message|>"
+                '{"sunny": false}<|end|><|start|>assistant<|channel|>final<|message|>Rain.<|return|>')
+    srv.model.push(CALL_WEATHER + invented)
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "?"}],
+                                       tools=[WEATHER])
+    assert r.choices[0].finish_reason == "tool_calls" and r.choices[0].message.content is None
+    assert r.usage.completion_tokens == len(
+        srv.model.encoding.encode(CALL_WEATHER, allowed_special="all"))
+
+
+def test_growing_conversation_reuses_the_prompt_cache(client, srv):
+    history = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    srv.model.push(THINK_THEN_ANSWER)
+    r1 = client.chat.completions.create(model=MODEL, messages=history)
+    history += [{"role": "assistant", "content": r1.choices[0].message.content},
+                {"role": "user", "content": "And now?"}]
+    srv.model.push(THINK_THEN_ANSWER)
+    r2 = client.chat.completions.create(model=MODEL, messages=history)
+    # Everything up to the end of turn 1's prompt is reused (its analysis is dropped, spec 5.7).
+    assert r2.usage.prompt_tokens_details.cached_tokens >= r1.usage.prompt_tokens - 1
+    assert r2.usage.prompt_tokens > r1.usage.prompt_tokens
+
+
 def test_chat_tool_call_streamed(client, srv):
     srv.model.push(CALL_WEATHER)
     chunks = list(client.chat.completions.create(
