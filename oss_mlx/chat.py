@@ -289,7 +289,6 @@ class TerminalView:
         from rich.console import Console
 
         self.console = Console(highlight=False)
-        self.err = self.console
         self.hide_reasoning = hide_reasoning
         self.section = None
         self.text = ""
