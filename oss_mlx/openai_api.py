@@ -11,19 +11,23 @@ harmony conversation gpt-oss was trained on:
 - reasoning sent back by a client is kept only for the turn in progress (after the last user
   message), as harmony's docs ask: finished turns lose their chain of thought.
 
-Nothing here imports mlx: the server tests and the HTTP layer can use it without a model.
+Nothing here imports mlx; the server imports this module only when it builds its app, so
+`oss-mlx --help` stays fast.
 """
 
 from __future__ import annotations
 
 import json
-import time
 import uuid
 from dataclasses import dataclass
 from typing import Any, Literal, Optional, Union
 
-from openai_harmony import Conversation
+from typing import TYPE_CHECKING
+
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+if TYPE_CHECKING:
+    from openai_harmony import Conversation
 
 # "minimal" is OpenAI's newer name for its lowest setting; harmony's lowest is "low".
 Effort = Literal["minimal", "low", "medium", "high"]
@@ -389,42 +393,3 @@ def chat_tools(req: ChatRequest) -> list[Tool]:
 
 def responses_tools(req: ResponsesRequest) -> list[Tool]:
     return [Tool(t.name, t.description or "", t.parameters) for t in req.tools or []]
-
-
-# --------------------------------------------------------------------------------------------
-# Responses out.
-
-
-def new_id(prefix: str) -> str:
-    return f"{prefix}{uuid.uuid4().hex[:24]}"
-
-
-def now() -> int:
-    return int(time.time())
-
-
-def sse(data: Any, event: str | None = None) -> str:
-    head = f"event: {event}\n" if event else ""
-    body = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
-    return f"{head}data: {body}\n\n"
-
-
-def chat_usage(prompt: int, completion: int, cached: int, reasoning: int) -> dict:
-    return {"prompt_tokens": prompt, "completion_tokens": completion,
-            "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": cached},
-            "completion_tokens_details": {"reasoning_tokens": reasoning}}
-
-
-def responses_usage(prompt: int, completion: int, cached: int, reasoning: int) -> dict:
-    return {"input_tokens": prompt, "output_tokens": completion,
-            "total_tokens": prompt + completion,
-            "input_tokens_details": {"cached_tokens": cached},
-            "output_tokens_details": {"reasoning_tokens": reasoning}}
-
-
-def tool_name(recipient: str | None) -> str | None:
-    """`functions.get_weather` -> `get_weather`; other recipients are not client tools."""
-    if recipient and recipient.startswith("functions."):
-        return recipient[len("functions."):]
-    return None

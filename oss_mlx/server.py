@@ -37,29 +37,51 @@ import json
 import logging
 import queue
 import threading
+import time
+import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
-from .openai_api import (
-    APIError,
-    ChatRequest,
-    ResponsesRequest,
-    build_conversation,
-    chat_items,
-    chat_tools,
-    chat_usage,
-    new_id,
-    now,
-    parse_request,
-    responses_items,
-    responses_tools,
-    responses_usage,
-    restore_reasoning,
-    select_tools,
-    sse,
-    tool_name,
-)
+
+
+# --------------------------------------------------------------------------------------------
+# Small pieces of the OpenAI wire format.
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}{uuid.uuid4().hex[:24]}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def sse(data: Any, event: str | None = None) -> str:
+    head = f"event: {event}\n" if event else ""
+    body = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
+    return f"{head}data: {body}\n\n"
+
+
+def chat_usage(prompt: int, completion: int, cached: int, reasoning: int) -> dict:
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached},
+            "completion_tokens_details": {"reasoning_tokens": reasoning}}
+
+
+def responses_usage(prompt: int, completion: int, cached: int, reasoning: int) -> dict:
+    return {"input_tokens": prompt, "output_tokens": completion,
+            "total_tokens": prompt + completion,
+            "input_tokens_details": {"cached_tokens": cached},
+            "output_tokens_details": {"reasoning_tokens": reasoning}}
+
+
+def tool_name(recipient: str | None) -> str | None:
+    """`functions.get_weather` -> `get_weather`; other recipients are not client tools."""
+    if recipient and recipient.startswith("functions."):
+        return recipient[len("functions."):]
+    return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -282,6 +304,19 @@ def create_app(engine, model_name: str, api_key: str | None = None,
 
     from .engine import SamplingParams
     from .errors import OssMlxError
+    from .openai_api import (
+        APIError,
+        ChatRequest,
+        ResponsesRequest,
+        build_conversation,
+        chat_items,
+        chat_tools,
+        parse_request,
+        responses_items,
+        responses_tools,
+        restore_reasoning,
+        select_tools,
+    )
 
     state: dict[str, Scheduler] = {}
     thoughts: OrderedDict[str, str] = OrderedDict()  # tool call id -> the reasoning before it
