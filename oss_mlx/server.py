@@ -44,7 +44,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
-
 # --------------------------------------------------------------------------------------------
 # Small pieces of the OpenAI wire format.
 
