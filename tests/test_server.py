@@ -603,7 +603,7 @@ def test_client_leaving_while_queued_is_never_run(client, srv):
                                        stream=True)
     assert next(iter(b)).choices[0].delta.role == "assistant"  # accepted, waiting its turn
     b.close()
-    time.sleep(0.3)
+    time.sleep(0.5)
     a.close()
     srv.model.delay = 0.0
     srv.model.queue.clear()  # drop B's reply: if B ran after all, C would find none
@@ -634,12 +634,12 @@ def test_engine_failure_is_reported_not_fatal(client, srv):
 def test_requests_are_served_in_order(client, srv):
     from concurrent.futures import ThreadPoolExecutor
 
-    srv.model.delay = 0.002
+    srv.model.delay = 0.12  # a request (6 tokens) outlasts the gaps between arrivals
     for i in range(4):
         srv.model.push(f"<|channel|>final<|message|>answer {i}<|return|>")
 
     def ask(i):
-        time.sleep(0.15 * i)  # arrive in order 0, 1, 2, 3
+        time.sleep(0.25 * i)  # arrive in order 0, 1, 2, 3, while 0 or 1 is still running
         return client.chat.completions.create(
             model=MODEL, messages=[{"role": "user", "content": f"q{i}"}]).choices[0].message.content
 
