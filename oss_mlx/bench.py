@@ -61,6 +61,7 @@ APPLE_BANDWIDTH_GBPS: dict[tuple[str, int | None], float] = {
 }
 
 SYNTH_PRESETS = ("20b", "120b")
+WARMUP_PROMPT = 32  # tokens of the prompt a warm-up run prefills
 
 
 # ---- machine ---------------------------------------------------------------------------
@@ -133,6 +134,7 @@ def machine_info() -> dict:
         "mlx_lm_version": mlx_lm_version,
         "oss_mlx_version": __version__,
         "backend": backend,
+        "load_average_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "bandwidth_gbps": None,
         "bandwidth_source": None,
     }
@@ -199,6 +201,7 @@ class Runtime:
     prefill: Callable               # (tokens [1, T], cache, chunk_size) -> logits [1, V]
     step: Callable                  # (tokens [1, 1], cache) -> logits [1, V]
     params: dict = field(repr=False, default_factory=dict)
+    model: Any = field(repr=False, default=None)  # the nn.Module, for profiling
     weights_bytes: int = 0
     kv_itemsize: int = 2            # filled in after a run from the cache actually built
 
@@ -235,7 +238,8 @@ def load_ours(path, dtype: str = "auto") -> Runtime:
         name="oss-mlx", label=label, dtype=_dtype_name(dt), config=model.config,
         make_cache=model.make_cache,
         prefill=lambda tokens, cache, chunk_size: model.prefill(tokens, cache, chunk_size=chunk_size),
-        step=step, params=params, weights_bytes=sum(a.nbytes for a in params.values()),
+        step=step, params=params, model=model,
+        weights_bytes=sum(a.nbytes for a in params.values()),
     )
 
 
@@ -274,7 +278,7 @@ def load_mlx_lm(src) -> Runtime:
     return Runtime(
         name="mlx-lm", label=f"mlx-lm {dt}", dtype=dt, config=ModelConfig.from_hf(config),
         make_cache=lambda: make_prompt_cache(model), prefill=prefill, step=step,
-        params=params, weights_bytes=sum(a.nbytes for a in params.values()),
+        params=params, model=model, weights_bytes=sum(a.nbytes for a in params.values()),
     )
 
 
@@ -333,7 +337,7 @@ def time_run(rt: Runtime, prompt, gen_tokens: int, chunk_size: int) -> dict:
 def run_benchmark(runtimes: list[Runtime], prompt_lengths: list[int], gen_tokens: int,
                   repeat: int, warmup: int, chunk_size: int, seed: int = 0,
                   log: Callable[[str], None] = lambda s: None) -> list[dict]:
-    """Every runtime at every prompt length: `warmup` untimed runs each, then `repeat` timed
+    """Every runtime at every prompt length: `warmup` short untimed runs each, then `repeat` timed
     rounds in which the runtimes alternate (the order rotates every round, so neither always
     runs first). Returns one entry per (runtime, prompt length) with all runs and medians."""
     import mlx.core as mx
@@ -347,8 +351,10 @@ def run_benchmark(runtimes: list[Runtime], prompt_lengths: list[int], gen_tokens
         runs: dict[str, list[dict]] = {rt.label: [] for rt in runtimes}
         for rt in runtimes:
             for _ in range(warmup):
+                # Short on purpose: it only has to compile and allocate (on the CPU backend a
+                # 20b-shaped prompt costs as much per token as a decode step).
                 log(f"prompt {n_prompt}: warm-up {rt.label}")
-                time_run(rt, prompt, min(gen_tokens, 8), chunk_size)
+                time_run(rt, prompt[:, :WARMUP_PROMPT], min(gen_tokens, 4), chunk_size)
         for r in range(repeat):
             order = runtimes[r % len(runtimes):] + runtimes[:r % len(runtimes)]
             for rt in order:
@@ -551,7 +557,8 @@ def _positive_ints(text: str, what: str) -> list[int]:
 def main(args) -> int:
     from rich.console import Console
 
-    console = Console()
+    # Piped into a file or a log, rich would assume 80 columns and fold the tables.
+    console = Console() if sys.stdout.isatty() else Console(width=160)
     err = Console(stderr=True)
     prompt_lengths = _positive_ints(args.prompt_tokens, "--prompt-tokens")
     (gen_tokens,) = _positive_ints(args.gen_tokens, "--gen-tokens")
@@ -596,6 +603,8 @@ def main(args) -> int:
 
     results = run_benchmark(runtimes, prompt_lengths, gen_tokens, repeat, warmup, chunk_size,
                             seed=args.seed, log=log)
+    # Other processes' load changes the figures; alternating runs spreads it, this records it.
+    machine["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     add_roofline(results, runtimes, machine["bandwidth_gbps"])
     quant = None
     if model_dir is not None and (Path(model_dir) / "config.json").is_file():

@@ -102,8 +102,9 @@ def test_bench_smoke(tiny_model, tiny_hf, tmp_path, capsys):
                "--prompt-tokens", "8,20", "--gen-tokens", "4", "--repeat", "1",
                "--compare", "mlx-lm", "--dtype", "auto,bfloat16", "--json", str(out)])
     assert rc == 0
-    text = capsys.readouterr().out
-    assert "decode tok/s" in text and "ratios" in text and "float32 on MLX's CPU backend" in text
+    text = " ".join(capsys.readouterr().out.split())  # rich wraps to the terminal width
+    assert "mlx-lm bfloat16" in text and "oss-mlx bfloat16" in text
+    assert "float32 on MLX's CPU backend" in text
 
     report = json.loads(out.read_text())
     m = report["machine"]
@@ -150,3 +151,25 @@ def test_bench_compare_needs_a_source(tiny_model, tmp_path, capsys):
     (model / "manifest.json").unlink(missing_ok=True)
     assert main(["bench", "--model", str(model), "--compare", "mlx-lm", "--prompt-tokens", "4"]) == 1
     assert capsys.readouterr().err.startswith("oss-mlx: error: --compare mlx-lm needs")
+
+
+def test_plot_script_draws_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "plot", Path(__file__).resolve().parents[1] / "benchmarks" / "plot.py")
+    plot = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plot)
+    report = {"format": "oss-mlx-bench", "machine": {"chip": "Apple M4 Max", "backend": "Metal",
+                                                     "mlx_version": "0"},
+              "model": {"name": "synth-20b"},
+              "results": [{"runtime": rt, "prompt_tokens": n, "median": {"decode_tps": v}}
+                          for rt, n, v in [("oss-mlx bfloat16", 4096, 80.0), ("oss-mlx bfloat16", 128, 90.0),
+                                           ("mlx-lm bfloat16", 128, 70.0), ("mlx-lm bfloat16", 4096, 52.0)]]}
+    assert plot.series(report)["oss-mlx bfloat16"] == ([128, 4096], [90.0, 80.0])
+    src = tmp_path / "r.json"
+    src.write_text(json.dumps(report))
+    assert plot.main([str(src), "-o", str(tmp_path / "d.png")]) == 0
+    assert (tmp_path / "d.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
