@@ -586,7 +586,7 @@ def main(args) -> int:
         source = Path(args.source) if args.source else (model_dir and _source_of(model_dir))
     else:
         raise OssMlxError("say what to benchmark: --model M or --synth 20b|120b")
-    if args.compare == "mlx-lm" and not source:
+    if args.compare == "mlx-lm" and not source and model_dir is not None:
         raise OssMlxError("--compare mlx-lm needs the upstream checkpoint: pass --source DIR")
 
     machine = machine_info()
@@ -594,6 +594,11 @@ def main(args) -> int:
     for d in dtypes:
         log(f"loading oss-mlx ({d}) ...")
         runtimes.append(load_ours(model_ref, d))
+    if model_dir is None:  # a store name: the model knows its folder
+        model_dir = getattr(runtimes[0].model, "model_dir", None)
+        source = source or (model_dir and _source_of(Path(model_dir)))
+    if args.compare == "mlx-lm" and not source:
+        raise OssMlxError("--compare mlx-lm needs the upstream checkpoint: pass --source DIR")
     if args.compare == "mlx-lm":
         log("loading mlx-lm ...")
         runtimes.append(load_mlx_lm(source))
