@@ -255,7 +255,10 @@ def load_mlx_lm(src) -> Runtime:
     src = Path(src)
     if not (src / "config.json").is_file():
         raise OssMlxError(f"no upstream checkpoint for mlx-lm at {src} (config.json missing)")
-    model, config = load_model(src)
+    try:
+        model, config = load_model(src)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        raise OssMlxError(f"mlx-lm cannot load {src}: {e}") from None
     params = _flat_params(model)
     mx.eval(list(params.values()))
     dtypes = {a.dtype for n, a in params.items() if n.endswith("q_proj.weight")}
