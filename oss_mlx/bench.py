@@ -396,6 +396,11 @@ def add_roofline(results: list[dict], runtimes: list[Runtime], bandwidth_gbps: f
         res["roofline"] = roof
 
 
+def _first_tokens(res: dict):
+    runs = res.get("runs") or [{}]
+    return runs[0].get("first_tokens")
+
+
 def compute_ratios(results: list[dict], base: str = "mlx-lm") -> list[dict]:
     """ours / theirs for every figure at every prompt length (for TTFT and memory, < 1 is better)."""
     ratios = []
@@ -408,6 +413,9 @@ def compute_ratios(results: list[dict], base: str = "mlx-lm") -> list[dict]:
             "runtime": res["runtime"], "vs": b["runtime"], "prompt_tokens": res["prompt_tokens"],
             **{k: res["median"][k] / b["median"][k] if b["median"][k] else None
                for k in ("prefill_tps", "ttft_s", "decode_tps", "peak_memory_bytes")},
+            # Same checkpoint, same prompt, greedy: the same tokens unless rounding differs
+            # (it does between float32 and bf16). A check that both ran the same model.
+            "same_tokens": _first_tokens(res) == _first_tokens(b),
         })
     return ratios
 
@@ -500,11 +508,12 @@ def render(report: dict, console) -> None:
     console.print(t)
     if report["ratios"]:
         t = Table(title="ratios ours / mlx-lm (prefill, decode: > 1 is faster; TTFT, memory: < 1 is better)")
-        for col in ("runtime", "vs", "prompt", "prefill", "TTFT", "decode", "peak mem"):
+        for col in ("runtime", "vs", "prompt", "prefill", "TTFT", "decode", "peak mem", "same tokens"):
             t.add_column(col, justify="left" if col in ("runtime", "vs") else "right")
         for q in report["ratios"]:
             t.add_row(q["runtime"], q["vs"], str(q["prompt_tokens"]), _ratio(q["prefill_tps"]),
-                      _ratio(q["ttft_s"]), _ratio(q["decode_tps"]), _ratio(q["peak_memory_bytes"]))
+                      _ratio(q["ttft_s"]), _ratio(q["decode_tps"]), _ratio(q["peak_memory_bytes"]),
+                      "yes" if q.get("same_tokens") else "no")
         console.print(t)
     console.print(f"[dim]dtype: {report['dtype_policy']}[/]")
 

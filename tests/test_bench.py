@@ -125,6 +125,10 @@ def test_bench_smoke(tiny_model, tiny_hf, tmp_path, capsys):
 
     # Ours in bf16 and mlx-lm load the same checkpoint: the bytes a token reads must agree
     # (experts exactly, being the same mxfp4 tensors; the rest to within norm/sink dtypes).
+    # Both ran the same model: the same prompt gives the same greedy first token at bf16.
+    first = {r["runtime"]: r["runs"][0]["first_tokens"][0] for r in report["results"]}
+    assert first["oss-mlx bfloat16"] == first[labels[-1]]
+    assert all(isinstance(q["same_tokens"], bool) for q in report["ratios"])
     by = {r["runtime"]: r["roofline"]["components"] for r in report["results"] if r["prompt_tokens"] == 8}
     ours, theirs = by["oss-mlx bfloat16"], by[labels[-1]]
     assert ours["experts"] == theirs["experts"]
