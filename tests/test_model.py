@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 
@@ -112,6 +113,41 @@ def test_matches_transformers_golden(name, tmp_path_factory):
     # the golden full-vocab argmax is (within tolerance) our maximum too
     at_golden = np.take_along_axis(out, golden["argmax"][:, None], axis=1)[:, 0]
     assert np.all(at_golden >= out.max(axis=1) - 1e-3)
+
+
+def test_8bit_dense_weights_load_into_quantized_modules(tiny_hf, model32, ids, tmp_path_factory):
+    """`convert --dense-bits 8`: same logits as the float model carrying the dequantized
+    8-bit weights (wiring), and close to the unquantized reference (argmax)."""
+    from oss_mlx.convert.convert import convert
+
+    folder = convert(tiny_hf, tmp_path_factory.mktemp("q8") / "tiny-q8", dense_bits=8)
+    q8 = load(folder, dtype=mx.float32)
+    assert isinstance(q8.embedding, nn.QuantizedEmbedding)
+    assert isinstance(q8.unembedding, nn.QuantizedLinear)
+    assert isinstance(q8.layers[1].attention.qkv, nn.QuantizedLinear)
+    assert isinstance(q8.layers[1].attention.out, nn.QuantizedLinear)
+    assert type(q8.layers[1].mlp.router) is nn.Linear  # routers stay bf16
+
+    def dequantized(m):
+        return mx.dequantize(m.weight, m.scales, m.biases, m.group_size, m.bits).astype(mx.float32)
+
+    def linear(q):
+        lin = nn.Linear(1, 1, bias="bias" in q)
+        lin.weight = dequantized(q)
+        if "bias" in q:
+            lin.bias = q.bias
+        return lin
+
+    dense = load(folder, dtype=mx.float32)  # a second copy, its quantized modules made float
+    dense.embedding = nn.Embedding(1, 1)
+    dense.embedding.weight = dequantized(q8.embedding)
+    dense.unembedding = linear(q8.unembedding)
+    for a, b in zip(dense.layers, q8.layers):
+        a.attention.qkv = linear(b.attention.qkv)
+        a.attention.out = linear(b.attention.out)
+    np.testing.assert_allclose(logits_of(q8, ids), logits_of(dense, ids), rtol=0, atol=1e-4)
+    agree = (logits_of(q8, ids).argmax(-1) == logits_of(model32, ids).argmax(-1)).mean()
+    assert agree >= 0.9, agree
 
 
 # ---- masks and caches: count the keys each query sees ---------------------------------
