@@ -48,6 +48,9 @@ def plot(reports: list[dict], out: Path, title: str | None = None) -> None:
             ax.plot(xs, ys, style, marker="o", label=f"{label} {where}".strip())
     first = reports[0]
     ax.set_xscale("log", base=2)
+    lengths = sorted({r["prompt_tokens"] for rep in reports for r in rep["results"]})
+    ax.set_xticks(lengths, [f"{n // 1024}k" if n >= 1024 and n % 1024 == 0 else str(n) for n in lengths])
+    ax.minorticks_off()
     ax.set_xlabel("context (prompt tokens) at the start of decode")
     ax.set_ylabel("decode tokens/s (median)")
     m = first["machine"]
