@@ -210,14 +210,20 @@ class Model(nn.Module):
     def __call__(self, tokens, cache=None):
         return self.unembedding(self.norm(self.hidden(tokens, cache)))
 
-    def prefill(self, tokens, cache, chunk_size: int = 512):
-        """Feed a prompt in chunks (bounded masks and graphs); logits of the last position [B, V]."""
+    def prefill(self, tokens, cache, chunk_size: int = 512, logits: bool = True):
+        """Feed a prompt [B, T] into `cache` in chunks (bounded masks and graphs) and return the
+        logits of the last position only, [B, V]; with logits=False just fill the cache (skips
+        the [H, V] unembedding) and return None."""
+        if tokens.shape[1] == 0:
+            raise ValueError("prefill needs at least one token")
         if cache is None:
             cache = self.make_cache()
-        while tokens.shape[1] > chunk_size:
+        while tokens.shape[1] > chunk_size or (not logits and tokens.shape[1] > 0):
             self.hidden(tokens[:, :chunk_size], cache)
             mx.eval([c.state for c in cache])
             tokens = tokens[:, chunk_size:]
+        if not logits:
+            return None
         x = self.hidden(tokens, cache)[:, -1:]
         return self.unembedding(self.norm(x))[:, 0]
 
@@ -228,17 +234,12 @@ class Model(nn.Module):
 def _resolve(path) -> Path:
     p = Path(path).expanduser()
     if p.is_dir():
-        return p
-    if p.exists():
-        raise OssMlxError(f"not a model folder: {path}")
-    if "/" not in str(path):
-        try:
-            from .store import resolve_model
-        except ImportError:
-            resolve_model = None
-        if resolve_model is not None:
-            return Path(resolve_model(str(path)))
-    raise OssMlxError(f"model folder not found: {path}")
+        return p  # load() checks that it is a converted folder
+    try:  # a store name, or a clear error saying how to get the model
+        from .store import resolve_model
+    except ImportError:
+        raise OssMlxError(f"no such model folder: {path}") from None
+    return Path(resolve_model(path))
 
 
 def _dense_predicate(modules):

@@ -8,6 +8,7 @@ Computes in float64 (the bf16 weights are exact in it).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import struct
@@ -46,6 +47,19 @@ def read_safetensors(path) -> dict[str, np.ndarray]:
             raise ValueError(f"{name}: unsupported dtype {dt}")
         out[name] = arr.reshape(shape)
     return out
+
+
+def fingerprint(src) -> str:
+    """sha256 over the tensors (names, shapes, bytes) of a checkpoint folder."""
+    h = hashlib.sha256()
+    tensors = {}
+    for f in sorted(Path(src).glob("*.safetensors")):
+        tensors.update(read_safetensors(f))
+    for name in sorted(tensors):
+        a = tensors[name]
+        h.update(f"{name}{a.shape}".encode())
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
 
 
 def mxfp4_dequant(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:

@@ -64,7 +64,7 @@ def make(name: str, seed: int, layers: int, tmp: Path) -> None:
 
     meta = dict(seed=seed, layers=layers, preset="tiny", layout="hf", tokens=T,
                 transformers=transformers.__version__, torch=torch.__version__,
-                max_abs_err_vs_numpy_reference=err)
+                max_abs_err_vs_numpy_reference=err, weights_sha256=reference.fingerprint(src))
     np.savez_compressed(
         HERE / f"{name}.npz", ids=ids, vocab_ids=vocab_ids,
         logits=logits[:, vocab_ids].astype(np.float32), argmax=logits.argmax(-1),
