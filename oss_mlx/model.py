@@ -140,7 +140,9 @@ class MLP(nn.Module):
 
     def __call__(self, x):
         t = self.norm(x)
-        g = self.router(t)
+        # Router in float32 (its weights are tiny): near-ties between experts resolve as in a
+        # float32 run instead of flipping on bf16 rounding.
+        g = self.router(t.astype(mx.float32))
         # top-k without a full sort; the order among the k does not matter for the sum.
         indices = mx.stop_gradient(mx.argpartition(g, kth=-self.k, axis=-1)[..., -self.k :])
         weights = mx.softmax(mx.take_along_axis(g, indices, axis=-1), axis=-1, precise=True)
@@ -254,7 +256,7 @@ def _dense_predicate(modules):
 def _cast(name, value, dtype):
     if not mx.issubdtype(value.dtype, mx.floating):
         return value  # packed weights and e8m0 scales
-    if name.endswith("norm.weight"):
+    if name.endswith("norm.weight") or ".router." in name:
         return value.astype(mx.float32)
     if name.startswith("embedding."):
         return value  # looked up, then cast row by row
