@@ -4,13 +4,18 @@ Reads top to bottom like the architecture: RMSNorm, Attention (fused qkv, YaRN R
 learned sinks, sliding window on even layers), Experts/MLP (router, top-4, one fused gate_up
 `gather_qmm` on the mxfp4 weights, clamped SwiGLU, down), Block, Model.
 
-    model = load(path, dtype=None)      # converted folder or store name
+    model = load(path, dtype=None)      # converted folder or store name; dtype=default_dtype()
     model.config                        # ModelConfig
     model.model_dir                     # Path of the folder loaded
-    model.dtype                         # activation / dense-weight dtype
+    model.dtype                         # dtype of the dense weights and matmul inputs
     logits = model(tokens, cache=None)  # [B, T] -> [B, T, V]
     cache = model.make_cache()          # RotatingKVCache(window) on sliding layers, KVCache else
     logits = model.prefill(tokens, cache, chunk_size=512)   # [B, V], last position only
+    model.prefill(tokens, cache, logits=False)              # only fill the cache
+
+Precision: norms (compute and weight), the router and the residual stream are float32 whatever
+`dtype` is (cheap, and keeps a bf16 run close to float32); the embedding table stays in its
+stored dtype and only the looked-up rows are cast. Everything else runs in `dtype`.
 """
 
 from __future__ import annotations
