@@ -290,6 +290,10 @@ def load(path, dtype=None, lazy: bool = False) -> Model:
     stored = getattr(mx, meta.get("dtype", "bfloat16"), None)
     if not isinstance(stored, mx.Dtype):
         raise OssMlxError(f"{model_dir}/config.json: unknown dtype {meta.get('dtype')!r}")
+    if isinstance(dtype, str):  # "float32", "bfloat16", ... from a command line
+        name, dtype = dtype, getattr(mx, dtype, None)
+        if not isinstance(dtype, mx.Dtype) or not mx.issubdtype(dtype, mx.floating):
+            raise OssMlxError(f"unknown dtype {name!r} (use float32, bfloat16 or float16)")
     dtype = dtype or stored
 
     model = Model(

@@ -223,6 +223,7 @@ def test_loads_lazily_mapped_weights(tiny_model):
     experts = model.layers[0].mlp.experts
     assert experts.gate_up.weight.dtype == mx.uint32 and experts.gate_up.scales.dtype == mx.uint8
     assert model.layers[0].attention.norm.weight.dtype == mx.float32  # norms computed in fp32
+    assert load(tiny_model, dtype="float32", lazy=True).layers[0].attention.qkv.weight.dtype == mx.float32
 
 
 def test_bad_folders_raise_clear_errors(tmp_path, tiny_model):
@@ -230,6 +231,8 @@ def test_bad_folders_raise_clear_errors(tmp_path, tiny_model):
         load(tmp_path / "nowhere")
     with pytest.raises(OssMlxError, match="config.json"):
         load(tmp_path)
+    with pytest.raises(OssMlxError, match="unknown dtype"):
+        load(tiny_model, dtype="int8")
     broken = tmp_path / "broken"
     broken.mkdir()
     for f in Path(tiny_model).iterdir():
