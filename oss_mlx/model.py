@@ -149,7 +149,7 @@ class MLP(nn.Module):
         # float32 run instead of flipping on bf16 rounding.
         g = self.router(t.astype(mx.float32))
         # top-k without a full sort; the order among the k does not matter for the sum.
-        indices = mx.stop_gradient(mx.argpartition(g, kth=-self.k, axis=-1)[..., -self.k :])
+        indices = mx.argpartition(g, kth=-self.k, axis=-1)[..., -self.k :]
         weights = mx.softmax(mx.take_along_axis(g, indices, axis=-1), axis=-1, precise=True)
         return x + self.experts(t, indices, weights)
 
