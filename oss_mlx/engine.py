@@ -309,7 +309,10 @@ class Engine:
         import mlx.core as mx
 
         if len(tokens) > 1:
-            self.model.prefill(mx.array(tokens[:-1])[None], self._cache, self.prefill_chunk)
+            # Only fills the cache: no [T, vocab] unembedding for logits nobody reads.
+            self.model.prefill(
+                mx.array(tokens[:-1])[None], self._cache, self.prefill_chunk, logits=False
+            )
             self._cached += tokens[:-1]
             self._snapshot()
             tokens = tokens[-1:]

@@ -122,7 +122,7 @@ class ScriptedModel:
         self._last_prefill = 0
         return self._forced(*tokens.shape, self._next())
 
-    def prefill(self, tokens, cache, chunk_size: int = 512):
+    def prefill(self, tokens, cache, chunk_size: int = 512, logits: bool = True):
         # The engine prefills a prompt as (all but the last token) then (the last token), or
         # only the last token when the rest is cached: a request starts at a several-token
         # prefill, or at a one-token prefill that does not follow a several-token one.

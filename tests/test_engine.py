@@ -297,9 +297,9 @@ class StopAfter:
     def make_cache(self):
         return self.inner.make_cache()
 
-    def prefill(self, tokens, cache, chunk_size=512):
+    def prefill(self, tokens, cache, chunk_size=512, logits=True):
         self.n = 0
-        return self.inner.prefill(tokens, cache, chunk_size)
+        return self.inner.prefill(tokens, cache, chunk_size, logits=logits)
 
     def __call__(self, tokens, cache=None):
         logits = self.inner(tokens, cache)
