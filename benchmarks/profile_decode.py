@@ -75,7 +75,10 @@ class Profiler:
         self.y = mx.argmax(rt.prefill(prompt, self.cache, chunk_size), axis=-1)
         mx.eval(self.y)
 
-    def step(self) -> None:
+    def step(self, prefill_tokens: int = 0) -> None:
+        """One hooked decode step, or with `prefill_tokens` one hooked forward of that many
+        prompt tokens through a fresh cache (the model's own __call__, logits left unevaluated
+        beyond the last position as in a prefill)."""
         stack: list[float] = []  # time of the children of each call in progress
         spent, names = self.spent, self.names
 
@@ -99,11 +102,19 @@ class Profiler:
 
         originals = {cls: wrap(cls) for cls in self.classes}
         try:
-            tic = time.perf_counter()
-            self.y = mx.argmax(self.rt.step(self.y[:, None], self.cache), axis=-1)
-            mx.eval(self.y)
-            self.total += time.perf_counter() - tic
-            self.steps += 1
+            if prefill_tokens:
+                tokens = mx.array([[(11 * i) % 1000 for i in range(prefill_tokens)]], dtype=mx.int32)
+                cache = self.rt.make_cache()
+                tic = time.perf_counter()
+                mx.eval(self.rt.step(tokens, cache))
+                self.total += time.perf_counter() - tic
+                self.steps += prefill_tokens  # figures come out per prompt token
+            else:
+                tic = time.perf_counter()
+                self.y = mx.argmax(self.rt.step(self.y[:, None], self.cache), axis=-1)
+                mx.eval(self.y)
+                self.total += time.perf_counter() - tic
+                self.steps += 1
         finally:
             for cls, orig in originals.items():
                 cls.__call__ = orig
@@ -122,6 +133,9 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="auto,bfloat16")
     ap.add_argument("--prompt-tokens", type=int, default=16)
     ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--prefill", type=int, default=0, metavar="T",
+                    help="profile forwards of T prompt tokens instead of decode steps "
+                         "(figures then per prompt token)")
     ap.add_argument("--no-mlx-lm", action="store_true")
     ap.add_argument("--json", help="write the per-component figures here")
     args = ap.parse_args(argv)
@@ -143,7 +157,7 @@ def main(argv=None) -> int:
         profilers.append(Profiler(load(), args.prompt_tokens))
     for i in range(args.steps):
         for p in profilers[i % len(profilers):] + profilers[:i % len(profilers)]:
-            p.step()
+            p.step(args.prefill)
     for p in profilers:
         spent, total = p.per_step()
         by = defaultdict(float)
@@ -152,7 +166,8 @@ def main(argv=None) -> int:
         label = p.rt.label
         table[label], totals[label], raw[label] = dict(by), total, spent
     labels = list(table)
-    print(f"{'component (ms per decode step)':40s}" + "".join(f"{lb:>26s}" for lb in labels))
+    unit = "ms per prompt token" if args.prefill else "ms per decode step"
+    print(f"{'component (' + unit + ')':40s}" + "".join(f"{lb:>26s}" for lb in labels))
     for name, _ in COMPONENTS:
         if any(name in table[lb] for lb in labels):
             print(f"{name:40s}" + "".join(f"{1e3 * table[lb].get(name, 0.0):26.1f}" for lb in labels))
@@ -161,7 +176,7 @@ def main(argv=None) -> int:
         Path(args.json).write_text(json.dumps(
             {"components": table, "totals": totals, "modules": raw,
              "machine": bench.machine_info(), "load_average": os.getloadavg(),
-             "prompt_tokens": args.prompt_tokens,
+             "prompt_tokens": args.prompt_tokens, "prefill": args.prefill,
              "steps": args.steps}, indent=2) + "\n")
     return 0
 
