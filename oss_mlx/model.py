@@ -35,10 +35,14 @@ from .errors import OssMlxError
 from .rope import yarn
 
 
+def _on_cpu() -> bool:
+    return mx.default_device().type == mx.DeviceType.cpu
+
+
 def default_dtype() -> mx.Dtype:
     """float32 on the CPU backend (its bf16 and bf16-activation mxfp4 matmuls are several times
     slower than float32), bfloat16 on a GPU."""
-    return mx.float32 if mx.default_device().type == mx.DeviceType.cpu else mx.bfloat16
+    return mx.float32 if _on_cpu() else mx.bfloat16
 
 
 @lru_cache
@@ -165,7 +169,8 @@ class Block(nn.Module):
 
 
 class Model(nn.Module):
-    def __init__(self, config: ModelConfig, dtype=mx.bfloat16, **experts_quantization):
+    def __init__(self, config: ModelConfig, dtype=mx.bfloat16, expert_dtype=None,
+                 **experts_quantization):
         super().__init__()
         self.config = config
         self.dtype = dtype
@@ -179,6 +184,13 @@ class Model(nn.Module):
         for _, m in self.named_modules():
             if isinstance(m, RMSNorm):
                 m.dtype = dtype
+        # The experts' input dtype is free (their weights are the same 4-bit codes either way);
+        # MLX's CPU backend runs mxfp4 matmuls with bf16 activations ~10x slower than with
+        # float32 ones, so there the experts always get float32.
+        if expert_dtype is None:
+            expert_dtype = mx.float32 if _on_cpu() else dtype
+        for layer in self.layers:
+            layer.mlp.norm.dtype = expert_dtype
         # mx.fast.rope takes periods (1 / inv_freq) when base is None.
         self._periods = mx.array(1.0 / yarn(config).inv_freq)
         sliding = [config.is_sliding(i) for i in range(config.num_hidden_layers)]
@@ -203,15 +215,23 @@ class Model(nn.Module):
 
         return mask(self._first_full, None), mask(self._first_sliding, self.config.sliding_window)
 
-    def hidden(self, tokens, cache=None):
-        """Residual stream after the last block (before the final norm): [B, T, H]."""
+    def hidden(self, tokens, cache=None, last_only: bool = False):
+        """Residual stream after the last block (before the final norm): [B, T, H]; with
+        `last_only`, [B, 1, H], and the last block's MLP runs on the last position only."""
         # The embedding stays in its stored dtype (an exact row lookup); only rows are cast.
         x = self.embedding(tokens).astype(mx.float32)
         if cache is None:
             cache = [None] * len(self.layers)
         full_mask, window_mask = self.masks(x, cache)
-        for layer, c, s in zip(self.layers, cache, self._sliding):
-            x = layer(x, window_mask if s else full_mask, c, self._periods)
+        last = len(self.layers) - 1
+        for i, (layer, c, s) in enumerate(zip(self.layers, cache, self._sliding)):
+            mask = window_mask if s else full_mask
+            if last_only and i == last:
+                # Every position still goes through attention (it fills the cache); past
+                # that only the last one matters.
+                x = layer.mlp(layer.attention(x, mask, c, self._periods)[:, -1:])
+            else:
+                x = layer(x, mask, c, self._periods)
         return x
 
     def __call__(self, tokens, cache=None):
@@ -231,7 +251,7 @@ class Model(nn.Module):
             tokens = tokens[:, chunk_size:]
         if not logits:
             return None
-        x = self.hidden(tokens, cache)[:, -1:]
+        x = self.hidden(tokens, cache, last_only=True)
         return self.unembedding(self.norm(x))[:, 0]
 
 
@@ -268,8 +288,11 @@ def _cast(name, value, dtype):
     return value.astype(dtype)
 
 
-def load(path, dtype=None, lazy: bool = False) -> Model:
+def load(path, dtype=None, lazy: bool = False, expert_dtype=None) -> Model:
     """Load a converted folder (see the converter) or a store name.
+
+    `expert_dtype` is the dtype of the experts' activations: by default float32 on the CPU
+    backend (much faster there) and `dtype` elsewhere.
 
     The safetensors are memory-mapped lazily by mx.load and become the parameters directly
     (no extra copy when `dtype` is the stored dtype). `lazy=False` evaluates them now, so the
@@ -297,8 +320,8 @@ def load(path, dtype=None, lazy: bool = False) -> Model:
     dtype = dtype or stored
 
     model = Model(
-        config, dtype=dtype, group_size=experts_q["group_size"], bits=experts_q["bits"],
-        mode=experts_q["mode"],
+        config, dtype=dtype, expert_dtype=expert_dtype, group_size=experts_q["group_size"],
+        bits=experts_q["bits"], mode=experts_q["mode"],
     )
     dense = quant.get("dense")
     if dense:

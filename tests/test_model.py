@@ -84,7 +84,8 @@ def test_token_by_token_decode_equals_full_forward(model32, ids):
 
 
 def test_bfloat16_agrees_in_argmax(tiny_model, model32):
-    model = load(tiny_model)  # stored dtype: bf16
+    # All bf16, experts included, as on a GPU (on the CPU backend they default to float32).
+    model = load(tiny_model, expert_dtype=mx.bfloat16)  # stored dtype: bf16
     assert model.dtype == mx.bfloat16
     agree, gaps = [], []
     for seed in range(4):
@@ -242,3 +243,19 @@ def test_bad_folders_raise_clear_errors(tmp_path, tiny_model):
     (broken / shard.name).write_bytes(shard.read_bytes()[:1000])  # truncated
     with pytest.raises(OssMlxError):
         load(broken)
+
+
+def test_cpu_experts_run_float32_and_prefill_skips_unneeded_work(tiny_model, model32, ids):
+    # On the CPU backend a bf16 model feeds its experts float32 (MLX's CPU mxfp4 kernels are
+    # far faster with float32 activations); the dense matmuls stay bf16.
+    model = load(tiny_model)
+    assert model.dtype == mx.bfloat16
+    assert all(layer.mlp.norm.dtype == mx.float32 for layer in model.layers)
+    assert all(layer.attention.norm.dtype == mx.bfloat16 for layer in model.layers)
+    ref = logits_of(model32, ids[:40])
+    out = logits_of(model, ids[:40])
+    assert np.mean(out.argmax(-1) == ref.argmax(-1)) >= 0.95
+    # prefill runs the last block's MLP on the last position only: same logits as the full
+    # forward's last row.
+    last = model32.prefill(mx.array(ids[None, :40]), model32.make_cache(), chunk_size=16)
+    np.testing.assert_allclose(np.array(last[0]), ref[-1], atol=1e-4)
