@@ -1,6 +1,6 @@
 """Where a decode step spends its time, per layer component, for oss-mlx and mlx-lm side by side.
 
-    python benchmarks/profile_decode.py --synth 20b --layers 2 --dtype auto,bfloat16 --steps 4
+    python benchmarks/profile_decode.py --synth 20b --layers 2 --dtype auto,float32 --steps 4
 
 Every module call is timed with an `mx.eval` barrier before and after it (so the figures are
 exclusive of the module's children, and the sum is a little above the pipelined step time that
@@ -130,7 +130,7 @@ def main(argv=None) -> int:
     src.add_argument("--synth", choices=bench.SYNTH_PRESETS)
     ap.add_argument("--layers", type=int)
     ap.add_argument("--source", help="HF checkpoint for mlx-lm (default: from the manifest)")
-    ap.add_argument("--dtype", default="auto,bfloat16")
+    ap.add_argument("--dtype", default="auto,float32")
     ap.add_argument("--prompt-tokens", type=int, default=16)
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--prefill", type=int, default=0, metavar="T",

@@ -9,8 +9,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-benchmarks/results/cpu-20b-L2.json}
 oss-mlx bench --synth 20b --layers 2 --prompt-tokens 16,128 --gen-tokens 32 --repeat 2 \
-  --compare mlx-lm --dtype auto,bfloat16 --json "$out" | tee "${out%.json}.txt"
+  --compare mlx-lm --dtype auto,float32 --json "$out" | tee "${out%.json}.txt"
 python3 benchmarks/plot.py "$out" -o "${out%.json}.png"
 # Where a decode step goes, per component (explains the ratios).
-python3 benchmarks/profile_decode.py --synth 20b --layers 2 --dtype auto,bfloat16 --steps 3 \
+python3 benchmarks/profile_decode.py --synth 20b --layers 2 --dtype auto,float32 --steps 3 \
   --json "${out%.json}-profile.json" | tee "${out%.json}-profile.txt"

@@ -32,10 +32,10 @@ from .config import ModelConfig
 from .errors import OssMlxError
 
 DTYPE_POLICY = (
-    "oss-mlx 'auto' computes in oss_mlx.model.default_dtype(): float32 on MLX's CPU backend "
-    "(where float32 is ~3x (dense) to ~10x (mxfp4) faster than bf16), bfloat16 on a GPU. "
-    "mlx-lm runs as it comes (bfloat16). Time oss-mlx at --dtype bfloat16 too "
-    "(--dtype auto,bfloat16) to separate what the dtype choice buys from what the model code buys."
+    "oss-mlx 'auto' is oss_mlx.model.default_dtype(), bfloat16 dense weights; on MLX's CPU "
+    "backend oss-mlx feeds its mxfp4 experts float32 activations (~10x faster there than bf16 "
+    "ones, same 4-bit weights). mlx-lm runs as it comes (bfloat16). --dtype float32 times ours "
+    "with float32 dense weights as well."
 )
 
 # Apple's memory bandwidth in GB/s (10^9 B/s), from shared/reference/performance-anchors.md.
@@ -549,7 +549,7 @@ def add_arguments(p) -> None:
     p.add_argument("--compare", choices=["mlx-lm"], help="also time mlx-lm on the same checkpoint")
     p.add_argument("--dtype", default="auto",
                    help="oss-mlx compute dtype: auto|bfloat16|float16|float32, or several "
-                        "comma-separated (e.g. auto,bfloat16) to time each")
+                        "comma-separated (e.g. auto,float32) to time each")
     p.add_argument("--json", dest="json_path", metavar="FILE", help="write all results here")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic weights and prompts")
     p.add_argument("--cache-dir", help="where --synth keeps its checkpoints "

@@ -215,7 +215,7 @@ def test_sliding_layers_see_exactly_the_window(with_cache, chunks):
 
 
 def test_default_dtype_on_cpu():
-    assert default_dtype() == (mx.float32 if mx.default_device() == mx.cpu else mx.bfloat16)
+    assert default_dtype() == mx.bfloat16
 
 
 def test_loads_lazily_mapped_weights(tiny_model):
