@@ -63,7 +63,11 @@ def fingerprint(src) -> str:
 
 
 def mxfp4_dequant(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
-    """blocks [..., out, G, 16] uint8, scales [..., out, G] -> W [..., out, G*32] (spec 4.3)."""
+    """blocks [..., out, G, 16] uint8, scales [..., out, G] -> W [..., out, G*32] (float64).
+
+    Spec 4.3: input index i = 32*g + j; byte j//2 of block g; low nibble = even j, high nibble
+    = odd j; value = FP4[code] * 2^(scale - 127) (spec 4.2).
+    """
     lo = FP4[blocks & 0x0F]
     hi = FP4[blocks >> 4]
     vals = np.empty(blocks.shape[:-1] + (32,))

@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from test_mxfp4 import mxfp4_decode
+from reference import mxfp4_dequant
+from scripted import vocab_dir
 from test_synth import raw
 
 O200K_SHA256 = "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d"
@@ -107,13 +108,13 @@ def test_experts_are_lossless(tiny_model, tiny_original):
 
     src, w = raw(tiny_original), load_mx(tiny_model)
     for n in range(L):
-        up_src = mxfp4_decode(src[f"block.{n}.mlp.mlp1_weight.blocks"], src[f"block.{n}.mlp.mlp1_weight.scales"])
+        up_src = mxfp4_dequant(src[f"block.{n}.mlp.mlp1_weight.blocks"], src[f"block.{n}.mlp.mlp1_weight.scales"])
         expect = np.concatenate([up_src[:, 0::2], up_src[:, 1::2]], axis=1)  # [E, 2I, H]
         p = f"layers.{n}.mlp.experts."
         got = mx.dequantize(w[p + "gate_up.weight"], w[p + "gate_up.scales"], group_size=32, bits=4,
                             mode="mxfp4")
         np.testing.assert_array_equal(np.array(got.astype(mx.float32)), expect)
-        down = mxfp4_decode(src[f"block.{n}.mlp.mlp2_weight.blocks"], src[f"block.{n}.mlp.mlp2_weight.scales"])
+        down = mxfp4_dequant(src[f"block.{n}.mlp.mlp2_weight.blocks"], src[f"block.{n}.mlp.mlp2_weight.scales"])
         got = mx.dequantize(w[p + "down.weight"], w[p + "down.scales"], group_size=32, bits=4, mode="mxfp4")
         np.testing.assert_array_equal(np.array(got.astype(mx.float32)), down)
         bias = src[f"block.{n}.mlp.mlp1_bias"]
@@ -404,31 +405,20 @@ def test_missing_source(tmp_path, capsys):
 def test_vocabulary_sources_for_original_layout(tiny_original, tmp_path, monkeypatch, capsys):
     from oss_mlx.cli import main
 
-    good = tmp_path / "tk"
-    good.mkdir()
-    (good / "o200k_base.tiktoken").write_bytes(_o200k_bytes())
+    good = vocab_dir(tmp_path / "tk")
+    genuine = (good / "o200k_base.tiktoken").read_bytes()
+    assert hashlib.sha256(genuine).hexdigest() == O200K_SHA256
     monkeypatch.setenv("TIKTOKEN_ENCODINGS_BASE", str(good))
     assert main(["convert", str(tiny_original), "-o", str(tmp_path / "a")]) == 0
     man = json.loads((tmp_path / "a" / "manifest.json").read_text())
     assert "TIKTOKEN_ENCODINGS_BASE" in man["vocabulary"]["from"]
     assert "no tokenizer.json" in capsys.readouterr().err  # it says where the vocabulary came from
     bad = tmp_path / "bad.tiktoken"
-    bad.write_bytes(_o200k_bytes()[:-10])
+    bad.write_bytes(genuine[:-10])
     assert main(["convert", str(tiny_original), "-o", str(tmp_path / "b"), "--vocab", str(bad)]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "not the genuine o200k_base" in err
     assert not (tmp_path / "b").exists()
-
-
-def _o200k_bytes() -> bytes:
-    import gzip
-    import importlib.util
-
-    spec = importlib.util.find_spec("bpe_openai")
-    gz = Path(list(spec.submodule_search_locations)[0]) / "data" / "o200k_base.tiktoken.gz"
-    data = gzip.decompress(gz.read_bytes())
-    assert hashlib.sha256(data).hexdigest() == O200K_SHA256
-    return data
 
 
 def test_mlx_lm_reads_the_source_the_same_way(tiny_hf, tiny_model):

@@ -1,36 +1,18 @@
-"""MXFP4 decoding: an independent numpy decoder written from spec section 4, checked against
-the spec's worked example, and MLX's `mxfp4` mode checked against it on the converter's repack
+"""MXFP4 decoding: the numpy decoder of tests/reference.py (written from spec section 4), checked
+against the spec's worked example and the E2M1 bit layout, and MLX's `mxfp4` mode checked against it on the converter's repack
 (blocks viewed as little-endian uint32, flattened)."""
 
 import numpy as np
 import pytest
 
-# Spec 4.1: E2M1 code -> value (sign bit 3, 2 exponent bits, 1 mantissa bit).
-FP4 = np.array([+0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0,
-                -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0], dtype=np.float64)
-
-
-def mxfp4_decode(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
-    """blocks [..., G, 16] uint8, scales [..., G] uint8 -> values [..., G*32] (float64).
-
-    Spec 4.3: input index i = 32*g + j; byte j//2 of block g; low nibble = even j, high nibble
-    = odd j; value = FP4[code] * 2^(scale - 127) (spec 4.2).
-    """
-    blocks = np.asarray(blocks, dtype=np.uint8)
-    lo = FP4[blocks & 0x0F]
-    hi = FP4[blocks >> 4]
-    vals = np.empty(blocks.shape[:-1] + (32,), dtype=np.float64)
-    vals[..., 0::2] = lo
-    vals[..., 1::2] = hi
-    vals *= np.exp2(scales.astype(np.float64) - 127.0)[..., None]
-    return vals.reshape(blocks.shape[:-2] + (blocks.shape[-2] * 32,))
+from reference import FP4, mxfp4_dequant
 
 
 def test_worked_example():
     # Spec 4.3: byte 0x2F with scale 128 -> (even, odd) = (FP4[0xF], FP4[0x2]) * 2 = (-12, 2).
     blocks = np.zeros((1, 16), dtype=np.uint8)
     blocks[0, 0] = 0x2F
-    out = mxfp4_decode(blocks, np.array([128], dtype=np.uint8))
+    out = mxfp4_dequant(blocks, np.array([128], dtype=np.uint8))
     assert out[0] == -12.0 and out[1] == 2.0
     assert np.all(out[2:] == 0)
 
@@ -51,4 +33,4 @@ def test_mlx_mxfp4_equals_numpy_decoding():
     w = mx.array(blocks.view("<u4").reshape(3, 5, 16))  # the converter's repack
     got = mx.dequantize(w, mx.array(scales), group_size=32, bits=4, mode="mxfp4")
     got = np.array(got.astype(mx.float32), dtype=np.float64)
-    np.testing.assert_array_equal(got, mxfp4_decode(blocks, scales))
+    np.testing.assert_array_equal(got, mxfp4_dequant(blocks, scales))

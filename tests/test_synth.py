@@ -2,7 +2,6 @@
 checked against the spec's tables (sections 2-5.1) with independent readers (safetensors,
 tokenizers, openai-harmony)."""
 
-import gzip
 import json
 import math
 from pathlib import Path
@@ -11,7 +10,8 @@ import numpy as np
 import pytest
 from safetensors import safe_open
 
-from test_mxfp4 import mxfp4_decode
+from reference import mxfp4_dequant
+from scripted import vocab_dir
 
 # Spec 3.1 (HF) / 3.2 (original) per-layer tables, as functions of the dimensions.
 def hf_layer(E, H, I, D, nq, nkv):
@@ -203,7 +203,7 @@ def test_values_are_scaled(tiny_original):
     bf16 = lambda a: (a.astype(np.uint32) << 16).view(np.float32)  # noqa: E731
     assert 0.9 < bf16(w["embedding.weight"]).std() < 1.1
     assert 1.5 < bf16(w["unembedding.weight"]).std() * 8 < 2.5  # x unit RMS, H = 64
-    gate_up = mxfp4_decode(w["block.0.mlp.mlp1_weight.blocks"], w["block.0.mlp.mlp1_weight.scales"])
+    gate_up = mxfp4_dequant(w["block.0.mlp.mlp1_weight.blocks"], w["block.0.mlp.mlp1_weight.scales"])
     assert gate_up.shape == (8, 128, 64)
     assert 0.5 / 8 < gate_up.std() < 2 / 8  # 1/sqrt(64)
     assert len(np.unique(w["block.0.mlp.mlp1_weight.scales"])) == 3  # jittered scales
@@ -211,13 +211,7 @@ def test_values_are_scaled(tiny_original):
 
 @pytest.fixture(scope="module")
 def o200k_folder(tmp_path_factory):
-    import importlib.util
-
-    d = tmp_path_factory.mktemp("tiktoken")
-    pkg = importlib.util.find_spec("bpe_openai").submodule_search_locations[0]
-    gz = Path(pkg) / "data" / "o200k_base.tiktoken.gz"
-    (d / "o200k_base.tiktoken").write_bytes(gzip.decompress(gz.read_bytes()))
-    return d
+    return vocab_dir(tmp_path_factory.mktemp("tiktoken"))
 
 
 TEXT = ("Hello world! I'm THERE's über-cool 12345 çé 你好  \n\n\t  ¿qué? 🤖🤖 def f(x):\n"
