@@ -261,7 +261,7 @@ def _jobs(src: Source, dense_bits: int) -> list[stio.Job]:
     quantized = {f"{m}.weight" for m in DENSE_Q8["modules"]} if dense_bits == 8 else set()
     jobs = []
     for ours, orig, hf, dtype, shape in L.entries(cfg):
-        parts = [src.tensors[orig]] if src.layout == "original" else [src.tensors[h] for h in hf]
+        parts = [src.tensors[n] for n, _ in L.upstream_parts(cfg, src.layout, orig, hf, shape)]
         leaf = ours.split(".", 2)[-1] if ours.startswith("layers.") else ours
         T = stio.TensorInfo
         if leaf == "mlp.experts.gate_up.weight":

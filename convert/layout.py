@@ -76,15 +76,19 @@ def entries(cfg: ModelConfig):
         yield ours, orig, hf, dtype, shape(cfg)
 
 
+def upstream_parts(cfg: ModelConfig, layout: str, orig: str, hf: list[str],
+                   shape: tuple[int, ...]) -> list[tuple[str, tuple[int, ...]]]:
+    """(upstream name, shape) of the tensors that hold one of our tensors in `layout`, in row
+    order (HF's q | k | v are consecutive row ranges of the fused qkv)."""
+    if layout == "original":
+        return [(orig, shape)]
+    if len(hf) == 1:
+        return [(hf[0], shape)]
+    return [(name, (rows,) + shape[1:]) for name, rows in zip(hf, qkv_split(cfg))]
+
+
 def upstream_tensors(cfg: ModelConfig, layout: str) -> dict[str, tuple[str, tuple[int, ...]]]:
     """{upstream name: (dtype, shape)} of a checkpoint in `layout` ("hf" or "original")."""
-    out = {}
-    for _, orig, hf, dtype, shape in entries(cfg):
-        if layout == "original":
-            out[orig] = (dtype, shape)
-        elif len(hf) == 1:
-            out[hf[0]] = (dtype, shape)
-        else:  # q/k/v split along rows
-            for name, rows in zip(hf, qkv_split(cfg)):
-                out[name] = (dtype, (rows,) + shape[1:])
-    return out
+    return {name: (dtype, s)
+            for _, orig, hf, dtype, shape in entries(cfg)
+            for name, s in upstream_parts(cfg, layout, orig, hf, shape)}

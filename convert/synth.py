@@ -208,12 +208,7 @@ def _jobs(cfg: ModelConfig, layout: str, seed: int) -> list[stio.Job]:
     jobs = []
     for ours, orig, hf, dtype, shape in L.entries(cfg):
         produce = (lambda ours=ours, shape=shape: generate(ours, shape, cfg, seed))
-        if layout == "original":
-            names = [(orig, shape)]
-        elif len(hf) == 1:
-            names = [(hf[0], shape)]
-        else:  # q | k | v are consecutive row ranges of the fused qkv: written in that order
-            names = [(n, (r,) + shape[1:]) for n, r in zip(hf, L.qkv_split(cfg))]
+        names = L.upstream_parts(cfg, layout, orig, hf, shape)
         jobs.append(stio.Job([stio.TensorInfo(n, dtype, s) for n, s in names], produce))
     return jobs
 
