@@ -30,6 +30,7 @@ from typing import Any, Callable
 
 from .config import ModelConfig
 from .errors import OssMlxError
+from .store import read_model_config
 
 DTYPE_POLICY = (
     "oss-mlx 'auto' is oss_mlx.model.default_dtype(), bfloat16 dense weights; on MLX's CPU "
@@ -623,12 +624,8 @@ def main(args) -> int:
     # Other processes' load changes the figures; alternating runs spreads it, this records it.
     machine["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     add_roofline(results, runtimes, machine["bandwidth_gbps"])
-    quant = None
-    if model_dir is not None and (Path(model_dir) / "config.json").is_file():
-        try:
-            quant = json.loads((Path(model_dir) / "config.json").read_text()).get("quantization")
-        except ValueError:
-            pass
+    meta = read_model_config(Path(model_dir)) if model_dir is not None else None
+    quant = meta.get("quantization") if meta else None
     report = {
         "format": "oss-mlx-bench", "format_version": 1,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
