@@ -184,7 +184,7 @@ class Session:
 
 def history_messages(turn: Turn) -> list:
     """What the model sees of a past turn (harmony.build_conversation then drops old analysis)."""
-    from .harmony import assistant_message
+    from .harmony import assistant_message, message_text
 
     if not turn.interrupted:
         return list(turn.messages)
@@ -195,11 +195,9 @@ def history_messages(turn: Turn) -> list:
     return [assistant_message(f"{text}\n\n{INTERRUPTED_NOTE}" if text else INTERRUPTED_NOTE)]
 
 
-def message_text(m) -> str:
-    return "".join(getattr(c, "text", "") for c in m.content)
-
-
 def message_to_json(m) -> dict:
+    from .harmony import message_text
+
     out = {"role": m.author.role.value}
     if m.author.name:
         out["name"] = m.author.name
@@ -674,6 +672,8 @@ class Chat:
             except OssMlxError as e:
                 v.error(str(e))
                 return True
+            from .harmony import message_text
+
             v.hide_reasoning = s.hide_reasoning
             v.info(f"loaded {exchanges(len(self.session.turns))} from {arg} "
                    f"(reasoning effort: {s.reasoning})")
