@@ -262,7 +262,7 @@ def _jobs(src: Source, dense_bits: int) -> list[stio.Job]:
     jobs = []
     for ours, orig, hf, dtype, shape in L.entries(cfg):
         parts = [src.tensors[n] for n, _ in L.upstream_parts(cfg, src.layout, orig, hf, shape)]
-        leaf = ours.split(".", 2)[-1] if ours.startswith("layers.") else ours
+        leaf = L.leaf(ours)
         T = stio.TensorInfo
         if leaf == "mlp.experts.gate_up.weight":
             e, rows, g, _ = shape

@@ -64,6 +64,11 @@ def qkv_split(c: ModelConfig) -> list[int]:
             c.num_key_value_heads * c.head_dim]
 
 
+def leaf(name: str) -> str:
+    """Our tensor name without its `layers.N.` prefix (the first column of LAYER)."""
+    return name.split(".", 2)[-1] if name.startswith("layers.") else name
+
+
 def entries(cfg: ModelConfig):
     """(our name, original name, HF names, dtype, shape) for every tensor, in model order."""
     for ours, orig, hf, dtype, shape in GLOBAL_FIRST:

@@ -163,7 +163,6 @@ def _fp4_scale(fan_in: int) -> int:
 def _rule(name: str, cfg: ModelConfig):
     """How tensor `name` (our name) is drawn: ("normal", mean, std) | ("bytes",) | ("scales", s)."""
     h, i = cfg.hidden_size, cfg.intermediate_size
-    leaf = name.split(".", 2)[-1] if name.startswith("layers.") else name
     return {
         "embedding.weight": ("normal", 0.0, 1.0),
         "norm.weight": ("normal", 1.0, 0.1),
@@ -184,7 +183,7 @@ def _rule(name: str, cfg: ModelConfig):
         "mlp.experts.down.weight": ("bytes",),
         "mlp.experts.down.scales": ("scales", _fp4_scale(i) - 1),
         "mlp.experts.down.bias": ("normal", 0.0, 0.05),
-    }[leaf]
+    }[L.leaf(name)]
 
 
 def generate(name: str, shape: tuple[int, ...], cfg: ModelConfig, seed: int):
