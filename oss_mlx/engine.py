@@ -214,16 +214,11 @@ class Engine:
         """Load a converted model folder or a model-store name; never touches the network."""
         folder = resolve_model_dir(model)
         encoding = harmony.load_encoding(folder)  # fails fast, before the weights load
-        import oss_mlx
+        from .model import default_dtype, load
 
         if dtype is None:
-            try:
-                from .model import default_dtype
-
-                dtype = default_dtype()
-            except ImportError:
-                dtype = None
-        return cls(oss_mlx.load(folder, dtype=dtype), encoding, **kwargs)
+            dtype = default_dtype()
+        return cls(load(folder, dtype=dtype), encoding, **kwargs)
 
     @property
     def max_context(self) -> int:
