@@ -264,10 +264,8 @@ def _resolve(path) -> Path:
     p = Path(path).expanduser()
     if p.is_dir():
         return p  # load() checks that it is a converted folder
-    try:  # a store name, or a clear error saying how to get the model
-        from .store import resolve_model
-    except ImportError:
-        raise OssMlxError(f"no such model folder: {path}") from None
+    from .store import resolve_model  # a store name, or a clear error saying how to get the model
+
     return Path(resolve_model(path))
 
 
