@@ -441,19 +441,13 @@ def synth_checkpoint(preset: str, layers: int | None, seed: int, root: Path) -> 
         raise OssMlxError(f"unknown --synth preset {preset!r}; choose one of {', '.join(SYNTH_PRESETS)}")
     folder = root / f"synth-{preset}-L{layers or 'all'}-seed{seed}"
     src, mlx_dir = folder / "hf", folder / "mlx"
-    folder.mkdir(parents=True, exist_ok=True)
-    for final, build in ((src, lambda tmp: synth(tmp, preset=preset, layout="hf", layers=layers, seed=seed)),
-                         (mlx_dir, lambda tmp: convert(src, tmp))):
+    # synth and convert write through stio.AtomicFolder: a folder with a config.json is complete.
+    for final, build in ((src, lambda: synth(src, preset=preset, layout="hf", layers=layers, seed=seed)),
+                         (mlx_dir, lambda: convert(src, mlx_dir))):
         if (final / "config.json").is_file():
             continue
-        tmp = folder / f".{final.name}-tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        try:
-            build(tmp)
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(final, ignore_errors=True)  # a leftover that is not a finished build
+        build()
     return src, mlx_dir
 
 
