@@ -325,9 +325,7 @@ class TerminalView:
             else:
                 self._stream(text)
             return
-        self.text += text
-        if kind == "answer":
-            self.live.update(self._tail())
+        self.text += text  # the answer's Live reads it at each refresh (see _open)
 
     def finish(self, interrupted: bool = False):
         self._close(interrupted)
@@ -345,7 +343,8 @@ class TerminalView:
                 self.console.print("Thinking", style="dim bold", markup=False)
                 self.col, self.pending = 0, ""
         elif kind == "answer":
-            self.live = Live(self._tail(), console=self.console, transient=True,
+            # get_renderable: the answer is re-wrapped at each refresh, not at each token.
+            self.live = Live(get_renderable=self._tail, console=self.console, transient=True,
                              refresh_per_second=12, vertical_overflow="crop")
             self.live.start()
         else:
