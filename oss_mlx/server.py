@@ -565,7 +565,7 @@ def create_app(engine, model_name: str, api_key: str | None = None,
         }
 
         def finished() -> dict:
-            status = "incomplete" if turn.finish_reason == "length" else "completed"
+            status = last_status(turn)
             return {**skeleton, "status": status, "output": items.done(),
                     "incomplete_details": {"reason": "max_output_tokens"}
                     if status == "incomplete" else None,
