@@ -193,13 +193,19 @@ def assistant_message(text: str, channel: str = "final") -> Message:
     return Message.from_role_and_content(Role.ASSISTANT, text).with_channel(channel)
 
 
+def _tool_name(name: str) -> str:
+    """A bare function name ("get_weather") as the tool it names ("functions.get_weather")."""
+    if "." not in name and name not in ("python", "browser"):
+        return f"functions.{name}"
+    return name
+
+
 def tool_call_message(recipient: str, arguments: str | dict, channel: str = "commentary") -> Message:
     """A past assistant tool call, e.g. recipient "functions.get_weather", arguments JSON text.
 
     A bare name ("get_weather") is taken as a function tool ("functions.get_weather").
     """
-    if "." not in recipient and recipient not in ("python", "browser"):
-        recipient = f"functions.{recipient}"
+    recipient = _tool_name(recipient)
     if not isinstance(arguments, str):
         arguments = json.dumps(arguments)
     return (
@@ -212,8 +218,7 @@ def tool_call_message(recipient: str, arguments: str | dict, channel: str = "com
 
 def tool_result_message(name: str, content: str | dict, channel: str = "commentary") -> Message:
     """A tool's output, sent back to the assistant (spec 5.5); name as in the call's recipient."""
-    if "." not in name and name not in ("python", "browser"):
-        name = f"functions.{name}"
+    name = _tool_name(name)
     if not isinstance(content, str):
         content = json.dumps(content)
     return (
