@@ -38,8 +38,7 @@ import mlx.core as mx
 from mlx_lm.models.cache import KVCache, RotatingKVCache
 
 from oss_mlx.config import ModelConfig
-
-RETURN = 200002
+from oss_mlx.harmony import RETURN
 
 
 def harmony_tokens(encoding, text: str) -> list[int]:
