@@ -269,9 +269,7 @@ def suggest(name: str) -> str:
 def footer_text(stats, max_context: int) -> tuple[str, float]:
     used = stats.prompt_tokens + stats.generated_tokens
     frac = used / max_context if max_context else 0.0
-    parts = [f"{stats.generated_tokens} tokens"]
-    if stats.ttft_s is not None:
-        parts.append(f"TTFT {stats.ttft_s:.2f} s")
+    parts = [f"{stats.generated_tokens} tokens", f"TTFT {stats.ttft_s:.2f} s"]
     if stats.decode_tps:
         parts.append(f"{stats.decode_tps:.1f} tok/s")
     parts.append(f"context {used:,}/{max_context:,} ({100 * frac:.0f}%)")
