@@ -172,13 +172,16 @@ def _normalized(cfg: ModelConfig) -> ModelConfig:
 
 def open_source(src: str | os.PathLike) -> Source:
     """Resolve SRC (local folder or Hub id), detect its layout and check every tensor."""
-    from oss_mlx.store import is_hub_id
+    from oss_mlx.store import is_hub_id, model_arg, read_model_config
 
     s = str(src)
     p = Path(s).expanduser()
     revision = None
     if p.is_dir():
         folder = p.resolve()
+        if read_model_config(folder) is not None:
+            raise OssMlxError(f"{s} is already a converted oss-mlx model: nothing to convert "
+                              f"(use it with --model {model_arg(folder)})")
     elif is_hub_id(s):
         folder, revision = _download(s)
     elif p.exists():
@@ -295,12 +298,15 @@ def _jobs(src: Source, dense_bits: int) -> list[stio.Job]:
 
 
 def _check_out(src: Source, out: Path, force: bool) -> None:
-    from oss_mlx.store import read_model_config
+    from oss_mlx.store import model_arg, read_model_config
 
     s, o = src.folder.resolve(), out.resolve()
     if o == s or o in s.parents or s in o.parents:
         raise OssMlxError(f"output {out} overlaps the source {src.folder}")
     if out.exists():
+        if not force and read_model_config(out) is not None:
+            raise OssMlxError(f"{out} already exists: use it with --model {model_arg(out)} "
+                              f"(or convert again with --force to replace it)")
         if not force:
             raise OssMlxError(f"{out} already exists (use --force to replace it)")
         if read_model_config(out) is None and not (out.is_dir() and not any(out.iterdir())):

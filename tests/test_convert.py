@@ -249,8 +249,11 @@ def test_unknown_model_says_how_to_get_it(tiny_hf):
         resolve_model("gpt-oss-20b")
     with pytest.raises(OssMlxError, match="oss-mlx convert openai/gpt-oss-120b"):
         resolve_model("openai/gpt-oss-120b")
-    with pytest.raises(OssMlxError, match="oss-mlx convert"):
-        resolve_model(str(tiny_hf))  # an upstream checkpoint, not a converted model
+    # An upstream checkpoint, not a converted model (test_convert_into_store_and_list may have
+    # stored it already, as tiny-hf: then the advice is to use that).
+    with pytest.raises(OssMlxError, match=r"upstream gpt-oss checkpoint, not a converted model"
+                                          r".*(oss-mlx convert .*tiny-hf|use --model tiny-hf)"):
+        resolve_model(str(tiny_hf))
 
 
 def fake_hub_cache(root: Path, repo: str, files: Path) -> Path:
@@ -388,6 +391,29 @@ def test_out_exists_needs_force(tiny_hf, tmp_path, capsys):
     (other / "keep.txt").write_text("mine")
     assert main(["convert", str(tiny_hf), "-o", str(other), "--force"]) == 1
     assert (other / "keep.txt").read_text() == "mine"
+
+
+def test_reconvert_and_convert_again_say_what_they_are(tiny_hf, tiny_model, tmp_path, capsys,
+                                                      monkeypatch):
+    """A converted folder given to convert is named as such; `oss-mlx convert tiny` when the
+    store has `tiny` says how to use it (the advice `--model tiny` then works)."""
+    from oss_mlx.cli import main
+    from oss_mlx.store import resolve_model
+
+    assert main(["convert", str(tiny_model), "-o", str(tmp_path / "again")]) == 1
+    err = capsys.readouterr().err
+    assert "is already a converted oss-mlx model: nothing to convert" in err, err
+    assert err.count("\n") == 1 and not (tmp_path / "again").exists()
+
+    monkeypatch.setenv("OSS_MLX_HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny").symlink_to(tiny_hf, target_is_directory=True)
+    assert main(["convert", "tiny"]) == 0  # stored as `tiny`
+    capsys.readouterr()
+    assert main(["convert", "tiny"]) == 1
+    err = capsys.readouterr().err
+    assert "already exists: use it with --model tiny " in err, err
+    assert resolve_model("tiny") == tmp_path / "home" / "models" / "tiny"
 
 
 def test_missing_source(tmp_path, capsys):
