@@ -97,3 +97,82 @@ def upstream_tensors(cfg: ModelConfig, layout: str) -> dict[str, tuple[str, tupl
     return {name: (dtype, s)
             for _, orig, hf, dtype, shape in entries(cfg)
             for name, s in upstream_parts(cfg, layout, orig, hf, shape)}
+
+
+# ---- mlx-lm's gpt_oss layout -------------------------------------------------------------
+# What `mlx_lm.convert` writes for gpt-oss (mlx_lm.models.gpt_oss.sanitize; the
+# mlx-community/gpt-oss-*-MXFP4-Q8 builds): the HF names, but the experts split into gate_proj /
+# up_proj and already in MLX's mxfp4 form (U32 weight [E, out, in/8], U8 E8M0 scales
+# [E, out, in/32]), and any dense Linear / Embedding possibly affine-quantized (`.weight` U32
+# [out, in*bits/32], `.scales` / `.biases` BF16 [out, in/group]).
+MLX_LM_EXPERTS = {
+    "mlp.experts.gate_up.weight": ("U32", ["gate_proj.weight", "up_proj.weight"]),
+    "mlp.experts.gate_up.scales": ("U8", ["gate_proj.scales", "up_proj.scales"]),
+    "mlp.experts.gate_up.bias": ("BF16", ["gate_proj.bias", "up_proj.bias"]),
+    "mlp.experts.down.weight": ("U32", ["down_proj.weight"]),
+    "mlp.experts.down.scales": ("U8", ["down_proj.scales"]),
+    "mlp.experts.down.bias": ("BF16", ["down_proj.bias"]),
+}
+# Our modules that mlx-lm may store quantized (the converter's DENSE_Q8 list plus the router,
+# which mlx-lm's gpt_oss quant_predicate always quantizes to 8 bits).
+QUANTIZABLE = ("embedding", "attention.qkv", "attention.out", "unembedding", "mlp.router")
+
+
+def module_of(name: str) -> str | None:
+    """'layers.3.attention.qkv.weight' -> 'attention.qkv' when that module may be quantized."""
+    stem = leaf(name)[: -len(".weight")] if name.endswith(".weight") else None
+    return stem if stem in QUANTIZABLE else None
+
+
+def is_mlx_lm(names) -> bool:
+    return any(n.endswith("mlp.experts.gate_proj.weight") for n in names)
+
+
+def mlx_lm_parts(cfg: ModelConfig, ours: str, hf: list[str], dtype: str, shape: tuple[int, ...],
+                 dense: dict | None) -> list[tuple[str, str, tuple[int, ...]]]:
+    """(mlx-lm name, dtype, shape) of the tensors that hold one of our tensors, in the order
+    their bytes make ours: per expert, gate rows then up rows; for a quantized module, the
+    weights of q | k | v, then their scales, then their biases."""
+    lf = leaf(ours)
+    if lf in MLX_LM_EXPERTS:
+        prefix = hf[0].split("mlp.experts.")[0] + "mlp.experts."
+        kind, names = MLX_LM_EXPERTS[lf]
+        e, rows = shape[0], shape[1] // len(names)
+        if lf.endswith(".bias"):
+            tail = ()
+        elif lf.endswith(".weight"):
+            tail = (shape[2] * 4,)  # our upstream shape is U8 [E, out, in/32, 16]
+        else:
+            tail = (shape[2],)
+        return [(prefix + n, kind, (e, rows) + tail) for n in names]
+    parts = [(n, dtype, s) for n, s in upstream_parts(cfg, "hf", "", hf, shape)]
+    if dense is None or module_of(ours) not in dense["modules"]:
+        return parts
+    g, b = dense["group_size"], dense["bits"]
+    out = [(n, "U32", (s[0], s[1] * b // 32)) for n, _, s in parts]
+    for suffix in ("scales", "biases"):
+        out += [(n[: -len("weight")] + suffix, "BF16", (s[0], s[1] // g)) for n, _, s in parts]
+    return out
+
+
+def mlx_lm_dense(cfg: ModelConfig, tensors: dict) -> dict | None:
+    """The affine quantization of an mlx-lm folder's dense modules, read off its tensors:
+    {"mode", "group_size", "bits", "modules"} or None when they are all bf16."""
+    modules, params = set(), set()
+    for ours, _, hf, _, shape in entries(cfg):
+        module = module_of(ours)
+        scales = hf[0][: -len("weight")] + "scales"
+        if module is None or scales not in tensors:
+            continue
+        modules.add(module)
+        w, s = tensors[hf[0]], tensors[scales]
+        cols = shape[1]
+        if len(w.shape) != 2 or len(s.shape) != 2 or not w.shape[1] or not s.shape[1]:
+            continue  # the shape check reports it
+        params.add((cols // s.shape[1], w.shape[1] * 32 // cols))
+    if not modules:
+        return None
+    if len(params) != 1:
+        raise ValueError(f"mixed dense quantization {sorted(params)}")
+    (group, bits), = params
+    return {"mode": "affine", "group_size": group, "bits": bits, "modules": sorted(modules)}

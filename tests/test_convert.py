@@ -463,3 +463,66 @@ def test_mlx_lm_reads_the_source_the_same_way(tiny_hf, tiny_model):
     got = load(tiny_model)(x).astype(mx.float32)
     assert mx.array_equal(mx.argmax(ref, -1), mx.argmax(got, -1)).item()
     assert float(mx.max(mx.abs(ref - got))) < 0.1 * float(mx.max(mx.abs(ref)))
+
+
+# ---- mlx-lm's gpt_oss folders (the mlx-community MXFP4-Q8 builds) -----------------------
+
+
+@pytest.fixture(scope="module")
+def mlx_lm_q8(tiny_hf, tmp_path_factory):
+    """`tiny_hf` converted by mlx-lm's own code as the mlx-community builds are: experts kept
+    mxfp4 (mlx-lm's sanitize), every dense module affine 8-bit group 64 (its router included)."""
+    mlx_lm_convert = pytest.importorskip("mlx_lm.convert").convert
+    out = tmp_path_factory.mktemp("mlx-lm") / "gpt-oss-tiny-MXFP4-Q8"
+    mlx_lm_convert(str(tiny_hf), str(out), quantize=True, q_group_size=64, q_bits=8)
+    return out
+
+
+def _all_tensors(folder):
+    import mlx.core as mx
+
+    out = {}
+    for f in sorted(Path(folder).glob("model*.safetensors")):
+        out.update(mx.load(str(f)))
+    return out
+
+
+def test_mlx_lm_folder_converts_losslessly(mlx_lm_q8, tiny_hf, tmp_path, capsys):
+    """Every tensor equals, byte for byte, what our converter makes of the same source with
+    --dense-bits 8; the 8-bit router (which ours keeps in bf16) is mlx-lm's own bytes; and the
+    logits equal those of our conversion given that router."""
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    from oss_mlx import load
+    from oss_mlx.convert.convert import convert
+    from oss_mlx.errors import OssMlxError
+    from oss_mlx.store import resolve_model
+
+    with pytest.raises(OssMlxError, match=r"is an mlx-lm gpt_oss folder, not a converted model: "
+                                          r"run `oss-mlx convert"):
+        resolve_model(str(mlx_lm_q8))
+    out = convert(mlx_lm_q8, tmp_path / "from-mlx-lm")
+    assert "converting it losslessly (experts already mxfp4, dense weights kept affine 8-bit, " \
+           "group 64)" in capsys.readouterr().err
+    ref = convert(tiny_hf, tmp_path / "q8", dense_bits=8)
+    dense = json.loads((out / "config.json").read_text())["quantization"]["dense"]
+    assert dense == {"mode": "affine", "group_size": 64, "bits": 8, "modules": [
+        "attention.out", "attention.qkv", "embedding", "mlp.router", "unembedding"]}
+
+    got, want, src = _all_tensors(out), _all_tensors(ref), _all_tensors(mlx_lm_q8)
+    routers = {k for k in got if ".mlp.router." in k and not k.endswith(".bias")}
+    assert set(got) - routers == set(want) - {k for k in want if k.endswith("router.weight")}
+    for k in sorted(set(got) - routers):
+        assert got[k].dtype == want[k].dtype and mx.array_equal(got[k], want[k]).item(), k
+    for k in routers:
+        assert mx.array_equal(got[k], src["model." + k]).item(), k
+
+    x = mx.array([[200006, 173781, 200005, 13225, 2375, 0, 1, 2]])
+    ours = load(ref)
+    nn.quantize(ours, 64, 8, class_predicate=lambda p, m: p.endswith("mlp.router"))
+    ours.load_weights([(k, got[k].astype(mx.float32) if got[k].dtype == mx.bfloat16 else got[k])
+                       for k in routers], strict=False)
+    assert mx.array_equal(load(out)(x), ours(x)).item()
+    # And it is then a model folder like any other.
+    assert resolve_model(str(out)) == out
