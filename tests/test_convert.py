@@ -526,3 +526,39 @@ def test_mlx_lm_folder_converts_losslessly(mlx_lm_q8, tiny_hf, tmp_path, capsys)
     assert mx.array_equal(load(out)(x), ours(x)).item()
     # And it is then a model folder like any other.
     assert resolve_model(str(out)) == out
+
+
+def test_sigterm_cleans_up_and_stale_partials_are_removed(tiny_hf, tmp_path, monkeypatch):
+    """SIGTERM mid-write removes the temporary folder as Ctrl-C does; a later convert removes
+    the temporary folders of dead processes (and keeps those of live ones)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from oss_mlx.convert import convert as conv, stio
+
+    real = stio.write_shards
+
+    def write_then_sigterm(folder, *a, **k):
+        (folder / "half-written").write_bytes(b"x" * 100)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(folder, *a, **k)
+
+    monkeypatch.setattr(conv.stio, "write_shards", write_then_sigterm)
+    with pytest.raises(SystemExit) as e:
+        conv.convert(tiny_hf, tmp_path / "out")
+    assert e.value.code == 128 + signal.SIGTERM
+    assert list(tmp_path.iterdir()) == []  # no OUT, no .out.partial-PID
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler was put back
+    monkeypatch.undo()
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    (tmp_path / f".out.partial-{dead}" / "x").mkdir(parents=True)
+    (tmp_path / f".other.partial-{dead}").mkdir()
+    (tmp_path / f".kept.old-{dead}").mkdir()  # died between its renames: restored, not removed
+    (tmp_path / f".busy.partial-{os.getppid()}").mkdir()  # a live process: left alone
+    conv.convert(tiny_hf, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        f".busy.partial-{os.getppid()}", "kept", "out"]
