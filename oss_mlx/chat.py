@@ -869,16 +869,15 @@ def load_engine(model_dir):
 def main(args) -> int:
     import contextlib
 
+    from .cli import check_sampling
+
+    check_sampling(args)
     interactive = sys.stdin.isatty()
+    default_max = DEMO_MAX_TOKENS if args.demo else DEFAULT_MAX_TOKENS
     settings = Settings(reasoning=args.reasoning, system=args.system,
-                        max_tokens=args.max_tokens or (DEMO_MAX_TOKENS if args.demo
-                                                       else DEFAULT_MAX_TOKENS),
+                        max_tokens=default_max if args.max_tokens is None else args.max_tokens,
                         temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                         hide_reasoning=args.hide_reasoning)
-    if settings.max_tokens <= 0:
-        raise OssMlxError("--max-tokens must be positive")
-    if settings.temperature < 0 or not 0 < settings.top_p <= 1:
-        raise OssMlxError("--temperature must be >= 0 and --top-p in (0, 1]")
     view = (TerminalView if interactive else PipeView)(settings.hide_reasoning)
 
     with contextlib.ExitStack() as stack:

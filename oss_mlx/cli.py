@@ -25,6 +25,16 @@ COMMANDS = {
 }
 
 
+def check_sampling(args) -> None:
+    """The one rule for the sampling options that generate and chat share: --max-tokens, when
+    given, is at least 1 (0 is refused, never read as "the default"); temperature >= 0; top-p in
+    (0, 1]."""
+    if args.max_tokens is not None and args.max_tokens < 1:
+        raise OssMlxError("--max-tokens must be at least 1 (leave it out for the default)")
+    if args.temperature < 0 or not (0 < args.top_p <= 1):
+        raise OssMlxError("--temperature must be >= 0 and --top-p in (0, 1]")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 

@@ -23,7 +23,8 @@ run the real engine, sampler and harmony parser on a known stream:
 Each reply is a string (encoded with `encoding`, special tokens allowed) or a list of token ids.
 A request starts the next queued reply when the engine begins prefilling it; after the reply's
 last token the model forces `after` (default <|return|>), so a reply without a stop token still
-ends. A prefill with no reply queued raises AssertionError.
+ends. A prefill with no reply queued raises AssertionError. `model.at(i, action)` runs `action`
+when token i of a reply is about to be produced (to wait on an event, or raise a signal there).
 `model.prompts` records, per request, the tokens actually prefilled (with prompt-cache reuse,
 only the new suffix), and `model.fed` every token fed one at a time while decoding.
 """
@@ -78,6 +79,7 @@ class ScriptedModel:
         self._last_prefill = 0  # tokens in the last prefill call, 0 after a decode step
         self.prompts: list[list[int]] = []
         self.fed: list[int] = []
+        self.hooks: dict = {}
         for r in replies:
             self.push(r)
 
@@ -88,6 +90,14 @@ class ScriptedModel:
                 raise ValueError("ScriptedModel needs encoding= to take string replies")
             reply = harmony_tokens(self.encoding, reply)
         self.queue.append(list(reply))
+        return self
+
+    def at(self, index: int, action) -> "ScriptedModel":
+        """Call `action()` (once) when the model is about to produce token `index` (0-based) of
+        a reply: an explicit synchronisation point in place of a sleep, e.g.
+        `model.at(5, event.wait)` holds the request there until the test sets `event`, and
+        `model.at(5, lambda: os.kill(os.getpid(), signal.SIGINT))` is a Ctrl-C at token 5."""
+        self.hooks[index] = action
         return self
 
     def make_cache(self):
@@ -103,6 +113,9 @@ class ScriptedModel:
         return mx.broadcast_to(row, (batch, length, self.config.vocab_size))
 
     def _next(self) -> int:
+        action = self.hooks.pop(self.pos, None)
+        if action is not None:
+            action()
         tok = self.reply[self.pos] if self.pos < len(self.reply) else self.after
         self.pos += 1
         return tok
