@@ -14,9 +14,8 @@ messages, analysis included, are kept for /save.
 Piped stdin (not a terminal) runs as a batch: each line is a turn or a /command, answers go to
 stdout, everything else (reasoning, footers, notes) to stderr.
 
-For tests only: OSS_MLX_TEST_ENGINE="module:function" makes the REPL build its engine with
-`function(model_dir)` instead of `Engine.load` (tests/test_chat.py uses it to replay scripted
-harmony streams through the real engine and parser).
+`main(args, load_engine=...)` builds the engine with `load_engine(model_dir)` instead of
+`Engine.load` (tests/scripted.py replays scripted harmony streams through it).
 """
 
 from __future__ import annotations
@@ -49,7 +48,7 @@ COMMANDS = [
     ("/stats", "statistics of the last answer and the session"),
     ("/prompt", "show the conversation as the model will see it (harmony text)"),
     ("/help", "this list"),
-    ("/quit", "leave (also Ctrl-D, or Ctrl-C at the prompt)"),
+    ("/quit", "leave (also Ctrl-D, or Ctrl-C twice at the prompt)"),
 ]
 COMMAND_NAMES = [usage.split()[0] for usage, _ in COMMANDS]
 
@@ -520,14 +519,14 @@ class Chat:
 
         conversation = self.session.conversation(pending=text)
         self.view.start()
-        completion, streamed = None, {"final": "", "visible": False}
+        completion, streamed = None, {"final": "", "analysis": "", "visible": False}
         previous = signal.signal(signal.SIGINT, on_sigint)
         try:
             for ev in self.engine.stream(conversation, self.params(), cancel=cancel):
                 if ev.type == "delta":
                     streamed["visible"] = True
-                    if ev.channel == "final" and not ev.recipient:
-                        streamed["final"] += ev.text
+                    if ev.channel in ("final", "analysis") and not ev.recipient:
+                        streamed[ev.channel] += ev.text
                     self.view.delta(ev.channel, ev.recipient, ev.text)
                 elif ev.type == "done":
                     completion = ev.completion
@@ -560,7 +559,7 @@ class Chat:
         if not streamed["visible"] and completion.tokens:
             # Nothing parsed as a harmony message (random demo weights do this): show the raw
             # text rather than an empty answer.
-            raw = self.engine.encoding.decode(completion.tokens)
+            raw = raw_text(self.engine, completion)
             self.view.note(f"(no harmony message; the model wrote {len(completion.tokens)} "
                            f"tokens: {short(raw, 200)!r})")
         self._report(completion)
@@ -570,9 +569,18 @@ class Chat:
 
         # Completion.messages holds the unfinished final message of a cut turn; `streamed` covers
         # a KeyboardInterrupt that ended the stream before the done event.
+        # Every turn keeps what the model wrote: an unfinished analysis (kept for /save; the
+        # model does not see it again, see history_messages), and, when nothing parsed as a
+        # harmony message (random weights), the raw text as the answer, so that the history
+        # never holds two user messages in a row.
         messages = list(completion.messages) if completion is not None else []
+        if interrupted and streamed["analysis"] and not any(m.channel == "analysis"
+                                                            for m in messages):
+            messages.insert(0, assistant_message(streamed["analysis"], "analysis"))
         if interrupted and streamed["final"] and not any(m.channel == "final" for m in messages):
             messages.append(assistant_message(streamed["final"]))
+        if not messages and completion is not None and completion.tokens:
+            messages.append(assistant_message(raw_text(self.engine, completion)))
         turn = Turn(user=text, messages=messages, interrupted=interrupted)
         if completion is not None and completion.stop_reason == "tool_call":
             # This chat has no tools, and harmony wants a result after every call.
@@ -710,6 +718,14 @@ class Chat:
         t = self.totals
         v.info(f"session: {t['turns']} answers, {t['generated']:,} tokens generated, "
                f"{t['prefilled']:,} prompt tokens computed, {t['cached']:,} reused from the cache")
+
+
+def raw_text(engine, completion) -> str:
+    """What the model wrote, decoded as it is, without the stop token that ended it."""
+    tokens = completion.tokens
+    if tokens and completion.stop_reason in ("stop", "tool_call"):
+        tokens = tokens[:-1]
+    return engine.encoding.decode(tokens)
 
 
 def exchanges(n: int) -> str:
@@ -851,22 +867,11 @@ def default_model(interactive: bool, say) -> Path:
                       f"or try `oss-mlx chat --demo`")
 
 
-def load_engine(model_dir):
-    hook = os.environ.get("OSS_MLX_TEST_ENGINE")
-    if hook:  # tests only: see the module docstring
-        import importlib
-
-        module, _, func = hook.partition(":")
-        return getattr(importlib.import_module(module), func)(model_dir)
-    from .engine import Engine
-
-    return Engine.load(model_dir)
-
-
 # --------------------------------------------------------------------------------------------
 
 
-def main(args) -> int:
+def main(args, load_engine=None) -> int:
+    """`load_engine(model_dir)` builds the engine (default Engine.load)."""
     import contextlib
 
     from .cli import check_sampling
@@ -896,10 +901,12 @@ def main(args) -> int:
             model_dir, name = resolve_model_dir(args.model), args.model
         else:
             model_dir, name = default_model(interactive, view.info), DEFAULT_MODEL
-        if interactive:
-            with view.console.status(f"loading {name}…", spinner="dots"):
-                engine = load_engine(model_dir)
-        else:
+        if load_engine is None:
+            from .engine import Engine
+
+            load_engine = Engine.load
+        with (view.console.status(f"loading {name}…", spinner="dots") if interactive
+              else contextlib.nullcontext()):
             engine = load_engine(model_dir)
         chat = Chat(engine, Session(settings), view, name)
         if interactive:
@@ -913,13 +920,24 @@ def repl(chat: Chat) -> int:
              f"{chat.session.settings.reasoning} · context {chat.max_context:,} tokens")
     v.note("/help for commands · Ctrl-C stops an answer · Ctrl-D or /quit leaves")
     readline = setup_readline()
+    interrupted = False  # the last thing at the prompt was a Ctrl-C
     try:
         while True:
             try:
                 text = read_tty(readline)
-            except (EOFError, KeyboardInterrupt):
+            except EOFError:
                 v.console.print()
                 return 0
+            except KeyboardInterrupt:
+                # Clears the line, as in the Python and Node REPLs; twice in a row leaves. (Often
+                # pressed a moment too late to stop an answer that just ended.)
+                v.console.print()
+                if interrupted:
+                    return 0
+                interrupted = True
+                v.note("(Ctrl-C again, Ctrl-D or /quit leaves)")
+                continue
+            interrupted = False
             if not text:
                 continue
             if text.startswith("/"):

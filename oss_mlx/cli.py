@@ -49,13 +49,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, load_engine=None) -> int:
+    """`load_engine(model)`: how generate and chat build their engine (default Engine.load);
+    tests pass one that replays scripted harmony streams (tests/scripted.py)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "_main", None):
         parser.print_help()
         return 2
     try:
+        if load_engine is not None:
+            return int(args._main(args, load_engine=load_engine) or 0)
         return int(args._main(args) or 0)
     except OssMlxError as e:
         print(f"oss-mlx: error: {e}", file=sys.stderr)
