@@ -113,3 +113,12 @@ def test_a_file_is_named_a_file(home, tmp_path):
     f.write_bytes(b"x")
     with pytest.raises(OssMlxError, match="is a file, not a model folder"):
         store.resolve_model(str(f))
+
+
+def test_caches_follow_oss_mlx_home(home):
+    """README: OSS_MLX_HOME moves oss-mlx's caches: bench --synth checkpoints and chat history
+    too (bench used ~/.cache/oss-mlx/bench whatever it said)."""
+    from oss_mlx import bench, chat
+
+    assert bench._cache_root(None) == home / "bench"
+    assert chat.history_file() == home / "chat_history"
