@@ -205,6 +205,24 @@ def disk_check(folder: Path, need: int) -> None:
                           f"{free / 1e9:.1f} GB free")
 
 
+def atomic_write(path: Path, data: bytes | str) -> Path:
+    """Write a file all or nothing: a temporary file beside it (named by this process, so
+    concurrent writers never share one), flushed, then renamed over it. The one way oss-mlx
+    writes a single file (AtomicFolder does the same for folders)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -516,13 +516,9 @@ def render(report: dict, console) -> None:
 
 def write_json(report: dict, path: Path) -> None:
     """All or nothing: a temporary file beside the target, renamed over it at the end."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps(report, indent=2) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    from .convert.stio import atomic_write
+
+    atomic_write(path, json.dumps(report, indent=2) + "\n")
 
 
 # ---- command -----------------------------------------------------------------------------

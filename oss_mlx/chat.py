@@ -27,9 +27,8 @@ import sys
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from .config import EFFORTS
 from .errors import OssMlxError
-
-EFFORTS = ("low", "medium", "high")
 DEFAULT_MODEL = "gpt-oss-20b"
 DEFAULT_MAX_TOKENS = 16384  # room for high effort; mlx_lm.chat's 256 cuts reasoning short
 DEMO_MAX_TOKENS = 256  # random weights rarely stop on their own
@@ -38,7 +37,7 @@ INTERRUPTED_NOTE = "[interrupted by the user]"
 NO_TOOLS_REPLY = "error: no tools are available in this chat"
 
 COMMANDS = [
-    ("/effort [low|medium|high]", "show or set the reasoning effort"),
+    (f"/effort [{'|'.join(EFFORTS)}]", "show or set the reasoning effort"),
     ("/reasoning [show|hide]", "show or hide the model's reasoning"),
     ("/system [TEXT]", "show or set the instructions (`/system -` clears them)"),
     ("/reset", "start a new conversation (settings are kept)"),
@@ -141,14 +140,13 @@ class Session:
                 "date": self.date, "settings": asdict(self.settings), "messages": messages}
 
     def save(self, path: str | Path, model: str) -> Path:
+        from .convert.stio import atomic_write
+
         path = Path(path).expanduser()
         data = json.dumps(self.to_json(model), indent=2, ensure_ascii=False) + "\n"
-        tmp = path.with_name(f".{path.name}.tmp")
         try:
-            tmp.write_text(data, encoding="utf-8")
-            os.replace(tmp, path)  # never a half-written file
+            atomic_write(path, data)  # never a half-written file
         except OSError as e:
-            tmp.unlink(missing_ok=True)
             raise OssMlxError(f"cannot write {path}: {e.strerror or e}") from None
         return path
 
@@ -265,6 +263,15 @@ def suggest(name: str) -> str:
 # Output: a rich terminal view, and a plain one for pipes
 
 
+def section_of(channel: str | None, recipient: str | None) -> str:
+    """Which part of a turn a streamed piece belongs to: "tool", "analysis" or "answer"."""
+    from .harmony import is_tool_call
+
+    if is_tool_call(recipient):
+        return "tool"
+    return "analysis" if channel == "analysis" else "answer"
+
+
 def footer_text(stats, max_context: int) -> tuple[str, float]:
     used = stats.prompt_tokens + stats.generated_tokens
     frac = used / max_context if max_context else 0.0
@@ -311,7 +318,7 @@ class TerminalView:
         self.section, self.text, self.thinking_tokens = None, "", 0
 
     def delta(self, channel: str | None, recipient: str | None, text: str):
-        kind = "tool" if recipient else ("analysis" if channel == "analysis" else "answer")
+        kind = section_of(channel, recipient)
         if kind != self.section:
             self._close()
             self._open(kind, recipient)
@@ -441,7 +448,7 @@ class PipeView:
         self.section = None
 
     def delta(self, channel, recipient, text):
-        kind = "tool" if recipient else ("analysis" if channel == "analysis" else "answer")
+        kind = section_of(channel, recipient)
         if kind != self.section:
             self._close()
             self.section = kind
@@ -507,6 +514,8 @@ class Chat:
         import signal
         import threading
 
+        from .harmony import is_tool_call
+
         cancel = threading.Event()
         presses = []
 
@@ -525,7 +534,7 @@ class Chat:
             for ev in self.engine.stream(conversation, self.params(), cancel=cancel):
                 if ev.type == "delta":
                     streamed["visible"] = True
-                    if ev.channel in ("final", "analysis") and not ev.recipient:
+                    if ev.channel in ("final", "analysis") and not is_tool_call(ev.recipient):
                         streamed[ev.channel] += ev.text
                     self.view.delta(ev.channel, ev.recipient, ev.text)
                 elif ev.type == "done":

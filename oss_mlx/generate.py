@@ -14,11 +14,13 @@ import json
 import os
 import sys
 
+from .config import EFFORTS
+
 
 def add_arguments(p):
     p.add_argument("--model", required=True, help="converted model folder or model-store name")
     p.add_argument("--prompt", required=True, help="the user message; '-' reads it from stdin")
-    p.add_argument("--reasoning", choices=("low", "medium", "high"), default="medium",
+    p.add_argument("--reasoning", choices=EFFORTS, default="medium",
                    help="reasoning effort (default: medium, harmony's default)")
     p.add_argument("--system", default=None,
                    help="model identity line of the system message (default: harmony's)")
@@ -91,6 +93,8 @@ def _stream(engine, conv, params, args):
     import signal
     import threading
 
+    from .harmony import is_tool_call
+
     cancel = threading.Event()
 
     def on_sigint(signum, frame):
@@ -112,7 +116,7 @@ def _stream(engine, conv, params, args):
                     sys.stderr.write(ev.text)
                     sys.stderr.flush()
                     in_reasoning = True
-            elif ev.channel in ("final", None) and not ev.recipient:
+            elif ev.channel in ("final", None) and not is_tool_call(ev.recipient):
                 if in_reasoning:
                     sys.stderr.write("\n")
                     in_reasoning = False
