@@ -18,6 +18,7 @@ What it does (the output format is the project contract; spec sections 3-4):
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import sys
@@ -313,31 +314,23 @@ def _jobs(src: Source, dense_bits: int) -> list[stio.Job]:
     jobs = []
     for ours, orig, hf, dtype, shape in L.entries(cfg):
         parts = [src.tensors[n] for n, _, _ in src.parts(ours, orig, hf, dtype, shape)]
-        leaf = L.leaf(ours)
+        spec = L.spec(ours)
         T = stio.TensorInfo
-        if leaf == "mlp.experts.gate_up.weight":
-            e, rows, g, _ = shape
-            out = [T(ours, "U32", (e, rows, g * 4))]
-            produce = (lambda t=parts[0], rb=g * 16: _deinterleave_experts(t, rb))
-        elif leaf == "mlp.experts.gate_up.scales":
-            out = [T(ours, "U8", shape)]
-            produce = (lambda t=parts[0], rb=shape[2]: _deinterleave_experts(t, rb))
-        elif leaf == "mlp.experts.gate_up.bias":
-            out = [T(ours, "BF16", shape)]
-            produce = (lambda t=parts[0], rb=2: _deinterleave_experts(t, rb))
-        elif leaf == "mlp.experts.down.weight":
-            e, rows, g, _ = shape
-            out = [T(ours, "U32", (e, rows, g * 4))]
-            produce = (lambda p=parts: _concat_bytes(p))
-        elif leaf in quantized:
+        if f"{L.leaf(ours)}" in quantized:
             rows, cols = shape
             stem = ours[: -len(".weight")]
             out = [T(ours, "U32", (rows, cols // 4)), T(f"{stem}.scales", "BF16", (rows, cols // 64)),
                    T(f"{stem}.biases", "BF16", (rows, cols // 64))]
             produce = (lambda p=parts, c=cols: _quantize_rows(p, c))
-        else:  # bf16 as stored (HF q/k/v concatenated into the fused qkv rows q | k | v)
-            out = [T(ours, dtype, shape)]
-            produce = (lambda p=parts: _concat_bytes(p))
+        else:
+            # MXFP4 blocks U8 [.., in/32, 16] are MLX's U32 [.., in/8]: the same bytes.
+            out_shape = shape[:-2] + (shape[-2] * shape[-1] // 4,) if spec.stored == "U32" else shape
+            out = [T(ours, spec.stored or dtype, out_shape)]
+            if spec.transform == "deinterleave":
+                row_bytes = math.prod(shape[2:]) * stio.ITEMSIZE[dtype]
+                produce = (lambda t=parts[0], rb=row_bytes: _deinterleave_experts(t, rb))
+            else:  # bytes as stored (HF q/k/v concatenated into the fused qkv rows q | k | v)
+                produce = (lambda p=parts: _concat_bytes(p))
         jobs.append(stio.Job(out, produce))
     return jobs
 

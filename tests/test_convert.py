@@ -562,3 +562,23 @@ def test_sigterm_cleans_up_and_stale_partials_are_removed(tiny_hf, tmp_path, mon
     conv.convert(tiny_hf, tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         f".busy.partial-{os.getppid()}", "kept", "out"]
+
+
+def test_layout_table_gives_each_tensor_its_dtype(tiny_model):
+    """Per-tensor behaviour is data: every tensor the model loads has a row in the layout table,
+    and is held in the dtype that row's `runtime` column says (float16 compute, so "compute"
+    differs from the stored bf16)."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    from oss_mlx import load
+    from oss_mlx.convert.layout import runtime_dtype
+
+    want = {"float32": mx.float32, "stored": mx.bfloat16, "compute": mx.float16}
+    seen = set()
+    for name, a in tree_flatten(load(tiny_model, dtype="float16", lazy=True).parameters()):
+        if mx.issubdtype(a.dtype, mx.floating):
+            rule = runtime_dtype(name)
+            seen.add(rule)
+            assert a.dtype == want[rule], (name, a.dtype, rule)
+    assert seen == set(want)
