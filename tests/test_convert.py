@@ -571,8 +571,8 @@ def test_layout_table_gives_each_tensor_its_dtype(tiny_model):
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
-    from oss_mlx import load
     from oss_mlx.convert.layout import runtime_dtype
+    from oss_mlx.model import load
 
     want = {"float32": mx.float32, "stored": mx.bfloat16, "compute": mx.float16}
     seen = set()
