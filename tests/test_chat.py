@@ -249,6 +249,7 @@ def test_tty_multiline_paste_and_history(vocab, tmp_path):
     assert "first line" in history and "pasted two" in history
 
 
+@pytest.mark.slow
 def test_tty_tiny_model(tiny_model, tmp_path):
     """The real stack on random weights: Ctrl-C mid-answer, a follow-up reusing the cache,
     effort, Ctrl-D. (Greedy random weights never write a stop token, so each answer is cut.)"""
@@ -367,6 +368,7 @@ def test_what_the_model_wrote_is_stored(vocab, tmp_path):
             "<|start|>assistant<|channel|>final<|message|>[interrupted by the user]<|end|>") in third
 
 
+@pytest.mark.slow
 def test_demo_without_network(tmp_path):
     """`--demo` in a network namespace with no interface up: synth, convert, load, two turns
     (the second reusing the cache), all with no network."""

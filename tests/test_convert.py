@@ -523,6 +523,7 @@ def _all_tensors(folder):
     return out
 
 
+@pytest.mark.slow
 def test_mlx_lm_folder_converts_losslessly(mlx_lm_q8, tiny_hf, tmp_path, capsys):
     """Every tensor equals, byte for byte, what our converter makes of the same source with
     --dense-bits 8; the 8-bit router (which ours keeps in bf16) is mlx-lm's own bytes; and the

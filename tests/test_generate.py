@@ -120,9 +120,14 @@ def test_clear_one_line_errors(tiny_model, tmp_path, case):
 # ---- text output, on a scripted stream ----
 
 
+@pytest.fixture(scope="module")
+def encoding(tmp_path_factory):
+    return load_encoding(vocab_dir(tmp_path_factory.mktemp("vocab")))
+
+
 @pytest.fixture
-def scripted_cli(tmp_path, monkeypatch):
-    enc = load_encoding(vocab_dir(tmp_path / "vocab"))
+def scripted_cli(encoding):
+    enc = encoding
     model = ScriptedModel(encoding=enc)
 
     def run(reply, *extra):
