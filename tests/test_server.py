@@ -20,7 +20,8 @@ from scripted import ScriptedModel, vocab_dir
 
 from oss_mlx.engine import Engine
 from oss_mlx.harmony import load_encoding
-from oss_mlx.server import StopFilter, create_app
+from oss_mlx.server import create_app
+from oss_mlx.wire import StopFilter
 
 MODEL = "scripted-oss"
 KEY = "sk-test-key"
@@ -364,12 +365,22 @@ def test_malformed_stream_keeps_what_was_parsed(client, srv):
     r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "?"}])
     assert r.choices[0].message.content == "Partial answer"
     assert r.choices[0].message.reasoning_content == "Thinking."
-    assert r.choices[0].finish_reason == "stop"
+    # ... and says the turn was cut: content_filter, not a clean "stop".
+    assert r.choices[0].finish_reason == "content_filter"
     srv.model.push(bad)
     chunks = list(client.chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": "?"}], stream=True))
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == "Partial answer"
+    assert chunks[-1].choices[0].finish_reason == "content_filter"
+    srv.model.push(bad)
+    resp = client.responses.create(model=MODEL, input="?")
+    assert resp.status == "incomplete" and resp.incomplete_details.reason == "content_filter"
+    assert resp.output_text == "Partial answer"
+    srv.model.push(bad)
+    events = list(client.responses.create(model=MODEL, input="?", stream=True))
+    assert events[-1].type == "response.incomplete"
+    assert events[-1].response.incomplete_details.reason == "content_filter"
     # A stray stop token after a complete answer is a normal end, not an error.
     srv.model.push("<|channel|>final<|message|>Done.<|end|><|return|>")
     r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "?"}])
