@@ -88,7 +88,7 @@ async def create_response(request: Request):
         "previous_response_id": req.previous_response_id,
         "reasoning": {"effort": effort, "summary": req.reasoning.summary if req.reasoning
                       else None},
-        "store": req.store, "temperature": req.temperature, "top_p": req.top_p,
+        "temperature": req.temperature, "top_p": req.top_p,
         "text": {"format": {"type": "text"}}, "tool_choice": req.tool_choice or "auto",
         "tools": echo_tools(req), "truncation": "disabled", "metadata": req.metadata or {},
         "output": [], "usage": None,
@@ -274,8 +274,7 @@ class OutputItems:
                 "item_id": item["id"], "output_index": idx, "content_index": 0, "part": part}))
         elif kind == "function_call":
             events.append(("response.function_call_arguments.done", {
-                "item_id": item["id"], "output_index": idx, "name": item["name"],
-                "arguments": item["arguments"]}))
+                "item_id": item["id"], "output_index": idx, "arguments": item["arguments"]}))
         elif kind == "custom_tool_call":
             item["input"] = custom_input(self._raw)
             events += self._added(item)

@@ -161,7 +161,9 @@ def add_arguments(parser):
                              "'tiny-random' (no download; its output is noise)")
 
 
-def main(args) -> int:
+def main(args, engine_factory=None) -> int:
+    """Serve until SIGINT/SIGTERM. engine_factory(model_dir) -> Engine (default Engine.load):
+    lets a caller serve another engine (tests serve a scripted model through this very path)."""
     import contextlib
     import signal
     import socket
@@ -194,7 +196,7 @@ def main(args) -> int:
         else:
             model_dir, default_name = args.model, Path(str(args.model).rstrip("/")).name
             max_tokens = args.max_tokens
-        engine = Engine.load(str(model_dir))
+        engine = (engine_factory or Engine.load)(str(model_dir))
         name = args.name or default_name
         app = create_app(engine, name, api_key=args.api_key, default_max_tokens=max_tokens)
         port = sock.getsockname()[1]

@@ -9,14 +9,13 @@ synthetic model end to end.
 
 import json
 import socket
-import threading
 import time
 
 import httpx
 import openai
 import pytest
-import uvicorn
 from scripted import ScriptedModel, vocab_dir
+from serverkit import ServerThread, StrictTransport
 
 from oss_mlx.engine import Engine
 from oss_mlx.harmony import load_encoding
@@ -44,32 +43,6 @@ CALL_WEATHER = ("<|channel|>analysis<|message|>Need the weather tool.<|end|>"
                 '<|message|>{"city": "Paris"}<|call|>')
 ANSWER_WEATHER = ("<|channel|>analysis<|message|>It is sunny.<|end|>"
                   "<|start|>assistant<|channel|>final<|message|>Sunny, 20 degrees in Paris.<|return|>")
-
-
-class ServerThread:
-    """uvicorn serving `app` on a free loopback port, in a background thread."""
-
-    def __init__(self, app):
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
-                                       daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        deadline = time.time() + 30
-        while not self.server.started:
-            assert self.thread.is_alive() and time.time() < deadline, "server did not start"
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-        self.sock.close()
 
 
 class SlowScripted(ScriptedModel):
@@ -100,13 +73,24 @@ def scripted(encoding):
 def srv(scripted):
     scripted.model.queue.clear()
     scripted.model.delay = 0.0
+    scripted.transport = StrictTransport()
+    scripted.http = httpx.Client(base_url=scripted.url, transport=scripted.transport, timeout=60)
     yield scripted
     scripted.model.queue.clear()
+    scripted.http.close()
+    assert not scripted.transport.failures, scripted.transport.failures
+
+
+def strict_client(srv, **kw) -> openai.OpenAI:
+    """An openai client whose every answer is checked against the openai types (serverkit)."""
+    kw = {"api_key": "unused", "max_retries": 0, "timeout": 60, **kw}
+    return openai.OpenAI(base_url=srv.url + "/v1", **kw,
+                         http_client=httpx.Client(transport=srv.transport, timeout=kw["timeout"]))
 
 
 @pytest.fixture
 def client(srv):
-    return openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    return strict_client(srv)
 
 
 def prompt_text(srv) -> str:
@@ -124,7 +108,7 @@ def no_markup(text):
 def test_models_and_health(client, srv):
     assert [m.id for m in client.models.list().data] == [MODEL]
     assert client.models.retrieve(MODEL).id == MODEL
-    assert httpx.get(srv.url + "/health").json()["status"] == "ok"
+    assert srv.http.get("/health").json()["status"] == "ok"
 
 
 def test_stop_filter_holds_back_partial_matches():
@@ -181,7 +165,7 @@ def test_chat_streamed_with_usage(client, srv):
 
 def test_chat_raw_sse_ends_with_done(srv):
     srv.model.push(THINK_THEN_ANSWER)
-    with httpx.stream("POST", srv.url + "/v1/chat/completions", json={
+    with srv.http.stream("POST", "/v1/chat/completions", json={
             "model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "stream": True}) as r:
         assert r.headers["content-type"].startswith("text/event-stream")
         lines = [ln for ln in r.iter_lines() if ln]
@@ -520,7 +504,7 @@ def test_context_overflow_is_400(client, srv):
 
 
 def test_bad_requests_are_4xx_with_clear_messages(client, srv):
-    post = lambda path, **kw: httpx.post(srv.url + path, **kw)  # noqa: E731
+    post = srv.http.post
     r = post("/v1/chat/completions", content=b'{"model": "x", "messages": [')
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
     r = post("/v1/chat/completions", json={"model": MODEL, "messages": "hello"})
@@ -588,7 +572,7 @@ def test_disconnect_cancels_generation(client, srv):
     fed_at_close = len(srv.model.fed) - fed_before
     # A non-streaming client that times out is cancelled too.
     srv.model.push(long)
-    impatient = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0, timeout=0.8)
+    impatient = strict_client(srv, timeout=0.8)
     with pytest.raises(openai.APITimeoutError):
         impatient.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}])
     # The next request is served promptly: both generations stopped long before their end.
