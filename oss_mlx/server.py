@@ -103,6 +103,12 @@ class Scheduler:
         self._thread.join(timeout=30)
 
     def _run(self):
+        try:
+            self._serve()
+        finally:
+            release_streams()
+
+    def _serve(self):
         while (job := self._jobs.get()) is not None:
             if job.cancel.is_set():  # the client left while waiting its turn
                 job.put(_END)
@@ -116,6 +122,16 @@ class Scheduler:
             finally:
                 self.current = None
             job.put(_END)
+
+
+def release_streams():
+    """Free the MLX streams of this thread before it ends. MLX no longer cleans up at exit by
+    itself: a thread that ran MLX work and exits without this can abort the process at
+    shutdown ("terminate called without an active exception", exit 134)."""
+    import sys
+
+    if "mlx.core" in sys.modules:
+        sys.modules["mlx.core"].clear_streams()
 
 
 async def events(job: Job):
@@ -207,8 +223,12 @@ def main(args, engine_factory=None) -> int:
         # Ctrl-C: give open requests 2 s, then cancel them (which cancels their generations).
         server = uvicorn.Server(uvicorn.Config(app, log_level="warning",
                                                timeout_graceful_shutdown=2))
-        # uvicorn re-raises SIGTERM once it has shut down; end as for Ctrl-C instead of dying
-        # there, so the demo model's temporary folder is removed.
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-        server.run(sockets=[sock])
+        # uvicorn re-raises SIGTERM / SIGINT once it has shut down gracefully; end with exit
+        # status 0 then instead of dying there, so the demo model's temporary folder is removed.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: sys.exit(0))
+        try:
+            server.run(sockets=[sock])
+        finally:
+            release_streams()  # the main thread's (the worker released its own)
     return 0
