@@ -175,7 +175,7 @@ def call_item(call: ToolCall) -> dict:
     ns = {"namespace": call.namespace} if call.namespace else {}
     if call.kind == "custom":
         return {"type": "custom_tool_call", "id": new_id("ctc_"), "call_id": call.id,
-                "name": call.name, "input": "", "status": "in_progress", **ns}
+                "name": call.name, "input": "", **ns}
     if call.kind == "local_shell":
         return {"type": "local_shell_call", "id": new_id("lsh_"), "call_id": call.id,
                 "action": shell_action("{}"), "status": "in_progress"}
@@ -256,7 +256,8 @@ class OutputItems:
         if item is None:
             return []
         idx = self._index(item)
-        item["status"] = status
+        if "status" in item:
+            item["status"] = status
         events: list[tuple[str, dict]] = []
         kind = item["type"]
         if kind == "reasoning":

@@ -10,6 +10,7 @@ messages and deltas (how gpt-oss servers return the analysis channel).
 
 from __future__ import annotations
 
+import functools
 import json
 import socket
 import threading
@@ -69,9 +70,14 @@ def _no_extra(obj, where: str):
             _no_extra(x, f"{where}.{k}")
 
 
+@functools.lru_cache(maxsize=None)
+def _adapter(type_) -> pydantic.TypeAdapter:
+    return pydantic.TypeAdapter(type_)
+
+
 def strict(type_, data: dict, where: str = "body"):
     """`data` validated as the openai type `type_` (a model or a union), with no extra field."""
-    obj = pydantic.TypeAdapter(type_).validate_python(data)
+    obj = _adapter(type_).validate_python(data)
     if isinstance(obj, pydantic.BaseModel) and "type" in type(obj).model_fields:
         assert obj.type == data.get("type"), f"{where}: {data.get('type')!r} read as {obj.type!r}"
     _no_extra(obj, where)

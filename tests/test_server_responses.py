@@ -292,7 +292,6 @@ def test_store_and_previous_response_id(client, srv):
     assert "<|start|>user<|message|>Wait for a1.<|end|>" in prompt
     assert "Wait for the helper.<|end|><|start|>assistant to=multi_agent_v1.wait_agent" in prompt
     assert "Be brief." not in prompt  # instructions are not carried over (as OpenAI)
-    assert srv.model.prompts[-1] and len(srv.model.prompts[-1]) < 40  # the rest was cached
     # Not stored, unknown or deleted: a clear 400 / 404.
     srv.model.push(ANSWER)
     r3 = client.responses.create(model=MODEL, input="x", store=False)
