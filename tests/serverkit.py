@@ -188,3 +188,71 @@ def sse_events(response) -> list[dict]:
         if data and data[0] != "[DONE]":
             out.append(json.loads("\n".join(data)))
     return out
+
+
+# ---- explicit synchronisation ---------------------------------------------------------------
+
+
+def gated(base):
+    """A ScriptedModel subclass whose decode steps can be held and let go one by one.
+
+    `hold()` makes each decode step wait for a permit; `allow(n)` grants n steps; `free()` lets
+    it run freely again. `steps[i]`: the decode steps request i (the i-th prefill) has taken.
+    Tests then know exactly where a generation stands instead of sleeping and hoping.
+    """
+
+    class Gated(base):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            self.permits: threading.Semaphore | None = None
+            self.steps: dict[int, int] = {}
+
+        def hold(self):
+            self.permits = threading.Semaphore(0)
+
+        def allow(self, n: int):
+            self.permits.release(n)
+
+        def free(self):
+            permits, self.permits = self.permits, None
+            if permits is not None:
+                permits.release(1_000_000)
+
+        def __call__(self, tokens, cache=None):
+            permits = self.permits
+            if permits is not None:
+                assert permits.acquire(timeout=60), "a held generation was never let go"
+            request = len(self.prompts) - 1
+            self.steps[request] = self.steps.get(request, 0) + 1
+            return super().__call__(tokens, cache)
+
+    return Gated
+
+
+class JobLog:
+    """Records the jobs a scheduler is given (wraps its `submit`), with an event per arrival."""
+
+    def __init__(self, scheduler):
+        self.jobs: list = []
+        self.arrived = threading.Condition()
+        inner = scheduler.submit
+
+        def submit(*a, **kw):
+            job = inner(*a, **kw)
+            with self.arrived:
+                self.jobs.append(job)
+                self.arrived.notify_all()
+            return job
+
+        scheduler.submit = submit
+        self._undo = lambda: scheduler.__dict__.pop("submit", None)
+
+    def wait(self, n: int, timeout: float = 30):
+        """Block until `n` jobs have arrived; the n-th."""
+        with self.arrived:
+            assert self.arrived.wait_for(lambda: len(self.jobs) >= n, timeout), \
+                f"{len(self.jobs)} of {n} requests arrived"
+        return self.jobs[n - 1]
+
+    def close(self):
+        self._undo()

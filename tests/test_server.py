@@ -9,13 +9,12 @@ synthetic model end to end.
 
 import json
 import socket
-import time
 
 import httpx
 import openai
 import pytest
 from scripted import ScriptedModel, vocab_dir
-from serverkit import ServerThread, StrictTransport
+from serverkit import JobLog, ServerThread, StrictTransport, gated
 
 from oss_mlx.engine import Engine
 from oss_mlx.harmony import load_encoding
@@ -45,14 +44,7 @@ ANSWER_WEATHER = ("<|channel|>analysis<|message|>It is sunny.<|end|>"
                   "<|start|>assistant<|channel|>final<|message|>Sunny, 20 degrees in Paris.<|return|>")
 
 
-class SlowScripted(ScriptedModel):
-    """A ScriptedModel whose decode steps take `delay` seconds (to test cancellation)."""
-
-    delay = 0.0
-
-    def __call__(self, tokens, cache=None):
-        time.sleep(self.delay)
-        return super().__call__(tokens, cache)
+Gated = gated(ScriptedModel)
 
 
 @pytest.fixture(scope="module")
@@ -62,20 +54,24 @@ def encoding(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def scripted(encoding):
-    model = SlowScripted(encoding=encoding, max_context=2048)
+    model = Gated(encoding=encoding, max_context=2048)
     engine = Engine(model, encoding)
-    with ServerThread(create_app(engine, MODEL)) as srv:
-        srv.model, srv.engine = model, engine
+    app = create_app(engine, MODEL)
+    with ServerThread(app) as srv:
+        srv.model, srv.engine, srv.service = model, engine, app.state.service
         yield srv
 
 
 @pytest.fixture
 def srv(scripted):
     scripted.model.queue.clear()
-    scripted.model.delay = 0.0
+    scripted.model.free()
+    scripted.jobs = JobLog(scripted.service.scheduler)
     scripted.transport = StrictTransport()
     scripted.http = httpx.Client(base_url=scripted.url, transport=scripted.transport, timeout=60)
     yield scripted
+    scripted.model.free()
+    scripted.jobs.close()
     scripted.model.queue.clear()
     scripted.http.close()
     assert not scripted.transport.failures, scripted.transport.failures
@@ -556,11 +552,28 @@ def test_api_key_required(encoding):
         assert r.choices[0].message.content == "Hello! How can I help?"
 
 
+LONG = "<|channel|>final<|message|>" + "la " * 600 + "<|return|>"
+
+
+def steps_after(srv, request: int, job) -> int:
+    """Let the held engine go once `job` is cancelled; the decode steps request `request` took
+    after that (the next request runs only once it has ended)."""
+    assert job.cancel.wait(10), "the server did not notice the client leave"
+    at_cancel = srv.model.steps.get(request, 0)
+    srv.model.free()
+    srv.model.push(THINK_THEN_ANSWER)
+    r = srv.http.post("/v1/chat/completions", json={
+        "model": MODEL, "messages": [{"role": "user", "content": "Hi"}]})
+    assert r.json()["choices"][0]["message"]["content"] == "Hello! How can I help?"
+    return srv.model.steps[request] - at_cancel
+
+
 def test_disconnect_cancels_generation(client, srv):
-    srv.model.delay = 0.01  # 600 tokens would take 6 s or more
-    long = "<|channel|>final<|message|>" + "la " * 600 + "<|return|>"
-    srv.model.push(long)
-    fed_before = len(srv.model.fed)
+    # A streaming client that leaves after three words: its generation stops at the next step.
+    srv.model.hold()
+    srv.model.allow(10)  # the header and a few words, then the engine waits
+    srv.model.push(LONG)
+    request = len(srv.model.prompts)
     stream = client.chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": "sing"}], stream=True)
     got = 0
@@ -569,39 +582,41 @@ def test_disconnect_cancels_generation(client, srv):
         if got >= 3:
             break
     stream.close()
-    fed_at_close = len(srv.model.fed) - fed_before
-    # A non-streaming client that times out is cancelled too.
-    srv.model.push(long)
-    impatient = strict_client(srv, timeout=0.8)
-    with pytest.raises(openai.APITimeoutError):
-        impatient.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}])
-    # The next request is served promptly: both generations stopped long before their end.
-    srv.model.delay = 0.0
-    srv.model.push(THINK_THEN_ANSWER)
-    t0 = time.time()
-    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}])
-    assert r.choices[0].message.content == "Hello! How can I help?"
-    assert time.time() - t0 < 4
-    fed_after = len(srv.model.fed) - fed_before
-    assert fed_at_close < 100 and fed_after - fed_at_close < 300, (fed_at_close, fed_after)
+    assert steps_after(srv, request, srv.jobs.wait(1)) <= 1
+
+    # A non-streaming client that hangs up mid-generation is cancelled too.
+    srv.model.hold()
+    srv.model.allow(5)
+    srv.model.push(LONG)
+    request = len(srv.model.prompts)
+    body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "x"}]}).encode()
+    with socket.create_connection(("127.0.0.1", srv.port)) as raw:
+        raw.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                    b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                    % (len(body), body))
+        job = srv.jobs.wait(3)  # jobs 1 (the streaming one) and 2 (the follow-up) came before
+    assert steps_after(srv, request, job) <= 1
 
 
 def test_client_leaving_while_queued_is_never_run(client, srv):
-    srv.model.delay = 0.01
+    srv.model.hold()
     srv.model.push("<|channel|>final<|message|>" + "la " * 300 + "<|return|>")  # A, running
     srv.model.push("<|channel|>final<|message|>B never runs<|return|>")           # B, queued
     requests_before = len(srv.model.prompts)
     a = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "a"}],
                                        stream=True)
     next(iter(a))
+    job_a = srv.jobs.wait(1)
     b = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "b"}],
                                        stream=True)
     assert next(iter(b)).choices[0].delta.role == "assistant"  # accepted, waiting its turn
+    job_b = srv.jobs.wait(2)
     b.close()
-    time.sleep(0.5)
+    assert job_b.cancel.wait(10)  # the server saw B leave while A still runs
     a.close()
-    srv.model.delay = 0.0
+    assert job_a.cancel.wait(10)
     srv.model.queue.clear()  # drop B's reply: if B ran after all, C would find none
+    srv.model.free()
     srv.model.push("<|channel|>final<|message|>C<|return|>")
     r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "c"}])
     assert r.choices[0].message.content == "C"
@@ -629,18 +644,24 @@ def test_engine_failure_is_reported_not_fatal(client, srv):
 def test_requests_are_served_in_order(client, srv):
     from concurrent.futures import ThreadPoolExecutor
 
-    srv.model.delay = 0.12  # a request (6 tokens) outlasts the gaps between arrivals
+    srv.model.hold()  # request 0 holds the engine while 1, 2 and 3 arrive, in that order
     for i in range(4):
         srv.model.push(f"<|channel|>final<|message|>answer {i}<|return|>")
 
     def ask(i):
-        time.sleep(0.25 * i)  # arrive in order 0, 1, 2, 3, while 0 or 1 is still running
         return client.chat.completions.create(
             model=MODEL, messages=[{"role": "user", "content": f"q{i}"}]).choices[0].message.content
 
     with ThreadPoolExecutor(4) as pool:
-        answers = list(pool.map(ask, range(4)))
+        futures = []
+        for i in range(4):
+            futures.append(pool.submit(ask, i))
+            srv.jobs.wait(i + 1)  # request i is queued before request i + 1 is sent
+        srv.model.free()
+        answers = [f.result(timeout=60) for f in futures]
     assert answers == [f"answer {i}" for i in range(4)]  # FIFO: replies were queued in order
+    prompts = [srv.model.encoding.decode(p) for p in srv.model.prompts[-4:]]
+    assert [f"q{i}" in p for i, p in enumerate(prompts)] == [True] * 4
 
 
 # ---- the tiny synthetic model, end to end -----------------------------------------------------
