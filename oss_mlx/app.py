@@ -12,6 +12,7 @@ import functools
 import hmac
 from contextlib import asynccontextmanager
 
+import uvicorn
 from fastapi import Request
 
 from .chat_completions import chat_completions
@@ -149,3 +150,15 @@ def create_app(engine, model_name: str, api_key: str | None = None,
                           openapi_extra=request_body(model) if model else None)
     app.openapi = functools.partial(openapi, app)
     return app
+
+
+class StoppingServer(uvicorn.Server):
+    """uvicorn, cancelling every generation as soon as a shutdown begins: a stream in flight
+    then ends cleanly instead of being killed by the graceful-shutdown timeout (a traceback)."""
+
+    def handle_exit(self, sig, frame):
+        super().handle_exit(sig, frame)
+        scheduler = self.config.app.state.service.scheduler
+        if scheduler is not None:
+            scheduler.cancel_all()
+

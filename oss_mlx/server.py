@@ -87,6 +87,14 @@ class Scheduler:
         self._jobs.put(job)
         return job
 
+    def cancel_all(self):
+        """Cancel the running job and every queued one; they end at their next token."""
+        for job in list(self._jobs.queue):
+            if job is not None:
+                job.cancel.set()
+        if self.current is not None:
+            self.current.cancel.set()
+
     def close(self):
         """Stop after cancelling the running job and every queued one."""
         while True:
@@ -220,8 +228,11 @@ def main(args, engine_factory=None) -> int:
               + (" (API key required)" if args.api_key else ""), flush=True)
         if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
             print("oss-mlx: warning: listening beyond this machine without --api-key", flush=True)
-        # Ctrl-C: give open requests 2 s, then cancel them (which cancels their generations).
-        server = uvicorn.Server(uvicorn.Config(app, log_level="warning",
+        # Ctrl-C / SIGTERM: generations stop at their next token, so open requests end (with
+        # what they have) well within the 2 s uvicorn then gives them.
+        from .app import StoppingServer
+
+        server = StoppingServer(uvicorn.Config(app, log_level="warning",
                                                timeout_graceful_shutdown=2))
         # uvicorn re-raises SIGTERM / SIGINT once it has shut down gracefully; end with exit
         # status 0 then instead of dying there, so the demo model's temporary folder is removed.

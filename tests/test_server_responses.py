@@ -385,20 +385,43 @@ SERVE = [sys.executable, str(Path(__file__).parent / "serve_scripted.py"), "--po
 
 
 def test_serve_stops_cleanly_on_sigterm_and_sigint():
-    """Start the real command, serve a request, stop it; again and again (bounded)."""
-    reply = "<|channel|>final<|message|>ok<|return|>"
-    for i, sig in enumerate([signal.SIGTERM, signal.SIGINT] * 4):
-        proc = subprocess.Popen([*SERVE, "--reply", reply], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True,
+    """Start the real command, serve, stop it (with a stream in flight every other time); again
+    and again, bounded. Each stop is exit status 0 with nothing on stderr but our own lines."""
+    import threading
+
+    short = "<|channel|>final<|message|>ok<|return|>"
+    long = "<|channel|>final<|message|>" + "la " * 5000 + "<|return|>"
+    for i, sig in enumerate([signal.SIGTERM, signal.SIGINT] * 2):
+        proc = subprocess.Popen([*SERVE, "--reply", short, "--reply", long],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        lines: list[str] = []
         try:
-            line = proc.stdout.readline()  # "oss-mlx: serving ... at http://127.0.0.1:PORT/v1"
-            url = line.split(" at ")[1].split()[0]
+            url = proc.stdout.readline().split(" at ")[1].split()[0]
             r = httpx.post(url + "/chat/completions", timeout=60, json={
                 "model": MODEL, "messages": [{"role": "user", "content": "x"}]})
             assert r.json()["choices"][0]["message"]["content"] == "ok"
+            streaming = threading.Event()
+            if i % 4 >= 2:  # a client streaming the long reply when the signal comes
+
+                def read():
+                    with httpx.stream("POST", url + "/chat/completions", timeout=60, json={
+                            "model": MODEL, "stream": True,
+                            "messages": [{"role": "user", "content": "y"}]}) as s:
+                        for line in s.iter_lines():
+                            if line:
+                                lines.append(line)
+                                streaming.set()
+
+                reader = threading.Thread(target=read, daemon=True)
+                reader.start()
+                assert streaming.wait(60)
             proc.send_signal(sig)
             _, err = proc.communicate(timeout=60)
         finally:
             proc.kill()
-        assert proc.returncode == 0 and "terminate called" not in err, (i, sig, proc.returncode, err)
+        assert proc.returncode == 0, (i, sig, proc.returncode, err)
+        assert "Traceback" not in err and "terminate called" not in err, (i, sig, err)
+        if lines:
+            reader.join(30)
+            assert lines[-1] == "data: [DONE]" and len(lines) < 5000 * 2  # ended, and early
