@@ -670,7 +670,9 @@ def test_requests_are_served_in_order(client, srv):
 def test_tiny_model_end_to_end(tiny_model):
     engine = Engine.load(str(tiny_model))
     with ServerThread(create_app(engine, "tiny")) as s:
-        c = openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0, timeout=120)
+        transport = StrictTransport()
+        c = openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0, timeout=120,
+                          http_client=httpx.Client(transport=transport, timeout=120))
         r = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}],
                                       max_tokens=8, temperature=0, seed=1)
         assert r.choices[0].finish_reason in ("length", "stop")
@@ -686,6 +688,18 @@ def test_tiny_model_end_to_end(tiny_model):
         assert text == (r.choices[0].message.content or "")
         resp = c.responses.create(model="tiny", input="Hi", max_output_tokens=8, temperature=0)
         assert resp.status in ("completed", "incomplete") and resp.usage.output_tokens <= 8
+
+        # A top_p that is 0 in float32 keeps only the top token: greedy, whatever the seed.
+        def answer(**kw):  # the sampled tokens (random weights write no harmony text)
+            c.chat.completions.create(model="tiny", max_tokens=8, messages=[
+                {"role": "user", "content": "Hi"}], **kw)
+            return engine.cached_tokens
+
+        greedy = answer(temperature=0)
+        assert all(answer(temperature=1, top_p=1e-50, seed=k) == greedy for k in (1, 2, 3))
+        # (while sampling at temperature 1 does depend on the seed: the check can tell)
+        assert any(answer(temperature=1, seed=k) != greedy for k in (1, 2, 3))
+    assert not transport.failures, transport.failures
 
 
 # ---- the command ------------------------------------------------------------------------------
