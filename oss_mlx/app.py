@@ -56,12 +56,22 @@ async def api_error(request, e: APIError):
     return error_response(e)
 
 
+def allowed_methods(request) -> str:
+    """The methods some route serves at this path (for a 405's `Allow` header)."""
+    from starlette.routing import Match
+
+    methods = set()
+    for route in request.app.routes:
+        if route.matches(request.scope)[0] != Match.NONE:
+            methods |= set(getattr(route, "methods", None) or ())
+    return ", ".join(sorted(methods))
+
+
 async def http_error(request, e):
-    # Starlette's 405 names the allowed methods in its `Allow` header: keep it.
     code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
+    headers = {"Allow": allowed_methods(request)} if e.status_code == 405 else None
     return error_response(APIError(e.status_code, f"{request.method} {request.url.path}: "
-                                                  f"{e.detail}", code=code),
-                          headers=getattr(e, "headers", None))
+                                                  f"{e.detail}", code=code), headers=headers)
 
 
 async def internal_error(request, e):  # a bug of ours: say so, keep serving
@@ -88,20 +98,16 @@ async def get_model(request: Request, name: str):
     return model_card(service)
 
 
-async def stored_response(request: Request, response_id: str):
-    if request.method == "DELETE":
-        return await delete_response(request)
-    return await retrieve_response(request)
-
-
-# path -> (methods, route, request model documented in /openapi.json)
-ROUTES = {
-    "/v1/models": (["GET"], list_models, None),
-    "/v1/models/{name:path}": (["GET"], get_model, None),
-    "/v1/chat/completions": (["POST"], chat_completions, ChatRequest),
-    "/v1/responses": (["POST"], create_response, ResponsesRequest),
-    "/v1/responses/{response_id}": (["GET", "DELETE"], stored_response, None),
-}
+# (path, methods, route, the request model documented in /openapi.json); a path may have one
+# route per method.
+ROUTES = [
+    ("/v1/models", ["GET"], list_models, None),
+    ("/v1/models/{name:path}", ["GET"], get_model, None),
+    ("/v1/chat/completions", ["POST"], chat_completions, ChatRequest),
+    ("/v1/responses", ["POST"], create_response, ResponsesRequest),
+    ("/v1/responses/{response_id}", ["GET"], retrieve_response, None),
+    ("/v1/responses/{response_id}", ["DELETE"], delete_response, None),
+]
 
 
 def request_body(model) -> dict:
@@ -145,7 +151,7 @@ def create_app(engine, model_name: str, api_key: str | None = None,
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(Exception, internal_error)
     app.add_api_route("/health", health, methods=["GET"])  # open: no key needed
-    for path, (methods, route, model) in ROUTES.items():
+    for path, methods, route, model in ROUTES:
         app.add_api_route(path, route, methods=methods, dependencies=[Depends(authorize)],
                           openapi_extra=request_body(model) if model else None)
     app.openapi = functools.partial(openapi, app)

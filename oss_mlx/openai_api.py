@@ -402,9 +402,10 @@ def responses_items(req: ResponsesRequest, unseal=lambda sealed: None) -> list[I
             else:
                 raise APIError(400, f"{where}.role: unknown role {role!r}", param=f"{where}.role")
         elif kind == "reasoning":
-            text = _text(it.get("content") or [], f"{where}.content")
-            if not text and isinstance(it.get("encrypted_content"), str):
-                text = unseal(it["encrypted_content"]) or ""
+            # The sealed text first: it is exactly what the model wrote.
+            sealed = it.get("encrypted_content")
+            text = (unseal(sealed) if isinstance(sealed, str) else None) or _text(
+                it.get("content") or [], f"{where}.content")
             if text:
                 items.append(Item("reasoning", text))
         elif kind in _CALLS:

@@ -255,14 +255,15 @@ def test_encrypted_reasoning_is_restored_exactly(client, srv):
     thought = reasoning.content[0].text
     assert thought == "Wait for the helper."
 
-    def follow_up(encrypted):
+    def follow_up(encrypted, content=None):
         srv.model.push(ANSWER)
+        text = {"content": [{"type": "reasoning_text", "text": content}]} if content else {}
         # A stateless client: the reasoning item comes back with its sealed form only, and
         # the call ids are new to this server (nothing to recall them by).
         client.responses.create(model=MODEL, tools=[NAMESPACE], store=False, input=[
             {"role": "user", "content": "Wait for a1."},
             {"type": "reasoning", "id": reasoning.id, "summary": [],
-             "encrypted_content": encrypted},
+             "encrypted_content": encrypted, **text},
             {"type": "function_call", "call_id": "fresh", "name": "wait_agent",
              "namespace": "multi_agent_v1", "arguments": call.arguments},
             {"type": "function_call_output", "call_id": "fresh", "output": "ok"}])
@@ -273,6 +274,9 @@ def test_encrypted_reasoning_is_restored_exactly(client, srv):
     tampered = reasoning.encrypted_content[:-2] + ("A" if reasoning.encrypted_content[-2] != "A" else "B") \
         + reasoning.encrypted_content[-1]
     assert "Wait for the helper." not in follow_up(tampered)  # not ours: dropped, not trusted
+    # Sealed and plain text both sent: the sealed one is what the model wrote, it wins.
+    assert "Wait for the helper." in follow_up(reasoning.encrypted_content, "Edited thought.")
+    assert "Edited thought." in follow_up(tampered, "Edited thought.")
     srv.model.push(ANSWER)
     r = client.responses.create(model=MODEL, input="Hi")
     assert r.output[0].encrypted_content is None  # only when asked for
@@ -397,7 +401,9 @@ def test_serve_stops_cleanly_on_sigterm_and_sigint():
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
         lines: list[str] = []
         try:
-            url = proc.stdout.readline().split(" at ")[1].split()[0]
+            line = proc.stdout.readline()
+            assert " at http" in line, (line, proc.stderr.read() if proc.poll() is not None else "")
+            url = line.split(" at ")[1].split()[0]
             r = httpx.post(url + "/chat/completions", timeout=60, json={
                 "model": MODEL, "messages": [{"role": "user", "content": "x"}]})
             assert r.json()["choices"][0]["message"]["content"] == "ok"
