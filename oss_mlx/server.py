@@ -3,7 +3,8 @@
     oss-mlx serve --model gpt-oss-20b                       # http://127.0.0.1:8000/v1
     oss-mlx serve --model ./my-model --port 9000 --api-key sk-local
 
-Endpoints: GET /v1/models, POST /v1/chat/completions, POST /v1/responses, GET /health.
+Endpoints: GET /v1/models, POST /v1/chat/completions, POST /v1/responses, GET and DELETE
+/v1/responses/{id}, GET /health, GET /openapi.json.
 
 One model, one generation at a time: requests wait in a FIFO queue and a single worker thread
 runs them through the engine (which reuses its KV cache when a conversation grows). Tokens travel
