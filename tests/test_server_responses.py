@@ -226,6 +226,19 @@ def test_hosted_tools_are_left_out_not_refused(client, srv):
     assert r.status_code == 400 and "telepathy" in r.json()["error"]["message"]
 
 
+def test_hosted_tool_is_logged_once(caplog):
+    from oss_mlx import openai_api
+
+    openai_api._unserved.discard("web_search")
+    req = openai_api.ResponsesRequest(model=MODEL, input="x", tools=[{"type": "web_search"}, EXEC])
+    with caplog.at_level("WARNING", logger="oss_mlx.server"):
+        for _ in range(3):
+            assert [t.name for t in openai_api.responses_tools(req)] == ["exec_command"]
+    assert [r.getMessage() for r in caplog.records].count(
+        "the 'web_search' tool runs on OpenAI's side and no backend for it is configured here: "
+        "leaving it out of the prompt") == 1
+
+
 def test_parallel_calls_sent_back_become_pairs(client, srv):
     srv.model.push(ANSWER)
     r = client.responses.create(model=MODEL, tools=[EXEC], parallel_tool_calls=True, input=[
