@@ -14,7 +14,6 @@ import functools
 import json
 import socket
 import threading
-import time
 
 from typing import Literal
 
@@ -27,6 +26,18 @@ from openai.types.shared import ErrorObject
 EXTRA_OK = {"reasoning_content"}
 
 
+class _Server(uvicorn.Server):
+    """uvicorn with an event set once it listens (its `started` flag has none to wait on)."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.ready = threading.Event()
+
+    async def startup(self, sockets=None):
+        await super().startup(sockets=sockets)
+        self.ready.set()
+
+
 class ServerThread:
     """uvicorn serving `app` on a free loopback port, in a background thread."""
 
@@ -35,16 +46,13 @@ class ServerThread:
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        self.server = _Server(uvicorn.Config(app, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
                                        daemon=True)
 
     def __enter__(self):
         self.thread.start()
-        deadline = time.time() + 30
-        while not self.server.started:  # uvicorn offers no event to wait on
-            assert self.thread.is_alive() and time.time() < deadline, "server did not start"
-            time.sleep(0.02)
+        assert self.server.ready.wait(30), "server did not start"
         return self
 
     def __exit__(self, *exc):
