@@ -32,9 +32,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("oss_mlx.server")
 
-# OpenAI's efforts; harmony has three, so "none" and "minimal" run as "low", "xhigh" as "high".
-Effort = Literal["none", "minimal", "low", "medium", "high", "xhigh"]
-HARMONY_EFFORT = {"none": "low", "minimal": "low", "xhigh": "high"}
+# OpenAI's efforts; harmony has three, so "none" and "minimal" run as "low", "xhigh" and "max"
+# as "high".
+Effort = Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"]
+HARMONY_EFFORT = {"none": "low", "minimal": "low", "xhigh": "high", "max": "high"}
 
 # A seed is a 64-bit unsigned integer (numpy's and MLX's range). Clients that mean "random" send
 # -1: that is None, as if no seed were given; anything else outside the range is a 400.

@@ -336,7 +336,8 @@ def test_store_is_bounded():
 
 
 @pytest.mark.parametrize("effort,harmony", [("none", "low"), ("minimal", "low"), ("low", "low"),
-                                            ("high", "high"), ("xhigh", "high")])
+                                            ("high", "high"), ("xhigh", "high"),
+                                            ("max", "high")])
 def test_reasoning_effort(client, srv, effort, harmony):
     srv.model.push(ANSWER)
     r = client.responses.create(model=MODEL, input="x", reasoning={"effort": effort,
