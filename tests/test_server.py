@@ -535,21 +535,22 @@ def test_bad_requests_are_4xx_with_clear_messages(client, srv):
 def test_api_key_required(encoding):
     model = ScriptedModel(encoding=encoding)
     with ServerThread(create_app(Engine(model, encoding), MODEL, api_key=KEY)) as s:
-        for key in ("wrong", ""):
-            bad = openai.OpenAI(base_url=s.url + "/v1", api_key=key or "x", max_retries=0)
-            if not key:
-                r = httpx.get(s.url + "/v1/models")
-                assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
-                continue
-            with pytest.raises(openai.AuthenticationError):
-                bad.models.list()
-            with pytest.raises(openai.AuthenticationError):
-                bad.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}])
-        assert httpx.get(s.url + "/health").status_code == 200  # liveness needs no key
-        good = openai.OpenAI(base_url=s.url + "/v1", api_key=KEY, max_retries=0)
+        s.transport = StrictTransport()
+        http = httpx.Client(base_url=s.url, transport=s.transport)
+        r = http.get("/v1/models")
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        bad = strict_client(s, api_key="wrong")
+        with pytest.raises(openai.AuthenticationError):
+            bad.models.list()
+        with pytest.raises(openai.AuthenticationError):
+            bad.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}])
+        assert http.get("/health").status_code == 200  # liveness needs no key
+        good = strict_client(s, api_key=KEY)
         model.push(THINK_THEN_ANSWER)
         r = good.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}])
         assert r.choices[0].message.content == "Hello! How can I help?"
+        assert [m.id for m in good.models.list()] == [MODEL]
+        assert not s.transport.failures, s.transport.failures
 
 
 LONG = "<|channel|>final<|message|>" + "la " * 600 + "<|return|>"
