@@ -225,6 +225,7 @@ def main(args, engine_factory=None) -> int:
         name = args.name or default_name
         app = create_app(engine, name, api_key=args.api_key, default_max_tokens=max_tokens)
         port = sock.getsockname()[1]
+        sock.listen(128)  # from here connections queue until uvicorn accepts them
         print(f"oss-mlx: serving {name!r} at http://{args.host}:{port}/v1"
               + (" (API key required)" if args.api_key else ""), flush=True)
         if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
