@@ -61,7 +61,7 @@ APPLE_BANDWIDTH_GBPS: dict[tuple[str, int | None], float] = {
     ("M3 Ultra", None): 819.0,
 }
 
-SYNTH_PRESETS = ("20b", "120b")
+SYNTH_PRESETS = ("20b", "120b", "narrow")
 WARMUP_PROMPT = 32  # tokens of the prompt a warm-up run prefills
 
 
@@ -217,7 +217,7 @@ def _dtype_name(d) -> str:
     return str(d).split(".")[-1]
 
 
-def load_ours(path, dtype: str = "auto") -> Runtime:
+def load_ours(path, dtype: str = "auto", expert_dtype: str | None = None) -> Runtime:
     import mlx.core as mx
 
     from .model import default_dtype, load
@@ -228,7 +228,7 @@ def load_ours(path, dtype: str = "auto") -> Runtime:
     else:
         dt = getattr(mx, dtype)
         label = f"oss-mlx {dtype}"
-    model = load(path, dtype=dt)
+    model = load(path, dtype=dt, expert_dtype=getattr(mx, expert_dtype) if expert_dtype else None)
     params = _flat_params(model)
     mx.eval(list(params.values()))
 
@@ -244,8 +244,9 @@ def load_ours(path, dtype: str = "auto") -> Runtime:
     )
 
 
-def load_mlx_lm(src) -> Runtime:
-    """mlx-lm's gpt_oss model on the upstream (HF layout) checkpoint, with its own caches."""
+def load_mlx_lm(src, dtype: str = "auto") -> Runtime:
+    """mlx-lm's gpt_oss model on the upstream (HF layout) checkpoint, with its own caches;
+    `dtype` "float32" casts its float parameters (not the packed experts) to float32."""
     import mlx.core as mx
 
     try:
@@ -260,6 +261,8 @@ def load_mlx_lm(src) -> Runtime:
         model, config = load_model(src)
     except (ValueError, FileNotFoundError, KeyError) as e:
         raise OssMlxError(f"mlx-lm cannot load {src}: {e}") from None
+    if dtype not in ("auto", None):
+        model.set_dtype(getattr(mx, dtype))
     params = _flat_params(model)
     mx.eval(list(params.values()))
     dtypes = {a.dtype for n, a in params.items() if n.endswith("q_proj.weight")}
@@ -542,6 +545,8 @@ def add_arguments(p) -> None:
     p.add_argument("--warmup", type=int, default=1, help="untimed runs per runtime and length")
     p.add_argument("--chunk-size", type=int, default=512, help="prefill chunk, the same for all runtimes")
     p.add_argument("--compare", choices=["mlx-lm"], help="also time mlx-lm on the same checkpoint")
+    p.add_argument("--mlx-lm-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="mlx-lm's dtype: auto (as stored) or its float parameters cast to this")
     p.add_argument("--dtype", default="auto",
                    help="oss-mlx compute dtype: auto|bfloat16|float16|float32, or several "
                         "comma-separated (e.g. auto,float32) to time each")
@@ -608,7 +613,7 @@ def main(args) -> int:
         raise OssMlxError("--compare mlx-lm needs the upstream checkpoint: pass --source DIR")
     if args.compare == "mlx-lm":
         log("loading mlx-lm ...")
-        runtimes.append(load_mlx_lm(source))
+        runtimes.append(load_mlx_lm(source, args.mlx_lm_dtype))
     cfg = runtimes[0].config
     if max(prompt_lengths) + gen_tokens > cfg.max_context:
         raise OssMlxError(f"prompt + generated tokens exceed the model's context of {cfg.max_context}")
