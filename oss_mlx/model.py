@@ -61,6 +61,7 @@ class Precision:
       `dense` is (cheap, and keeps a bf16 run close to float32): near-ties between experts
       resolve as in a float32 run instead of flipping on bf16 rounding.
     - The embedding table stays in its stored dtype (an exact row lookup); rows are cast.
+    - The experts' biases are float32 (added in float32 with no cast kernel; tiny).
     - Dense weights (attention, unembedding, sinks, biases) and the matmuls they feed: `dense`.
     - The experts' activations: `experts`. Their weights are the same 4-bit codes either way;
       MLX's CPU backend runs mxfp4 matmuls with bf16 activations ~10x slower than with float32
@@ -80,6 +81,8 @@ class Precision:
         """The dtype a stored floating tensor is loaded in; None keeps the stored one."""
         if name.endswith("norm.weight") or ".router." in name:
             return mx.float32
+        if ".experts." in name and name.endswith("bias"):
+            return mx.float32  # added to float32 sums (k/E of a few KB per token)
         if name.startswith("embedding."):
             return None  # looked up, then cast row by row
         return self.dense
@@ -158,8 +161,9 @@ class Attention(nn.Module):
 def _swiglu_biased(gate, up, gate_bias, up_bias, alpha, limit):
     # gate_up's bias, then: clamp the gate from above only, the linear part on both sides,
     # and add 1 (spec 1.6). One kernel.
-    gate = mx.minimum(gate + gate_bias, limit)
-    up = mx.clip(up + up_bias, -limit, limit)
+    dtype = gate.dtype
+    gate = mx.minimum(gate + gate_bias.astype(dtype), limit)
+    up = mx.clip(up + up_bias.astype(dtype), -limit, limit)
     return (up + 1) * (gate * mx.sigmoid(alpha * gate))
 
 

@@ -131,7 +131,8 @@ def test_bench_smoke(tiny_model, tiny_hf, tmp_path, capsys):
     assert all(isinstance(q["same_tokens"], bool) for q in report["ratios"])
     by = {r["runtime"]: r["roofline"]["components"] for r in report["results"] if r["prompt_tokens"] == 8}
     ours, theirs = by["oss-mlx bfloat16"], by[labels[-1]]
-    assert ours["experts"] == theirs["experts"]
+    # (our expert biases are float32, theirs bf16: a few KB per token)
+    assert ours["experts"] == pytest.approx(theirs["experts"], rel=0.02)
     assert sum(ours.values()) == pytest.approx(sum(theirs.values()), rel=0.02)
 
 
