@@ -217,7 +217,10 @@ def _dtype_name(d) -> str:
     return str(d).split(".")[-1]
 
 
-def load_ours(path, dtype: str = "auto", expert_dtype: str | None = None) -> Runtime:
+def load_ours(path, dtype: str = "auto", expert_dtype: str | None = None,
+              decode: str = "compiled") -> Runtime:
+    """Our model; `decode` "compiled" times the compiled step (model.decoder()) on its own
+    caches, "plain" the uncompiled forward on model.make_cache()'s."""
     import mlx.core as mx
 
     from .model import default_dtype, load
@@ -231,17 +234,31 @@ def load_ours(path, dtype: str = "auto", expert_dtype: str | None = None) -> Run
     model = load(path, dtype=dt, expert_dtype=getattr(mx, expert_dtype) if expert_dtype else None)
     params = _flat_params(model)
     mx.eval(list(params.values()))
+    return _our_runtime(model, label, _dtype_name(dt), params, decode)
 
-    def step(tokens, cache):
-        return model(tokens, cache=cache)[:, -1, :]
 
+def _our_runtime(model, label, dtype, params, decode: str) -> Runtime:
+    if decode == "compiled":
+        make_cache, step = model.decoder().make_cache, model.decoder()
+    elif decode == "plain":
+        label += " plain"
+        make_cache = model.make_cache
+
+        def step(tokens, cache):
+            return model(tokens, cache=cache)[:, -1, :]
+    else:
+        raise OssMlxError(f"--decode must be compiled, plain or both, got {decode!r}")
     return Runtime(
-        name="oss-mlx", label=label, dtype=_dtype_name(dt), config=model.config,
-        make_cache=model.make_cache,
+        name="oss-mlx", label=label, dtype=dtype, config=model.config, make_cache=make_cache,
         prefill=lambda tokens, cache, chunk_size: model.prefill(tokens, cache, chunk_size=chunk_size),
         step=step, params=params, model=model,
         weights_bytes=sum(a.nbytes for a in params.values()),
     )
+
+
+def plain_variant(rt: Runtime) -> Runtime:
+    """The same loaded model timed on the plain (uncompiled) decode path."""
+    return _our_runtime(rt.model, rt.label, rt.dtype, rt.params, "plain")
 
 
 def load_mlx_lm(src, dtype: str = "auto") -> Runtime:
@@ -550,6 +567,12 @@ def add_arguments(p) -> None:
     p.add_argument("--dtype", default="auto",
                    help="oss-mlx compute dtype: auto|bfloat16|float16|float32, or several "
                         "comma-separated (e.g. auto,float32) to time each")
+    p.add_argument("--decode", default="compiled", choices=["compiled", "plain", "both"],
+                   help="oss-mlx decode path: the compiled step (default), the plain forward, "
+                        "or both side by side")
+    p.add_argument("--ops", action="store_true",
+                   help="also count the kernels one decode token launches, per layer and in "
+                        "total, for each runtime (oss_mlx/opcount.py says how)")
     p.add_argument("--json", dest="json_path", metavar="FILE", help="write all results here")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic weights and prompts")
     p.add_argument("--cache-dir", help="where --synth keeps its checkpoints "
@@ -605,7 +628,10 @@ def main(args) -> int:
     runtimes = []
     for d in dtypes:
         log(f"loading oss-mlx ({d}) ...")
-        runtimes.append(load_ours(model_ref, d))
+        rt = load_ours(model_ref, d, decode="plain" if args.decode == "plain" else "compiled")
+        runtimes.append(rt)
+        if args.decode == "both":
+            runtimes.append(plain_variant(rt))
     if model_dir is None:  # a store name: the model knows its folder
         model_dir = getattr(runtimes[0].model, "model_dir", None)
         source = source or (model_dir and _source_of(Path(model_dir)))

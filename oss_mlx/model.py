@@ -294,6 +294,17 @@ class Model(nn.Module):
         self._first_full = sliding.index(False) if False in sliding else None
         self._decoder = None
 
+    def decoder(self):
+        """The compiled single-token step, built once and reused (oss_mlx.decode.Decoder):
+        `cache = model.decoder().make_cache()`, `model.prefill(prompt, cache)`, then
+        `logits = model.decoder()(tokens [B, 1], cache)` per token. The plain path
+        (`model(tokens, cache)`) stays for batched decode and works on the same caches."""
+        if self._decoder is None:
+            from .decode import Decoder
+
+            self._decoder = Decoder(self)
+        return self._decoder
+
     def make_cache(self):
         W = self.config.sliding_window
         return [RotatingKVCache(max_size=W) if s else KVCache() for s in self._sliding]

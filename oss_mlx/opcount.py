@@ -150,8 +150,12 @@ def step_kernels(rt, n_prompt: int = 16, dot_path=None) -> Counter:
     cache = rt.make_cache()
     prompt = mx.array([[(7 * i + 3) % rt.config.vocab_size for i in range(n_prompt)]], dtype=mx.int32)
     y = mx.argmax(rt.prefill(prompt, cache, 512), axis=-1)
-    for _ in range(2):  # past the caches' first growth after a prefill: a steady-state step
-        y = mx.argmax(rt.step(y[:, None], cache), axis=-1)
+    # Two steps past the caches' first growth after a prefill (mlx-lm's rotating cache grows
+    # then), so that the step counted is a steady-state one. Ours take the plain path here:
+    # the compiled step must be traced for the first time under the stand-ins below.
+    warm = (lambda t, c: rt.model(t, cache=c)[:, -1]) if rt.name == "oss-mlx" else rt.step
+    for _ in range(2):
+        y = mx.argmax(warm(y[:, None], cache), axis=-1)
         mx.eval(y, [c.state for c in cache])
     with fast_as_one_kernel():
         nxt = mx.argmax(rt.step(y[:, None], cache), axis=-1)
@@ -182,11 +186,13 @@ def count_runtime(rt, n_prompt: int = 16) -> dict:
 
 
 def count_in_subprocess(model: str, dtypes: list[str], source: str | None = None,
-                        expert_dtype: str | None = None, timeout: float = 1800) -> list[dict]:
+                        expert_dtype: str | None = None, decode: str = "both",
+                        mlx_lm_dtype: str = "auto", timeout: float = 1800) -> list[dict]:
     """Run the counts in a fresh interpreter (see the module docstring) and return them."""
     from .errors import OssMlxError
 
-    cmd = [sys.executable, "-m", "oss_mlx.opcount", "--model", str(model), "--dtype", ",".join(dtypes)]
+    cmd = [sys.executable, "-m", "oss_mlx.opcount", "--model", str(model), "--dtype",
+           ",".join(dtypes), "--decode", decode, "--mlx-lm-dtype", mlx_lm_dtype]
     if source:
         cmd += ["--source", str(source)]
     if expert_dtype:
@@ -207,13 +213,18 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--expert-dtype", help="oss-mlx experts' activation dtype (default: the model's rule)")
     ap.add_argument("--prompt-tokens", type=int, default=16)
+    ap.add_argument("--decode", default="both", choices=["compiled", "plain", "both"])
+    ap.add_argument("--mlx-lm-dtype", default="auto")
     args = ap.parse_args(argv)
     out = []
     for d in args.dtype.split(","):
-        rt = bench.load_ours(args.model, d.strip(), expert_dtype=args.expert_dtype)
-        out.append(count_runtime(rt, args.prompt_tokens))
+        rt = bench.load_ours(args.model, d.strip(), expert_dtype=args.expert_dtype,
+                             decode="plain" if args.decode == "plain" else "compiled")
+        variants = [rt] + ([bench.plain_variant(rt)] if args.decode == "both" else [])
+        out.extend(count_runtime(v, args.prompt_tokens) for v in variants)
     if args.source:
-        out.append(count_runtime(bench.load_mlx_lm(Path(args.source)), args.prompt_tokens))
+        lm = bench.load_mlx_lm(Path(args.source), args.mlx_lm_dtype)
+        out.append(count_runtime(lm, args.prompt_tokens))
     print(json.dumps(out))
     return 0
 
