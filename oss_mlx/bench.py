@@ -530,6 +530,16 @@ def render(report: dict, console) -> None:
                       _ratio(q["ttft_s"]), _ratio(q["decode_tps"]), _ratio(q["peak_memory_bytes"]),
                       "yes" if q.get("same_tokens") else "no")
         console.print(t)
+    if report.get("kernels"):
+        t = Table(title="kernels per decode token (views excluded, each mx.fast call and each "
+                        "fused compiled region once: oss_mlx/opcount.py)")
+        for col in ("runtime", "per layer", "outside layers", "total", "a layer's kernels"):
+            t.add_column(col, justify="left" if col in ("runtime", "a layer's kernels") else "right")
+        for k in report["kernels"]:
+            kinds = ", ".join(f"{n} {v:g}" for n, v in k["per_layer_kinds"].items())
+            t.add_row(k["runtime"], f"{k['per_layer']:g}", f"{k['outside_layers']:g}",
+                      str(k["total"]), kinds)
+        console.print(t)
     console.print(f"[dim]dtype: {report['dtype_policy']}[/]")
 
 
@@ -644,6 +654,15 @@ def main(args) -> int:
     if max(prompt_lengths) + gen_tokens > cfg.max_context:
         raise OssMlxError(f"prompt + generated tokens exceed the model's context of {cfg.max_context}")
 
+    kernels = None
+    if args.ops:
+        from .opcount import count_in_subprocess
+
+        log("counting the kernels of one decode step (in a subprocess) ...")
+        kernels = count_in_subprocess(
+            model_dir or model_ref, dtypes, source if args.compare == "mlx-lm" else None,
+            decode=args.decode, mlx_lm_dtype=args.mlx_lm_dtype,
+        )
     results = run_benchmark(runtimes, prompt_lengths, gen_tokens, repeat, warmup, chunk_size,
                             seed=args.seed, log=log)
     # Other processes' load changes the figures; alternating runs spreads it, this records it.
@@ -661,13 +680,15 @@ def main(args) -> int:
                   "layers": cfg.num_hidden_layers, "config": cfg.to_dict(), "quantization": quant},
         "settings": {"prompt_tokens": prompt_lengths, "gen_tokens": gen_tokens, "repeat": repeat,
                      "warmup": warmup, "chunk_size": chunk_size, "seed": args.seed,
-                     "dtypes": dtypes, "compare": args.compare, "sampler": "greedy (argmax)"},
+                     "dtypes": dtypes, "compare": args.compare, "sampler": "greedy (argmax)",
+                     "decode": args.decode, "mlx_lm_dtype": args.mlx_lm_dtype},
         "dtype_policy": DTYPE_POLICY,
         "runtimes": [{"name": rt.name, "label": rt.label, "dtype": rt.dtype,
                       "weights_bytes": rt.weights_bytes, "kv_itemsize": rt.kv_itemsize}
                      for rt in runtimes],
         "results": results,
         "ratios": compute_ratios(results),
+        "kernels": kernels,
     }
     render(report, console)
     if args.json_path:

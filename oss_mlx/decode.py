@@ -182,6 +182,7 @@ class Decoder:
         # Not shapeless: traced once per set of buffer shapes, i.e. again only when a
         # FixedKVCache grows.
         self._step = mx.compile(self._forward)
+        self.traces = 0  # how many times the step was traced (Python runs _forward only then)
 
     def make_cache(self) -> list:
         m = self.model
@@ -214,6 +215,7 @@ class Decoder:
         return z, z
 
     def _forward(self, tokens, offset, kv):
+        self.traces += 1
         m = self.model
         x = m.embedding(tokens).astype(mx.float32)
         pos = offset.reshape(1)
