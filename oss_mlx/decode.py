@@ -231,4 +231,4 @@ class Decoder:
             v_buf = mx.slice_update(v_buf, v, slot, axes=(2,))
             x = layer.mlp(att.attend(x, q, k_buf, v_buf, masks[C]))
             new_kv.append((k_buf, v_buf))
-        return m.unembedding(m.norm(x))[:, -1], new_kv
+        return m.unembedding(m.norm(x)).squeeze(1), new_kv  # (x[:, -1] would be a gather)
