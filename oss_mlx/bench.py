@@ -35,8 +35,8 @@ from .store import read_model_config
 DTYPE_POLICY = (
     "oss-mlx 'auto' is oss_mlx.model.default_dtype(), bfloat16 dense weights; on MLX's CPU "
     "backend oss-mlx feeds its mxfp4 experts float32 activations (~10x faster there than bf16 "
-    "ones, same 4-bit weights). mlx-lm runs as it comes (bfloat16). --dtype float32 times ours "
-    "with float32 dense weights as well."
+    "ones, same 4-bit weights). mlx-lm runs as it comes (bfloat16) unless --mlx-lm-dtype / "
+    "--mlx-lm-dense-bits say otherwise. --dtype float32 times ours with float32 dense weights."
 )
 
 # Apple's memory bandwidth in GB/s (10^9 B/s), from shared/reference/performance-anchors.md.
@@ -261,9 +261,11 @@ def plain_variant(rt: Runtime) -> Runtime:
     return _our_runtime(rt.model, rt.label, rt.dtype, rt.params, "plain")
 
 
-def load_mlx_lm(src, dtype: str = "auto") -> Runtime:
+def load_mlx_lm(src, dtype: str = "auto", dense_bits: int = 16) -> Runtime:
     """mlx-lm's gpt_oss model on the upstream (HF layout) checkpoint, with its own caches;
-    `dtype` "float32" casts its float parameters (not the packed experts) to float32."""
+    `dtype` "float32" casts its float parameters (not the packed experts) to float32;
+    `dense_bits` 8 quantizes its dense matrices (embedding, q/k/v/o, lm_head; not the router)
+    8-bit affine, group 64, as `oss-mlx convert --dense-bits 8` does ours (MXFP4-Q8)."""
     import mlx.core as mx
 
     try:
@@ -280,6 +282,11 @@ def load_mlx_lm(src, dtype: str = "auto") -> Runtime:
         raise OssMlxError(f"mlx-lm cannot load {src}: {e}") from None
     if dtype not in ("auto", None):
         model.set_dtype(getattr(mx, dtype))
+    if dense_bits == 8:
+        import mlx.nn as nn
+
+        nn.quantize(model, 64, 8, class_predicate=lambda path, m: (
+            isinstance(m, (nn.Linear, nn.Embedding)) and "router" not in path))
     params = _flat_params(model)
     mx.eval(list(params.values()))
     dtypes = {a.dtype for n, a in params.items() if n.endswith("q_proj.weight")}
@@ -300,7 +307,7 @@ def load_mlx_lm(src, dtype: str = "auto") -> Runtime:
 
     dt = _dtype_name(next(iter(dtypes))) if dtypes else "?"
     return Runtime(
-        name="mlx-lm", label=f"mlx-lm {dt}", dtype=dt, config=ModelConfig.from_hf(config),
+        name="mlx-lm", label=f"mlx-lm {dt}" + (" q8 dense" if dense_bits == 8 else ""), dtype=dt, config=ModelConfig.from_hf(config),
         make_cache=lambda: make_prompt_cache(model), prefill=prefill, step=step,
         params=params, model=model, weights_bytes=sum(a.nbytes for a in params.values()),
     )
@@ -577,6 +584,9 @@ def add_arguments(p) -> None:
     p.add_argument("--dtype", default="auto",
                    help="oss-mlx compute dtype: auto|bfloat16|float16|float32, or several "
                         "comma-separated (e.g. auto,float32) to time each")
+    p.add_argument("--mlx-lm-dense-bits", type=int, default=16, choices=[16, 8],
+                   help="8: quantize mlx-lm's dense matrices 8-bit group 64 (compare with a "
+                        "--dense-bits 8 model of ours)")
     p.add_argument("--decode", default="compiled", choices=["compiled", "plain", "both"],
                    help="oss-mlx decode path: the compiled step (default), the plain forward, "
                         "or both side by side")
@@ -649,7 +659,7 @@ def main(args) -> int:
         raise OssMlxError("--compare mlx-lm needs the upstream checkpoint: pass --source DIR")
     if args.compare == "mlx-lm":
         log("loading mlx-lm ...")
-        runtimes.append(load_mlx_lm(source, args.mlx_lm_dtype))
+        runtimes.append(load_mlx_lm(source, args.mlx_lm_dtype, args.mlx_lm_dense_bits))
     cfg = runtimes[0].config
     if max(prompt_lengths) + gen_tokens > cfg.max_context:
         raise OssMlxError(f"prompt + generated tokens exceed the model's context of {cfg.max_context}")
@@ -681,7 +691,8 @@ def main(args) -> int:
         "settings": {"prompt_tokens": prompt_lengths, "gen_tokens": gen_tokens, "repeat": repeat,
                      "warmup": warmup, "chunk_size": chunk_size, "seed": args.seed,
                      "dtypes": dtypes, "compare": args.compare, "sampler": "greedy (argmax)",
-                     "decode": args.decode, "mlx_lm_dtype": args.mlx_lm_dtype},
+                     "decode": args.decode, "mlx_lm_dtype": args.mlx_lm_dtype,
+                     "mlx_lm_dense_bits": args.mlx_lm_dense_bits},
         "dtype_policy": DTYPE_POLICY,
         "runtimes": [{"name": rt.name, "label": rt.label, "dtype": rt.dtype,
                       "weights_bytes": rt.weights_bytes, "kv_itemsize": rt.kv_itemsize}
