@@ -5,7 +5,8 @@
 For each runtime (oss-mlx compiled step, oss-mlx plain forward, mlx-lm): after a prefill, each
 step is timed synchronously in two parts: `build` = the call that returns the lazy logits and
 the argmax (Python: graph construction, or the compiled trace's lookup and replay), `run` =
-mx.eval of it (the kernels). The runtimes take turns STEP BY STEP (each has its own cache), so
+mx.eval of it (the kernels). `--baseline DIR` adds an older oss_mlx (e.g. `git archive REV
+oss_mlx | tar -x -C DIR`), imported as a second package, so old and new run side by side. The runtimes take turns STEP BY STEP (each has its own cache), so
 a shared machine's load, which changes by the second, hits all of them alike; medians over
 all steps of all rounds.
 """
@@ -23,6 +24,23 @@ import mlx.core as mx
 from oss_mlx import bench
 
 
+def _baseline(folder: str, model_dir: str, dtype: str) -> bench.Runtime:
+    import importlib.util
+    from pathlib import Path
+
+    init = Path(folder) / "oss_mlx" / "__init__.py"
+    spec = importlib.util.spec_from_file_location("oss_mlx_base", init,
+                                                  submodule_search_locations=[str(init.parent)])
+    pkg = importlib.util.module_from_spec(spec)
+    sys.modules["oss_mlx_base"] = pkg
+    spec.loader.exec_module(pkg)
+    old = importlib.import_module("oss_mlx_base.model")
+    model = old.load(model_dir, dtype=getattr(mx, dtype))
+    rt = bench._our_runtime(model, f"oss-mlx {dtype} baseline", dtype, {}, "plain")
+    rt.label = f"oss-mlx {dtype} baseline"  # (the plain path: it has no compiled step)
+    return rt
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True)
@@ -32,11 +50,15 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--baseline", help="folder holding an older oss_mlx package")
+    ap.add_argument("--no-plain", action="store_true")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
 
     ours = bench.load_ours(args.model, args.dtype)
-    runtimes = [ours, bench.plain_variant(ours)]
+    runtimes = [ours] if args.no_plain else [ours, bench.plain_variant(ours)]
+    if args.baseline:
+        runtimes.append(_baseline(args.baseline, args.model, args.dtype))
     if args.source:
         runtimes.append(bench.load_mlx_lm(args.source, args.mlx_lm_dtype))
     prompt = mx.array([[(7 * i + 3) % 4000 for i in range(args.prompt_tokens)]], dtype=mx.int32)
