@@ -29,8 +29,8 @@ from functools import lru_cache, partial
 from pathlib import Path
 
 import mlx.core as mx
-import numpy as np
 import mlx.nn as nn
+import numpy as np
 from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.cache import KVCache, RotatingKVCache
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, _gather_sort, _scatter_unsort
@@ -61,11 +61,15 @@ class Precision:
       `dense` is (cheap, and keeps a bf16 run close to float32): near-ties between experts
       resolve as in a float32 run instead of flipping on bf16 rounding.
     - The embedding table stays in its stored dtype (an exact row lookup); rows are cast.
-    - The experts' biases are in `experts` too (added with no cast kernel; a few KB a token).
-    - Dense weights (attention, unembedding, sinks, biases) and the matmuls they feed: `dense`.
-    - The experts' activations: `experts`. Their weights are the same 4-bit codes either way;
-      MLX's CPU backend runs mxfp4 matmuls with bf16 activations ~10x slower than with float32
-      ones, so by default the experts get float32 there and `dense` elsewhere.
+    - Dense weights (attention, unembedding, sinks, their biases) and the matmuls they feed:
+      `dense`; the attention norm and the final norm cast their output to it.
+    - The experts' activations and biases: `experts`. Their weights are the same 4-bit codes
+      either way; MLX's CPU backend runs mxfp4 matmuls with bf16 activations ~10x slower than
+      with float32 ones, so by default the experts get float32 there and `dense` elsewhere.
+      (The biases follow so that adding them needs no cast kernel; a few KB a token.)
+
+    `weight(name)` says what a stored tensor is loaded in (load's `_cast`); Model.__init__
+    sets the norms' output dtypes and the experts' input dtype from the same fields.
     """
 
     dense: mx.Dtype = mx.bfloat16
