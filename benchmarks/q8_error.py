@@ -19,8 +19,9 @@ import numpy as np
 from oss_mlx.model import load
 
 
-def logits(folder, ids, chunk: int) -> np.ndarray:
+def logits(folder, tokens: int, seed: int, chunk: int) -> np.ndarray:
     model = load(folder)
+    ids = np.random.default_rng(seed).integers(0, min(200000, model.config.vocab_size), (1, tokens))
     cache = model.make_cache()
     rows = []
     for s in range(0, ids.shape[1], chunk):
@@ -58,8 +59,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json")
     args = ap.parse_args(argv)
-    ids = np.random.default_rng(args.seed).integers(0, 200000, (1, args.tokens))
-    out = compare(logits(args.bf16, ids, args.chunk), logits(args.q8, ids, args.chunk))
+    out = compare(logits(args.bf16, args.tokens, args.seed, args.chunk),
+                  logits(args.q8, args.tokens, args.seed, args.chunk))
     out.update(bf16=args.bf16, q8=args.q8, tokens=args.tokens, seed=args.seed)
     print(json.dumps(out, indent=2))
     if args.json:
