@@ -22,6 +22,14 @@ copies and trims, and the plain (uncompiled, batched) path all work on them:
   decode step writes at a dynamic slot and never moves data. Slot order does not matter to
   attention (RoPE was applied before caching and softmax is order-free); the mask hides slots
   not yet written.
+
+For a prompt-cache adapter (engine): FixedKVCache is a KVCache (state (keys, values, offset),
+always trimmable); RingKVCache's state is (keys, values) in slot order with meta_state
+(window, offset), trimmable only while offset < window (after that, rewinding needs a saved
+`copy()`, as with RotatingKVCache); `copy()` on both shares the (immutable) arrays. mlx-lm's
+load_prompt_cache finds classes by name in mlx_lm.models.cache, so persisted caches need these
+two names mapped to this module. The step needs every cache at one offset (a batch whose rows
+have equal lengths); ragged batches keep the plain path, `model(tokens, cache)`.
 """
 
 from __future__ import annotations
