@@ -287,6 +287,8 @@ def test_encrypted_reasoning_is_restored_exactly(client, srv):
     tampered = reasoning.encrypted_content[:-2] + ("A" if reasoning.encrypted_content[-2] != "A" else "B") \
         + reasoning.encrypted_content[-1]
     assert "Wait for the helper." not in follow_up(tampered)  # not ours: dropped, not trusted
+    for junk in ("oss-mlx.1.\u2603.\u2603", "oss-mlx.1.", "gAAAAB-from-openai", ""):
+        assert "Wait for the helper." not in follow_up(junk)  # never a 500
     # Sealed and plain text both sent: the sealed one is what the model wrote, it wins.
     assert "Wait for the helper." in follow_up(reasoning.encrypted_content, "Edited thought.")
     assert "Edited thought." in follow_up(tampered, "Edited thought.")
