@@ -25,6 +25,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from .harmony import function_name, is_tool_call
 from .openai_api import Tool, find_tool
 
 log = logging.getLogger("oss_mlx.server")
@@ -101,15 +102,11 @@ class ToolCall:
     namespace: str | None = None  # a Responses namespace other than `functions`
 
 
-def _is_call(recipient: str | None) -> bool:
-    return bool(recipient) and recipient not in ("assistant", "all", "user")
-
-
 def new_call(recipient: str, tools: list[Tool]) -> ToolCall:
     """A call to `recipient`; one to a tool we did not declare is still a call, not text."""
     tool = find_tool(tools, recipient)
     if tool is None:
-        return ToolCall(new_id("call_"), recipient.removeprefix("functions."))
+        return ToolCall(new_id("call_"), function_name(recipient) or recipient)
     namespace = None if tool.namespace == "functions" else tool.namespace
     return ToolCall(new_id("call_"), tool.name, kind=tool.kind, namespace=namespace)
 
@@ -143,7 +140,7 @@ class Turn:
     def feed(self, ev) -> list[tuple[str, Any]]:
         out: list[tuple[str, Any]] = []
         if ev.type == "delta":
-            if _is_call(ev.recipient):
+            if is_tool_call(ev.recipient):
                 if not self._open_call:
                     call = new_call(ev.recipient, self.tools)
                     self.tool_calls.append(call)
