@@ -404,6 +404,7 @@ def test_openapi_publishes_request_bodies(srv):
 SERVE = [sys.executable, str(Path(__file__).parent / "serve_scripted.py"), "--port", "0"]
 
 
+@pytest.mark.slow
 def test_serve_stops_cleanly_on_sigterm_and_sigint():
     """Start the real command, serve, stop it (with a stream in flight every other time); again
     and again, bounded. Each stop is exit status 0 with nothing on stderr but our own lines."""
