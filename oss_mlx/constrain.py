@@ -17,7 +17,8 @@ then content, spec 5.5) and masks the logits only inside two kinds of message:
   `<|constrain|>json`): the arguments must match that tool's JSON schema and the message can only
   close with `<|call|>`.
 
-Everything else (the analysis channel, preambles, the headers themselves) is free, so the model
+Objects are written with their properties in the schema's order (as OpenAI's structured outputs
+do) and compact separators. Everything else (the analysis channel, preambles, the headers themselves) is free, so the model
 still reasons first and chooses whether to call a tool. Once the grammar is complete only the
 closing token is allowed; while it may still go on (a number), both are.
 
@@ -153,7 +154,8 @@ def tool_grammars(tools: dict) -> dict:
     for recipient, (schema, strict) in tools.items():
         where = f"tools[{recipient.removeprefix('functions.')}].parameters"
         try:
-            out[recipient] = compile_schema(schema or JSON_OBJECT, where, lenient=not strict)
+            out[recipient] = _compiled(json.dumps(schema or JSON_OBJECT), where,
+                                       not strict)
         except UnsupportedSchema as e:
             if strict:
                 raise
@@ -339,3 +341,30 @@ def response_format_instructions(schema: dict, name: str | None, description: st
     if description:
         head += f"// {description}\n"
     return head + json.dumps(schema, separators=(",", ":"))
+
+
+def request_spec(fmt, where: str, tools, constrain_tools: bool = True):
+    """The constraint of one OpenAI request and the developer-message section that announces
+    its response format: (Spec, instructions or None).
+
+    fmt: Chat `response_format` or Responses `text.format`; where: its field name, for errors.
+    tools: the tools rendered in the prompt (objects with name, parameters, strict); their
+    arguments are constrained unless constrain_tools is False. Raises UnsupportedSchema.
+    """
+    found = response_format_schema(fmt, where)
+    final_grammar = instructions = None
+    if found is not None:
+        schema, name, description = found
+        final_grammar = _compiled(json.dumps(schema), f"{where}.schema", False)
+        instructions = response_format_instructions(schema, name, description)
+    tool_map = {}
+    if constrain_tools:
+        tool_map = tool_grammars({f"functions.{t.name}": (t.parameters, bool(getattr(t, "strict", False)))
+                                  for t in tools})
+    return Spec(final_grammar, tool_map), instructions
+
+
+@functools.lru_cache(maxsize=512)
+def _compiled(schema_json: str, where: str, lenient: bool) -> str:
+    # Agents send the same tool schemas with every request: compile each once.
+    return compile_schema(json.loads(schema_json), where, lenient)

@@ -91,6 +91,7 @@ class FunctionDef(_Lenient):
     name: str = Field(min_length=1)
     description: Optional[str] = None
     parameters: Optional[dict] = None
+    strict: Optional[bool] = None
 
 
 class ChatTool(_Lenient):
@@ -140,6 +141,7 @@ class ChatRequest(_Lenient):
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     n: Optional[int] = Field(default=None, ge=1, le=1)
+    response_format: Optional[dict] = None  # text / json_object / json_schema (oss_mlx.constrain)
 
     @field_validator("stop")
     @classmethod
@@ -157,6 +159,7 @@ class ResponsesTool(_Lenient):
     name: str = Field(min_length=1)
     description: Optional[str] = None
     parameters: Optional[dict] = None
+    strict: Optional[bool] = None
 
 
 class Reasoning(_Lenient):
@@ -176,6 +179,7 @@ class ResponsesRequest(_Lenient):
     seed: Optional[int] = None
     stream: bool = False
     previous_response_id: Optional[str] = None
+    text: Optional[dict] = None  # {"format": text / json_object / json_schema} (oss_mlx.constrain)
 
 
 # --------------------------------------------------------------------------------------------
@@ -195,6 +199,7 @@ class Tool:
     name: str
     description: str
     parameters: dict | None
+    strict: bool = False  # arguments must match `parameters` exactly (no lenient constraint)
 
 
 def _text(content: Any, where: str) -> str:
@@ -387,9 +392,10 @@ def build_conversation(items: list[Item], tools: list[Tool], effort: str | None)
 
 
 def chat_tools(req: ChatRequest) -> list[Tool]:
-    return [Tool(t.function.name, t.function.description or "", t.function.parameters)
-            for t in req.tools or []]
+    return [Tool(t.function.name, t.function.description or "", t.function.parameters,
+                 bool(t.function.strict)) for t in req.tools or []]
 
 
 def responses_tools(req: ResponsesRequest) -> list[Tool]:
-    return [Tool(t.name, t.description or "", t.parameters) for t in req.tools or []]
+    return [Tool(t.name, t.description or "", t.parameters, bool(t.strict))
+            for t in req.tools or []]

@@ -288,11 +288,12 @@ class Turn:
 
 
 def create_app(engine, model_name: str, api_key: str | None = None,
-               default_max_tokens: int | None = None):
+               default_max_tokens: int | None = None, constrain_tools: bool = True):
     """The FastAPI app serving `engine` as model `model_name` (a bearer `api_key` if given).
 
     default_max_tokens: the budget of a request that names none (None: the rest of the context,
-    as OpenAI does).
+    as OpenAI does). constrain_tools: constrain every tool call's arguments to its schema
+    (oss_mlx.constrain); structured outputs (response_format, text.format) are always honoured.
     """
     from contextlib import asynccontextmanager
 
@@ -301,11 +302,13 @@ def create_app(engine, model_name: str, api_key: str | None = None,
     from starlette.background import BackgroundTask
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
+    from . import constrain
     from .engine import SamplingParams
     from .errors import OssMlxError
     from .openai_api import (
         APIError,
         ChatRequest,
+        Item,
         ResponsesRequest,
         build_conversation,
         chat_items,
@@ -329,6 +332,8 @@ def create_app(engine, model_name: str, api_key: str | None = None,
     @asynccontextmanager
     async def lifespan(app):
         state["scheduler"] = Scheduler(engine)
+        # The grammar library's view of the vocabulary takes a second or so: build it now.
+        threading.Thread(target=constrain.tokenizer, args=(engine.encoding,), daemon=True).start()
         yield
         state.pop("scheduler").close()
 
@@ -389,8 +394,19 @@ def create_app(engine, model_name: str, api_key: str | None = None,
                            code="context_length_exceeded", param="messages")
         return tokens
 
-    def sampling(req, max_tokens) -> SamplingParams:
+    def constraint(fmt, where: str, tools) -> tuple:
+        """The request's constraint (constrain.Spec) and the instruction items that announce its
+        response format; an unsupported schema is a 400 naming the keyword."""
+        try:
+            spec, text = constrain.request_spec(fmt, where, tools, constrain_tools)
+        except constrain.UnsupportedSchema as e:
+            raise APIError(400, str(e), code="unsupported_schema", param=where) from None
+        return spec, [Item("instructions", text)] if text else []
+
+    def sampling(req, max_tokens, spec=None) -> SamplingParams:
         kw = {"max_tokens": max_tokens or default_max_tokens}
+        if spec:
+            kw["logits_processors"] = [constrain.processor(engine.encoding, spec)]
         if req.temperature is not None:
             kw["temperature"] = req.temperature
         if req.top_p is not None:
@@ -466,11 +482,13 @@ def create_app(engine, model_name: str, api_key: str | None = None,
     async def chat_completions(request: Request):
         req: ChatRequest = parse_request(ChatRequest, await body(request))
         check_model(req.model)
+        tools = select_tools(chat_tools(req), req.tool_choice)
+        spec, fmt_items = constraint(req.response_format, "response_format", tools)
         conversation = build_conversation(
-            restore_reasoning(chat_items(req), thoughts.get),
-            select_tools(chat_tools(req), req.tool_choice), req.reasoning_effort)
+            restore_reasoning(chat_items(req), thoughts.get) + fmt_items, tools,
+            req.reasoning_effort)
         prompt = prompt_tokens(conversation)
-        params = sampling(req, req.max_completion_tokens or req.max_tokens)
+        params = sampling(req, req.max_completion_tokens or req.max_tokens, spec)
         job = state["scheduler"].submit(prompt, params)
         turn = Turn(stops=req.stop)
         cid, created_at = new_id("chatcmpl-"), now()
@@ -543,11 +561,12 @@ def create_app(engine, model_name: str, api_key: str | None = None,
                            param="previous_response_id")
         effort = req.reasoning.effort if req.reasoning else None
         tools = responses_tools(req)
+        selected = select_tools(tools, req.tool_choice)
+        spec, fmt_items = constraint((req.text or {}).get("format"), "text.format", selected)
         conversation = build_conversation(
-            restore_reasoning(responses_items(req), thoughts.get),
-            select_tools(tools, req.tool_choice), effort)
+            restore_reasoning(responses_items(req), thoughts.get) + fmt_items, selected, effort)
         prompt = prompt_tokens(conversation)
-        job = state["scheduler"].submit(prompt, sampling(req, req.max_output_tokens))
+        job = state["scheduler"].submit(prompt, sampling(req, req.max_output_tokens, spec))
         turn = Turn()
         rid, created_at = new_id("resp_"), now()
         skeleton = {
@@ -557,7 +576,7 @@ def create_app(engine, model_name: str, api_key: str | None = None,
             "parallel_tool_calls": False, "previous_response_id": None,
             "reasoning": {"effort": effort, "summary": None},
             "temperature": req.temperature, "top_p": req.top_p,
-            "text": {"format": {"type": "text"}},
+            "text": {"format": (req.text or {}).get("format") or {"type": "text"}},
             "tool_choice": req.tool_choice or "auto",
             "tools": [{"type": "function", "name": t.name, "description": t.description,
                        "parameters": t.parameters, "strict": False} for t in tools],
@@ -736,6 +755,10 @@ def add_arguments(parser):
     parser.add_argument("--max-tokens", type=int, default=None,
                         help="token budget of a request that sets none (default: the rest of "
                              "the context; 64 with --demo)")
+    parser.add_argument("--no-constrain-tools", dest="constrain_tools", action="store_false",
+                        help="do not constrain tool-call arguments to each tool's JSON schema "
+                             "(on by default: arguments always parse and have their required "
+                             "fields)")
     parser.add_argument("--demo", action="store_true",
                         help="serve a tiny random-weight model made on the spot, as "
                              "'tiny-random' (no download; its output is noise)")
@@ -776,7 +799,8 @@ def main(args) -> int:
             max_tokens = args.max_tokens
         engine = Engine.load(str(model_dir))
         name = args.name or default_name
-        app = create_app(engine, name, api_key=args.api_key, default_max_tokens=max_tokens)
+        app = create_app(engine, name, api_key=args.api_key, default_max_tokens=max_tokens,
+                         constrain_tools=args.constrain_tools)
         port = sock.getsockname()[1]
         print(f"oss-mlx: serving {name!r} at http://{args.host}:{port}/v1"
               + (" (API key required)" if args.api_key else ""), flush=True)
