@@ -202,13 +202,14 @@ class HarmonyConstraint:
     """Follows one assistant turn's harmony stream and masks the constrained messages' logits.
 
     One instance per turn: it starts in the header of the first message (the prompt ends with
-    `<|start|>assistant`) and reads each new token once.
+    `<|start|>assistant`) and reads each new token once. (Given the prompt's tokens too, as
+    mlx-lm's generate_step passes them, it walks through the prompt's messages to the same
+    state.)
     """
 
     def __init__(self, encoding, spec: Spec):
         self.encoding = encoding
         self.spec = spec
-        self.tok = tokenizer(encoding)
         self.state = _HEADER
         self.header: list[int] = []
         self.matcher = None
@@ -261,7 +262,9 @@ class HarmonyConstraint:
         if grammar is None:
             self.state = _CONTENT
             return
-        self.matcher = _llguidance().LLMatcher(self.tok, grammar, log_level=0)
+        # The tokenizer is fetched here, in the engine's thread: building it (once per process)
+        # never blocks the server's event loop.
+        self.matcher = _llguidance().LLMatcher(tokenizer(self.encoding), grammar, log_level=0)
         self.closer = closer
         self.state = _CONSTRAINED
 

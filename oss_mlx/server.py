@@ -20,6 +20,10 @@ Choices worth knowing:
 - tool_choice "none" renders no tools; "auto" and "required" render them all (harmony cannot
   force a call, so "required" is a request, not a guarantee); a named function renders that one
   tool alone.
+- Structured outputs (Chat `response_format`, Responses `text.format`) and every tool call's
+  arguments (unless `--no-constrain-tools`) are grammar-constrained to their JSON schema on the
+  final channel / the tool-call message only (oss_mlx.constrain); a schema keyword the grammar
+  cannot enforce is a 400 naming it.
 - `stop` strings cut the user-visible text (not the reasoning) and end the generation.
 - A turn the model breaks (a stray control token) ends with what was parsed and
   finish_reason "stop"; max_tokens or a full context give "length" (Responses: "incomplete").
