@@ -18,7 +18,7 @@ then content, spec 5.5) and masks the logits only inside two kinds of message:
   close with `<|call|>`.
 
 Objects are written with their properties in the schema's order (as OpenAI's structured outputs
-do) and compact separators. Everything else (the analysis channel, preambles, the headers themselves) is free, so the model
+do); whitespace between tokens is free but bounded. Everything else (the analysis channel, preambles, the headers themselves) is free, so the model
 still reasons first and chooses whether to call a tool. Once the grammar is complete only the
 closing token is allowed; while it may still go on (a number), both are.
 
@@ -68,9 +68,9 @@ N_BYTE_TOKENS = 199998  # ids below this are o200k's byte-pair tokens, the rest 
 # the grammar can never produce as text, and translate that bit into the message's closing token.
 _GRAMMAR_EOS = harmony.ENDOFTEXT
 
-# JSON as the model writes it: compact separators, no free whitespace (a random or confused model
-# cannot pad forever), every escape JSON allows.
-_JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ",", "key_separator": ":"}
+# JSON as the model writes it: compact (`{"a":1}`) or spaced (`{"a": 1}`, indented), but at most
+# 40 whitespace characters in a row, so a confused model cannot pad forever.
+_JSON_OPTIONS = {"whitespace_flexible": True, "whitespace_pattern": r"[\x20\x0A\x0D\x09]{0,40}"}
 JSON_OBJECT = {"type": "object"}  # response_format {"type": "json_object"}
 
 

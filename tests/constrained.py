@@ -52,7 +52,7 @@ def _bias_vector(encoding) -> mx.array:
     for i in range(199998):
         b = decode([i])
         if b and all(c in b'"{}[],:.@-+Z0123456789' for c in b):
-            bias[i] = 40.0 if any(c in b for c in b'"}]Z') else 30.0
+            bias[i] = 40.0 if any(c in b for c in b'"}]Z@') else 30.0
     bias[[harmony.RETURN, harmony.CALL]] = 50.0
     return mx.array(bias)
 

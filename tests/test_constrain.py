@@ -83,7 +83,7 @@ def engine(tiny_model):
     return Engine.load(str(tiny_model))
 
 
-def run(engine, prefix: str, spec, seed: int, max_tokens: int = 120):
+def run(engine, prefix: str, spec, seed: int, max_tokens: int = 200):
     procs = [Forced(tokens(engine.encoding, prefix))]
     if spec is not None:
         procs.append(constrain.processor(engine.encoding, spec))
@@ -162,6 +162,20 @@ def test_only_constrained_messages_are_masked(engine):
     assert allowed(proc(mx.array(done, dtype=mx.int32), logits)) == {harmony.RETURN}
     # After the turn's close nothing is masked.
     assert proc(mx.array(done + [harmony.RETURN], dtype=mx.int32), logits) is logits
+
+
+def test_spaced_and_indented_json_is_allowed(engine):
+    """gpt-oss often writes `{"city": "Paris"}` (harmony's own examples do): not only compact."""
+    enc = engine.encoding
+    schema = {"type": "object", "properties": {"city": {"type": "string"}, "n": {"type": "integer"}},
+              "required": ["city", "n"]}
+    for text in ('{"city": "Paris", "n": 3}', json.dumps({"city": "Paris", "n": 3}, indent=2)):
+        proc = constrain.processor(enc, constrain.Spec.build(final=schema))
+        stream = tokens(enc, FINAL + text)
+        start = len(tokens(enc, FINAL))
+        for k in range(start, len(stream) + 1):
+            ok = allowed(proc(mx.array(stream[:k], dtype=mx.int32), mx.zeros((1, 201088))))
+            assert (stream[k] if k < len(stream) else harmony.RETURN) in ok, (text, k)
 
 
 def test_a_number_may_go_on_or_close(engine):
