@@ -140,7 +140,7 @@ def compile_schema(schema, where: str, lenient: bool = False) -> str:
             raise UnsupportedSchema(
                 f"{where}: unsupported JSON Schema keyword {', '.join(repr(k) for k in keys)}: "
                 "structured outputs cannot enforce it; remove it from the schema", keyword)
-        raise UnsupportedSchema(f"{where}: the schema cannot be enforced: {err.splitlines()[0]}")
+        raise UnsupportedSchema(f"{where}: the schema cannot be enforced: {' '.join(err.split())[:300]}")
     return grammar
 
 
@@ -358,12 +358,16 @@ def request_spec(fmt, where: str, tools, constrain_tools: bool = True):
     final_grammar = instructions = None
     if found is not None:
         schema, name, description = found
-        final_grammar = _compiled(json.dumps(schema), f"{where}.schema", False)
+        field_ = f"{where}.json_schema.schema" if "json_schema" in fmt else f"{where}.schema"
+        final_grammar = _compiled(json.dumps(schema), field_, False)
         instructions = response_format_instructions(schema, name, description)
     tool_map = {}
     if constrain_tools:
-        tool_map = tool_grammars({f"functions.{t.name}": (t.parameters, bool(getattr(t, "strict", False)))
-                                  for t in tools})
+        # A tool may say where its calls go (`recipient`, e.g. a namespaced tool); else harmony's
+        # function namespace.
+        tool_map = tool_grammars({
+            getattr(t, "recipient", None) or f"functions.{t.name}":
+                (t.parameters, bool(getattr(t, "strict", False))) for t in tools})
     return Spec(final_grammar, tool_map), instructions
 
 

@@ -240,3 +240,12 @@ def test_response_format_shapes():
     assert constrain.response_format_schema(chat) == constrain.response_format_schema(resp) == (s, "n", None)
     with pytest.raises(constrain.UnsupportedSchema, match="grammar"):
         constrain.response_format_schema({"type": "grammar"})
+
+
+def test_a_schema_that_is_not_one_is_refused_with_the_reason():
+    with pytest.raises(constrain.UnsupportedSchema, match="Invalid type: foo"):
+        constrain.request_spec({"type": "json_schema", "json_schema": {
+            "name": "x", "schema": {"type": "foo"}}}, "response_format", [])
+    with pytest.raises(constrain.UnsupportedSchema, match="needs a `schema`"):
+        constrain.request_spec({"type": "json_schema", "json_schema": {"name": "x"}},
+                               "response_format", [])
