@@ -109,12 +109,22 @@ def test_chat_tool_arguments_validate(client, engine, stream):
     validate(args, WEATHER_SCHEMA)
 
 
-def test_responses_tool_arguments_validate(client, engine):
+@pytest.mark.parametrize("stream", [False, True])
+def test_responses_tool_arguments_validate(client, engine, stream):
     engine.prefix = WEATHER_CALL
     tool = {"type": "function", **WEATHER["function"]}
-    r = client.responses.create(model=MODEL, input="Weather in Oslo?", tools=[tool],
-                                max_output_tokens=120, extra_body={"seed": 4})
+    kw = dict(model=MODEL, input="Weather in Oslo?", tools=[tool], max_output_tokens=120,
+              extra_body={"seed": 4})
+    if stream:
+        events = list(client.responses.create(stream=True, **kw))
+        r = events[-1].response
+        deltas = "".join(e.delta for e in events
+                         if e.type == "response.function_call_arguments.delta")
+    else:
+        r = client.responses.create(**kw)
     (call,) = [o for o in r.output if o.type == "function_call"]
+    if stream:
+        assert deltas == call.arguments
     assert call.name == "get_weather"
     validate(call.arguments, WEATHER_SCHEMA)
 
