@@ -249,3 +249,36 @@ def test_a_schema_that_is_not_one_is_refused_with_the_reason():
     with pytest.raises(constrain.UnsupportedSchema, match="needs a `schema`"):
         constrain.request_spec({"type": "json_schema", "json_schema": {"name": "x"}},
                                "response_format", [])
+
+
+# ---- the engine hook (SamplingParams.logits_processors) ------------------------------------------
+
+
+def test_engine_gives_processors_this_turns_tokens_in_order(tiny_model):
+    from scripted import ScriptedModel
+
+    enc = harmony.load_encoding(tiny_model)
+    reply = "<|channel|>analysis<|message|>Hm.<|end|><|start|>assistant" + FINAL + "Hi!<|return|>"
+    eng = Engine(ScriptedModel(reply, encoding=enc), enc)
+    seen, received = [], []
+    boost = mx.zeros((1, 201088)).at[0, 7].add(2e9)
+
+    def record(toks, logits):
+        seen.append(toks.tolist())
+        return logits
+
+    conv = harmony.build_conversation([harmony.user_message("Hi")], reasoning="low")
+    c = eng.complete(conv, SamplingParams(logits_processors=[record]))
+    assert c.final == "Hi!"
+    n = len(c.tokens)
+    assert seen[:n] == [c.tokens[:k] for k in range(n)]  # the turn's tokens, no prompt
+    assert seen[n:] in ([], [c.tokens])  # the step the engine queued ahead of the stop token
+
+    def second(toks, logits):
+        received.append(int(mx.argmax(logits, axis=-1).item()))
+        return logits
+
+    eng.model.push(reply)
+    c = eng.complete(conv, SamplingParams(max_tokens=3, logits_processors=[
+        lambda toks, logits: logits + boost, second]))
+    assert received == [7, 7, 7] and c.tokens == [7, 7, 7]  # applied in order, before sampling
