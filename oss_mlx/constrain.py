@@ -205,6 +205,12 @@ class HarmonyConstraint:
     `<|start|>assistant`) and reads each new token once. (Given the prompt's tokens too, as
     mlx-lm's generate_step passes them, it walks through the prompt's messages to the same
     state.)
+
+    Reading a token waits for the device to produce it, which stalls the engine's pipelining
+    (the next step is queued before the last token is read). So outside a constrained message
+    the processor reads only when a constrained one could have begun: a message needs
+    `<|start|>`, a header token and `<|message|>` before its first content token, so from free
+    content it skips two calls and reads on the third (`_lookahead`).
     """
 
     def __init__(self, encoding, spec: Spec):
@@ -215,16 +221,29 @@ class HarmonyConstraint:
         self.matcher = None
         self.closer: Optional[int] = None
         self.seen = 0  # tokens of `tokens` already read
+        self.read_at = 0  # the next call with at least this many tokens must read them
         self.words = np.zeros((N_VOCAB + 31) // 32, dtype=np.int32)
 
     def __call__(self, tokens, logits):
-        if len(tokens) > self.seen:
+        n = len(tokens)
+        if n < self.read_at:
+            return logits  # no constrained message can have begun yet: do not wait for tokens
+        if n > self.seen:
             for t in tokens[self.seen:].tolist():
                 self._feed(int(t))
-            self.seen = len(tokens)
+            self.seen = n
+        self.read_at = n + self._lookahead()
         if self.state != _CONSTRAINED:
             return logits
         return self._mask(logits)
+
+    def _lookahead(self) -> int:
+        """The fewest tokens after which a constrained message's content could be next."""
+        if self.state == _HEADER:
+            return 1 if self.header else 2  # <|message|>; a header token and <|message|>
+        if self.state == _CONSTRAINED:
+            return 1
+        return 3  # <|start|> (after <|end|>, or straight from sloppy content), header, <|message|>
 
     # -- the harmony stream --
 
