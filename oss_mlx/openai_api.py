@@ -8,8 +8,9 @@ harmony conversation gpt-oss was trained on:
 - `tools` (JSON-schema functions) -> the developer message's `namespace functions`;
 - assistant tool calls -> `assistant to=functions.NAME<|channel|>commentary <|constrain|>json`;
 - tool results -> `functions.NAME to=assistant<|channel|>commentary`;
-- reasoning sent back by a client is kept only for the turn in progress (after the last user
-  message), as harmony's docs ask: finished turns lose their chain of thought.
+- reasoning sent back by a client is kept only for the turn in progress, as harmony's docs ask:
+  finished turns (those that ended with a final answer) lose their chain of thought
+  (harmony.drop_finished_analysis, the one copy of that rule).
 
 Nothing here imports mlx; the server imports this module only when it builds its app, so
 `oss-mlx --help` stays fast.
@@ -26,11 +27,13 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from .config import EFFORTS
+
 if TYPE_CHECKING:
     from openai_harmony import Conversation
 
 # "minimal" is OpenAI's newer name for its lowest setting; harmony's lowest is "low".
-Effort = Literal["minimal", "low", "medium", "high"]
+Effort = Literal[("minimal", *EFFORTS)]
 
 
 class APIError(Exception):
@@ -366,14 +369,12 @@ def build_conversation(items: list[Item], tools: list[Tool], effort: str | None)
     from . import harmony as hm
 
     instructions = "\n\n".join(it.text for it in items if it.kind == "instructions" and it.text)
-    last_user = max((i for i, it in enumerate(items) if it.kind == "user"), default=-1)
     history = []
     for i, it in enumerate(items):
         if it.kind == "user":
             history.append(hm.user_message(it.text))
-        elif it.kind == "reasoning":
-            if i > last_user:  # finished turns drop their chain of thought (spec 5.7)
-                history.append(hm.assistant_message(it.text, "analysis"))
+        elif it.kind == "reasoning":  # hm.build_conversation drops finished turns' (spec 5.7)
+            history.append(hm.assistant_message(it.text, "analysis"))
         elif it.kind == "assistant":
             # Text right before a tool call in the same turn is a preamble (commentary).
             nxt = next((x.kind for x in items[i + 1:] if x.kind != "reasoning"), None)

@@ -82,9 +82,9 @@ def responses_usage(prompt: int, completion: int, cached: int, reasoning: int) -
 
 def tool_name(recipient: str | None) -> str | None:
     """`functions.get_weather` -> `get_weather`; other recipients are not client tools."""
-    if recipient and recipient.startswith("functions."):
-        return recipient[len("functions."):]
-    return None
+    from .harmony import function_name
+
+    return function_name(recipient)
 
 
 # --------------------------------------------------------------------------------------------
@@ -234,10 +234,12 @@ class Turn:
         return self._filter.hit
 
     def feed(self, ev) -> list[tuple[str, Any]]:
+        from .harmony import is_tool_call
+
         out: list[tuple[str, Any]] = []
         if ev.type == "delta":
             name = tool_name(ev.recipient)
-            if ev.recipient and name is None and ev.recipient not in ("assistant", "all", "user"):
+            if name is None and is_tool_call(ev.recipient):
                 name = ev.recipient  # a call to a tool we did not declare: still a call, not text
             if name is not None:
                 if not self._open_call:
