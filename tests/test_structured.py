@@ -13,7 +13,7 @@ import openai
 import pytest
 from constrained import FINAL, WEATHER_CALL, Steered
 from test_constrain import SCHEMAS, WEATHER_SCHEMA, validate
-from test_server import ServerThread
+from serverkit import ServerThread
 
 from oss_mlx.harmony import load_encoding
 from oss_mlx.model import load
