@@ -82,14 +82,12 @@ class Precision:
         return cls(dense, experts)
 
     def weight(self, name: str) -> mx.Dtype | None:
-        """The dtype a stored floating tensor is loaded in; None keeps the stored one."""
-        if name.endswith("norm.weight") or ".router." in name:
-            return mx.float32
-        if ".experts." in name and name.endswith("bias"):
-            return self.experts  # added to the experts' outputs with no cast kernel
-        if name.startswith("embedding."):
-            return None  # looked up, then cast row by row
-        return self.dense
+        """The dtype a stored floating tensor is loaded in; None keeps the stored one. Which
+        rule applies to which tensor is the `runtime` column of the converter's layout table."""
+        from .convert.layout import runtime_dtype
+
+        return {"float32": mx.float32, "stored": None, "experts": self.experts}.get(
+            runtime_dtype(name), self.dense)
 
 
 def _norm_out(x: mx.array, weight: mx.array, eps: float, dtype) -> mx.array:
