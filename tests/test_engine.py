@@ -122,11 +122,15 @@ def test_tool_result_turn_reuses_and_answers(enc):
     history += c1.messages + [tool_result_message("functions.f", '{"y": 2}')]
     c2 = engine.complete(build_conversation(history, date=""), SamplingParams(max_tokens=50))
     assert (c1.stop_reason, c2.stop_reason, c2.final) == ("tool_call", "stop", "It is 2.")
-    # the second request prefilled only what the cache did not hold: the renderer writes the
-    # call's recipient in the role header, so the prompts part at the end of the first prompt,
-    # whose snapshot sits before its last token
+    # exact token history: the second prompt holds the call as sampled (harmony alone writes
+    # its recipient in the role header), so it reuses everything the cache held: the first
+    # prompt and the call without its <|call|>
     p1 = render_prompt(enc, build_conversation(history[:1], date=""))
-    assert c2.stats.cached_tokens == len(p1) - 1
+    p2 = engine.render(build_conversation(history, date=""))
+    assert p2[: len(p1) + len(c1.tokens)] == p1 + c1.tokens
+    rerendered = render_prompt(enc, build_conversation(history, date=""))
+    assert rerendered[: len(p1) + 2] != p1 + c1.tokens[:2]
+    assert c2.stats.cached_tokens == len(p1) + len(c1.tokens) - 1
     assert len(model.prompts[1]) == c2.stats.prompt_tokens - c2.stats.cached_tokens
 
 
@@ -340,9 +344,9 @@ def test_prompt_cache_reuse_matches_cold_start(tiny):
     c2 = turn(p2, len(p1) + len(c1.tokens) - 1)
 
     # turn 3 diverges at the end of turn 2's prompt (its analysis dropped): the snapshot taken
-    # before the prompt's last token restores the wrapped rotating caches
+    # at the prompt's end restores the wrapped rotating caches
     p3 = p2 + harmony_tokens(enc, "<|channel|>final<|message|>short<|end|><|start|>user<|message|>again and again<|end|><|start|>assistant")
-    turn(p3, len(p2) - 1)
+    turn(p3, len(p2))
 
     # turn 4 diverges in the middle of turn 1's prompt: no snapshot there -> cold, still right
     p4 = p1[:15] + harmony_tokens(enc, " something else entirely<|end|><|start|>assistant")
