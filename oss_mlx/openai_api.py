@@ -140,6 +140,8 @@ class ChatRequest(_Lenient):
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     n: Optional[int] = Field(default=None, ge=1, le=1)
+    prompt_cache_key: Optional[str] = None  # which conversation this continues: a cache hint
+    user: Optional[str] = None
 
     @field_validator("stop")
     @classmethod
@@ -176,6 +178,8 @@ class ResponsesRequest(_Lenient):
     seed: Optional[int] = None
     stream: bool = False
     previous_response_id: Optional[str] = None
+    prompt_cache_key: Optional[str] = None
+    user: Optional[str] = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -384,6 +388,11 @@ def build_conversation(items: list[Item], tools: list[Tool], effort: str | None)
         tools=[{"name": t.name, "description": t.description, "parameters": t.parameters or None}
                for t in tools],
     )
+
+
+def cache_key(req) -> str | None:
+    """The prompt-cache hint of a request: `prompt_cache_key`, else `user`."""
+    return req.prompt_cache_key or req.user or None
 
 
 def chat_tools(req: ChatRequest) -> list[Tool]:

@@ -286,6 +286,8 @@ class PromptCache:
             return
         if not tokens:
             return
+        if hasattr(cache, "snapshots") and not any(s.pos == len(tokens) for s in cache.snapshots):
+            self.snapshot(cache, len(tokens))  # the end of a completion: the next turn's start
         snaps = [s for s in getattr(cache, "snapshots", []) if s.pos <= len(tokens)]
         entry = Entry(np.asarray(tokens, dtype=np.int32), list(cache), snaps, key)
         with self._lock:
@@ -353,6 +355,43 @@ class PromptCache:
     def add(self, entry: Entry):
         with self._lock:
             self._insert(entry)
+
+
+# ---- options ---------------------------------------------------------------------------------
+
+
+def parse_size(text: str) -> int:
+    """Bytes from "512M", "8G", "1.5G", "4096" (a plain number is bytes)."""
+    from .errors import OssMlxError
+
+    t = str(text).strip().upper().removesuffix("B").removesuffix("I")
+    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}.get(t[-1:], 1)
+    try:
+        value = float(t[:-1] if scale > 1 else t)
+    except ValueError:
+        raise OssMlxError(f"{text!r} is not a size: write e.g. 512M or 8G") from None
+    if value < 0:
+        raise OssMlxError(f"{text!r}: a size cannot be negative")
+    return int(value * scale)
+
+
+def add_cache_arguments(parser):
+    parser.add_argument("--cache-memory", default=None, metavar="SIZE",
+                        help="memory for the prompt cache of many conversations, e.g. 8G "
+                             "(default: an eighth of this machine's memory)")
+    parser.add_argument("--cache-dir", default=None, metavar="DIR",
+                        help="keep prompt-cache entries evicted from memory in DIR and restore "
+                             "them on a later hit, also after a restart")
+    parser.add_argument("--cache-disk", default="16G", metavar="SIZE",
+                        help="most disk space --cache-dir may take (default: 16G)")
+
+
+def cache_options(args) -> dict:
+    """Engine keyword arguments from add_cache_arguments' options."""
+    memory = getattr(args, "cache_memory", None)
+    return {"cache_memory": parse_size(memory) if memory is not None else None,
+            "cache_dir": getattr(args, "cache_dir", None),
+            "cache_disk": parse_size(getattr(args, "cache_disk", "16G") or "16G")}
 
 
 # ---- files: one entry per safetensors file --------------------------------------------------

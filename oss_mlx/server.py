@@ -308,6 +308,7 @@ def create_app(engine, model_name: str, api_key: str | None = None,
         ChatRequest,
         ResponsesRequest,
         build_conversation,
+        cache_key,
         chat_items,
         chat_tools,
         parse_request,
@@ -390,7 +391,7 @@ def create_app(engine, model_name: str, api_key: str | None = None,
         return tokens
 
     def sampling(req, max_tokens) -> SamplingParams:
-        kw = {"max_tokens": max_tokens or default_max_tokens}
+        kw = {"max_tokens": max_tokens or default_max_tokens, "cache_key": cache_key(req)}
         if req.temperature is not None:
             kw["temperature"] = req.temperature
         if req.top_p is not None:
@@ -739,6 +740,9 @@ def add_arguments(parser):
     parser.add_argument("--demo", action="store_true",
                         help="serve a tiny random-weight model made on the spot, as "
                              "'tiny-random' (no download; its output is noise)")
+    from .prompt_cache import add_cache_arguments
+
+    add_cache_arguments(parser)
 
 
 def main(args) -> int:
@@ -774,7 +778,9 @@ def main(args) -> int:
         else:
             model_dir, default_name = args.model, Path(str(args.model).rstrip("/")).name
             max_tokens = args.max_tokens
-        engine = Engine.load(str(model_dir))
+        from .prompt_cache import cache_options
+
+        engine = Engine.load(str(model_dir), **cache_options(args))
         name = args.name or default_name
         app = create_app(engine, name, api_key=args.api_key, default_max_tokens=max_tokens)
         port = sock.getsockname()[1]

@@ -1,0 +1,221 @@
+"""The prompt cache on the tiny model (window 8, so every prompt here wraps the rotating caches):
+after any restore (memory or disk, from each kind of snapshot) the last-position logits and the
+greedy tokens equal a cold start's, computed with no cache at all; many conversations interleaved;
+eviction under a small budget; prefill cancellation between chunks."""
+
+from __future__ import annotations
+
+import threading
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from oss_mlx.engine import Engine, SamplingParams
+from oss_mlx.harmony import build_conversation, render_prompt, user_message
+from oss_mlx.prompt_cache import DiskCache, KVAdapter, load_entry, parse_size, save_entry
+from scripted import harmony_tokens
+
+RETURN, END, START = 200002, 200007, 200006
+GREEDY = SamplingParams(temperature=0.0, max_tokens=40)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model):
+    return Engine.load(str(tiny_model), dtype=mx.float32)
+
+
+class Forced:
+    """Wraps a model: decode step i's logits force script[i] (None: the model's own choice), so
+    a turn of a random model writes messages (an <|end|> boundary, a <|return|>) like a real one
+    while every K/V in the cache comes from the real model."""
+
+    def __init__(self, model, script):
+        self.inner, self.script, self.n = model, list(script), 0
+        self.config, self.model_dir, self.dtype = model.config, model.model_dir, model.dtype
+        self.prefills = 0
+
+    def make_cache(self):
+        return self.inner.make_cache()
+
+    def _force(self, logits):
+        tok = self.script[self.n] if self.n < len(self.script) else None
+        self.n += 1
+        if tok is None:
+            return logits
+        row = mx.where(mx.arange(logits.shape[-1]) == tok, 100.0, -100.0)
+        return mx.broadcast_to(row, logits.shape)
+
+    def prefill(self, tokens, cache, chunk_size=512, logits=True):
+        self.n = 0
+        self.prefills += 1
+        out = self.inner.prefill(tokens, cache, chunk_size, logits=logits)
+        return self._force(out) if logits else out
+
+    def __call__(self, tokens, cache=None):
+        return self._force(self.inner(tokens, cache))
+
+
+def cold_logits(model, seq):
+    """Reference: the whole sequence in one forward pass, no cache at all."""
+    h = model.hidden(mx.array(seq)[None])[:, -1:]
+    return np.array(model.unembedding(model.norm(h))[0, -1].astype(mx.float32))
+
+
+def text(enc, s):
+    return harmony_tokens(enc, s)
+
+
+def first_turn(enc, engine):
+    """A prompt and a completion with a message boundary inside it:
+    analysis 'a b' <|end|> <|start|>assistant<|channel|>final<|message|> x <|return|>."""
+    p1 = render_prompt(enc, build_conversation([user_message("w0 w1 w2 w3 w4 w5")], date=""))
+    c1 = engine.complete(p1, GREEDY)
+    assert c1.stop_reason == "stop" and c1.tokens[-1] == RETURN
+    return p1, c1
+
+
+SCRIPT_TEXT = ("<|channel|>analysis<|message|> one two three four five six seven<|end|>"
+               "<|start|>assistant<|channel|>final<|message|> eight nine<|return|>")
+
+
+@pytest.mark.parametrize("kind", ["prompt-boundary", "prompt-end-1", "prompt-end",
+                                  "completion-boundary", "completion-end", "none"])
+@pytest.mark.parametrize("where", ["memory", "disk"])
+def test_restore_equals_cold_start_for_every_snapshot_kind(tiny, tmp_path, kind, where):
+    enc, model = tiny.encoding, tiny.model
+    script = text(enc, SCRIPT_TEXT)
+    engine = Engine(Forced(model, script), enc, prefill_chunk=5)
+    p1, c1 = first_turn(enc, engine)
+    sampled = c1.tokens[:-1]
+    boundary = p1.index(END) + 1  # the end of the system message
+    end_analysis = len(p1) + sampled.index(END) + 1
+    tail = text(enc, "<|start|>user<|message|> a different turn past the window<|end|>"
+                     "<|start|>assistant")
+    branches = {  # a follow-up prompt, and the snapshot it must resume from
+        "prompt-boundary": (p1[:boundary] + tail, boundary),
+        "prompt-end-1": (p1[:-1] + tail[1:], len(p1) - 1),
+        "prompt-end": (p1 + text(enc, "<|channel|>final<|message|> short<|end|>") + tail, len(p1)),
+        "completion-boundary": (p1 + sampled[: end_analysis - len(p1)] + tail, end_analysis),
+        "completion-end": (p1 + sampled + [END] + tail, len(p1) + len(sampled)),
+        "none": (p1[:3] + tail, 0),  # inside the first message: no snapshot there, cold
+    }
+    prompt, expect = branches[kind]
+
+    def restored():
+        """A fresh engine whose prompt cache holds turn 1 as `engine` left it (from a file for
+        "disk"); its model decodes freely."""
+        fresh = Engine(Forced(model, []), enc, prefill_chunk=5)
+        entry = engine.prompt_cache.find(p1)
+        if where == "disk":
+            path = tmp_path / "e.safetensors"
+            save_entry(path, entry, engine.fingerprint, KVAdapter())
+            entry = load_entry(path, fresh.fingerprint, KVAdapter(), model.make_cache)
+        fresh.prompt_cache.add(entry)
+        return fresh
+
+    got = np.array(restored().logits(prompt))
+    np.testing.assert_allclose(got, cold_logits(model, prompt), rtol=1e-4, atol=1e-4)
+    # ...and greedy decoding from there, against a cold engine
+    params = SamplingParams(temperature=0.0, max_tokens=6)
+    c = restored().complete(prompt, params)
+    assert c.stats.cached_tokens == expect
+    assert c.tokens == Engine(model, enc, prefill_chunk=5).complete(prompt, params).tokens
+
+
+def test_interleaved_conversations_all_hit(tiny):
+    """A B A B A B through one engine: every follow-up resumes where its conversation left."""
+    enc = tiny.encoding
+    engine = Engine(Forced(tiny.model, text(enc, "<|channel|>final<|message|> ok<|return|>")), enc)
+    history = {"A": [user_message("first conversation, about w1 w2 w3")],
+               "B": [user_message("second one, about something else")]}
+    held = {}
+    for name in "ABABAB":
+        conv = build_conversation(history[name], date="", developer_instructions=f"Be {name}.")
+        prompt = engine.render(conv)
+        c = engine.complete(conv, GREEDY)
+        if name in held:
+            assert c.stats.cached_tokens == held[name]  # all the cache held for it
+        held[name] = len(prompt) + len(c.tokens) - 1
+        history[name] += c.messages + [user_message(f"and then {len(history[name])}?")]
+    assert len(engine.prompt_cache.entries) == 2
+
+
+def test_eviction_under_a_small_budget_gives_cold_tokens(tiny):
+    enc, model = tiny.encoding, tiny.model
+    prompts = [render_prompt(enc, build_conversation([user_message(f"topic {i} " * 6)], date=""))
+               for i in range(3)]
+    cold = Engine(model, enc)
+    for budget in (0, 1_000_000):  # nothing fits; about one entry fits
+        engine = Engine(model, enc, cache_memory=budget)
+        for p in prompts + prompts[::-1] + prompts:
+            cold.reset_cache()
+            c = engine.complete(p, SamplingParams(temperature=0.0, max_tokens=5))
+            assert c.tokens == cold.complete(p, SamplingParams(temperature=0.0, max_tokens=5)).tokens
+            assert engine.prompt_cache.nbytes <= budget
+        assert len(engine.prompt_cache.entries) <= 1
+
+
+def test_disk_cache_restores_evicted_entries_after_a_restart(tiny, tmp_path):
+    enc, model = tiny.encoding, tiny.model
+    a, b = (render_prompt(enc, build_conversation([user_message(t * 5)], date=""))
+            for t in ("alpha ", "beta "))
+    engine = Engine(model, enc, cache_memory=1_000_000, cache_dir=tmp_path)
+    ca = engine.complete(a, SamplingParams(temperature=0.0, max_tokens=5))
+    engine.complete(b, SamplingParams(temperature=0.0, max_tokens=5))  # evicts a, to disk
+    assert len(list(tmp_path.glob("*.safetensors"))) == 1
+    follow = a + ca.tokens[:-1] + [END] + text(enc, "<|start|>user<|message|>more<|end|><|start|>assistant")
+    restarted = Engine(model, enc, cache_dir=tmp_path)
+    got = np.array(restarted.logits(follow))
+    np.testing.assert_allclose(got, cold_logits(model, follow), rtol=1e-4, atol=1e-4)
+    assert restarted.cached_tokens[: len(a) + len(ca.tokens) - 1] == a + ca.tokens[:-1]
+
+
+def test_disk_cache_ignores_foreign_and_damaged_files(tiny, tmp_path, capsys):
+    enc, model = tiny.encoding, tiny.model
+    engine = Engine(model, enc)
+    p = render_prompt(enc, build_conversation([user_message("gamma " * 5)], date=""))
+    engine.complete(p, SamplingParams(temperature=0.0, max_tokens=3))
+    entry = engine.prompt_cache.find(p)
+    save_entry(tmp_path / "other.safetensors", entry, "another-model", KVAdapter())
+    (tmp_path / "broken.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    save_entry(tmp_path / "cut.safetensors", entry, engine.fingerprint, KVAdapter())
+    data = (tmp_path / "cut.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    disk = DiskCache(tmp_path, engine.fingerprint)
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if "warning" in ln]
+    assert len(lines) == 3 and all(ln.startswith("oss-mlx: warning: ignoring prompt cache file")
+                                   for ln in lines)
+    assert "another model" in " ".join(lines)
+    assert disk.entries() == []
+    fresh = Engine(model, enc, cache_dir=tmp_path)  # and serving with that folder still works
+    assert fresh.complete(p, SamplingParams(temperature=0.0, max_tokens=3)).stats.cached_tokens == 0
+
+
+def test_prefill_cancel_stops_between_chunks_and_keeps_the_work(tiny):
+    """The cancel event, set while chunk 2 runs (explicitly, from inside it), stops the prefill
+    before chunk 3; the chunks done stay cached for the next request."""
+    enc = tiny.encoding
+    prompt = render_prompt(enc, build_conversation([user_message("x " * 40)], date=""))
+    cancel = threading.Event()
+
+    class CancelAt(Forced):
+        def prefill(self, tokens, cache, chunk_size=512, logits=True):
+            out = super().prefill(tokens, cache, chunk_size, logits)
+            if self.prefills == 2:
+                cancel.set()
+            return out
+
+    model = CancelAt(tiny.model, [])
+    engine = Engine(model, enc, prefill_chunk=8)
+    c = engine.complete(prompt, SamplingParams(temperature=0.0, max_tokens=5), cancel=cancel)
+    assert (c.stop_reason, c.stats.generated_tokens, model.prefills) == ("cancelled", 0, 2)
+    done = engine.cached_tokens
+    assert 0 < len(done) <= 16 and done == prompt[: len(done)]
+    c = engine.complete(prompt, SamplingParams(temperature=0.0, max_tokens=5))
+    assert c.stats.cached_tokens == len(done) and c.stop_reason != "cancelled"
+
+
+def test_parse_size():
+    assert parse_size("512M") == 512 << 20 and parse_size("1.5G") == 3 << 29
+    assert parse_size("4096") == 4096 and parse_size("8GiB") == 8 << 30
