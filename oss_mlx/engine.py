@@ -449,6 +449,11 @@ def _chunk_plan(prompt: list[int], start: int, end: int, chunk: int) -> list[tup
     `chunk` tokens each, also ending after every message closer (a later prompt may branch at a
     message boundary: a dropped analysis, an edited turn) and at `end`."""
     cuts = {p + 1 for p in range(start, end) if prompt[p] in _CLOSERS}
+    if start == 0:
+        # The first chunk into an empty cache leaves its rotating layers holding all of it,
+        # so its snapshot serves every boundary inside it (PromptCache: complete snapshots).
+        first = min(chunk, end)
+        cuts = {c for c in cuts if c > first} | {first}
     plan, pos = [], start
     for b in sorted(cuts | {end}):
         while b - pos > chunk:

@@ -101,6 +101,21 @@ class KVAdapter:
         else:  # pragma: no cover - a cache type we do not know how to roll back
             raise RuntimeError(f"cannot roll back a {type(c).__name__}")
 
+    def holds_all(self, c) -> bool:
+        """Whether a rotating layer still holds every token it saw, in order (true after a
+        first multi-token write into an empty cache, which keeps all of it): then its state
+        after any shorter prefix is a slice of it (`cut`)."""
+        return (self.is_rotating(c) and c.keys is not None
+                and c.keys.shape[2] == c.offset == c._idx)
+
+    def cut(self, c, n: int):
+        """A copy of a `holds_all` rotating layer as it was after its first n tokens (what one
+        write of those n tokens into an empty cache leaves)."""
+        new = self.copy(c)
+        new.keys, new.values = c.keys[..., :n, :], c.values[..., :n, :]
+        new.offset = new._idx = n
+        return new
+
     @staticmethod
     def arrays(c) -> list:
         import mlx.core as mx
@@ -158,6 +173,7 @@ class Snapshot:
     pos: int      # tokens the cache held when taken
     layers: dict  # layer index -> copy of that (rotating) layer's cache
     nbytes: int = 0
+    complete: bool = False  # its layers hold every token from the start: any pos' <= pos too
 
 
 class Held(list):
@@ -220,8 +236,12 @@ class PromptCache:
         if drop == 0 or (e.cache is not None
                          and all(self.adapter.can_trim(c, drop) for c in e.cache)):
             return lcp, None
-        best = max((s for s in e.snapshots if s.pos <= lcp), key=lambda s: s.pos, default=None)
-        return (best.pos, best) if best is not None else (0, None)
+
+        def reach(s: Snapshot) -> int:
+            return min(s.pos, lcp) if s.complete else (s.pos if s.pos <= lcp else 0)
+
+        best = max(e.snapshots, key=reach, default=None)
+        return (reach(best), best) if best is not None and reach(best) > 0 else (0, None)
 
     def _best(self, prompt: np.ndarray, key: str | None):
         best, best_n, best_snap = None, 0, None
@@ -252,7 +272,9 @@ class PromptCache:
             drop = len(e.tokens) - n
             for i, c in enumerate(held):
                 if snap is not None and i in snap.layers:
-                    held[i] = self.adapter.copy(snap.layers[i])
+                    layer = snap.layers[i]
+                    held[i] = (self.adapter.copy(layer) if snap.pos == n
+                               else self.adapter.cut(layer, n))
                 else:
                     self.adapter.trim(c, drop)
             held.snapshots = [s for s in e.snapshots if s.pos <= n]
@@ -269,7 +291,8 @@ class PromptCache:
         if not layers or not hasattr(cache, "snapshots"):
             return
         mx.async_eval([a for c in layers.values() for a in ad.arrays(c)])
-        snap = Snapshot(pos, layers, sum(ad.nbytes(c) for c in layers.values()))
+        snap = Snapshot(pos, layers, sum(ad.nbytes(c) for c in layers.values()),
+                        all(ad.holds_all(c) for c in layers.values()))
         cache.snapshots = [s for s in cache.snapshots if s.pos != pos] + [snap]
 
     # ---- hand back ----
@@ -413,7 +436,7 @@ def save_entry(path, entry: Entry, fingerprint: str, adapter: KVAdapter):
         for i, c in s.layers.items():
             a, metas[str(i)] = adapter.to_state(c)
             arrays.update({f"snap.{j}.{i}.{k}": v for k, v in a.items()})
-        snaps.append({"pos": s.pos, "layers": metas})
+        snaps.append({"pos": s.pos, "layers": metas, "complete": s.complete})
     meta = {"format": FORMAT_VERSION, "model": fingerprint, "key": entry.key,
             "layers": layers, "snapshots": snaps}
     path = Path(path)
@@ -463,7 +486,8 @@ def load_entry(path, fingerprint: str, adapter: KVAdapter, make_cache) -> Entry:
         snaps = []
         for j, s in enumerate(meta["snapshots"]):
             ls = {int(i): layer(f"snap.{j}.{i}", m, int(i)) for i, m in s["layers"].items()}
-            snaps.append(Snapshot(int(s["pos"]), ls, sum(adapter.nbytes(c) for c in ls.values())))
+            snaps.append(Snapshot(int(s["pos"]), ls, sum(adapter.nbytes(c) for c in ls.values()),
+                                  all(adapter.holds_all(c) for c in ls.values())))
     except ValueError:
         raise
     except Exception as e:  # noqa: BLE001
@@ -501,7 +525,8 @@ class DiskCache:
 
     @staticmethod
     def _stub(path, meta, tokens) -> Entry:
-        snaps = [Snapshot(int(s["pos"]), {}) for s in meta["snapshots"]]
+        snaps = [Snapshot(int(s["pos"]), {}, 0, bool(s.get("complete")))
+                 for s in meta["snapshots"]]
         return Entry(tokens.astype(np.int32), None, snaps, meta.get("key"), path=path)
 
     def entries(self) -> list[Entry]:
@@ -515,8 +540,8 @@ class DiskCache:
         except OSError as e:
             log.warning("cannot write %s: %s", path, e)
             return
-        self._index[path] = Entry(entry.tokens, None, [Snapshot(s.pos, {}) for s in
-                                                         entry.snapshots], entry.key, path=path)
+        stubs = [Snapshot(s.pos, {}, 0, s.complete) for s in entry.snapshots]
+        self._index[path] = Entry(entry.tokens, None, stubs, entry.key, path=path)
         self._bound()
 
     def _bound(self):

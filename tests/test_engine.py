@@ -348,9 +348,10 @@ def test_prompt_cache_reuse_matches_cold_start(tiny):
     p3 = p2 + harmony_tokens(enc, "<|channel|>final<|message|>short<|end|><|start|>user<|message|>again and again<|end|><|start|>assistant")
     turn(p3, len(p2))
 
-    # turn 4 diverges in the middle of turn 1's prompt: no snapshot there -> cold, still right
+    # turn 4 diverges in the middle of turn 1's first message: back to the end of the first
+    # prefill chunk (5 tokens), whose snapshot is the last one before, still right
     p4 = p1[:15] + harmony_tokens(enc, " something else entirely<|end|><|start|>assistant")
-    turn(p4, 0)
+    turn(p4, 5)
 
     # logits of the last prompt position, reused path vs cold, for prompts around the window
     warm.reset_cache()

@@ -80,7 +80,8 @@ SCRIPT_TEXT = ("<|channel|>analysis<|message|> one two three four five six seven
 
 
 @pytest.mark.parametrize("kind", ["prompt-boundary", "prompt-end-1", "prompt-end",
-                                  "completion-boundary", "completion-end", "none"])
+                                  "completion-boundary", "completion-end", "first-chunk",
+                                  "before-boundary"])
 @pytest.mark.parametrize("where", ["memory", "disk"])
 def test_restore_equals_cold_start_for_every_snapshot_kind(tiny, tmp_path, kind, where):
     enc, model = tiny.encoding, tiny.model
@@ -98,7 +99,10 @@ def test_restore_equals_cold_start_for_every_snapshot_kind(tiny, tmp_path, kind,
         "prompt-end": (p1 + text(enc, "<|channel|>final<|message|> short<|end|>") + tail, len(p1)),
         "completion-boundary": (p1 + sampled[: end_analysis - len(p1)] + tail, end_analysis),
         "completion-end": (p1 + sampled + [END] + tail, len(p1) + len(sampled)),
-        "none": (p1[:3] + tail, 0),  # inside the first message: no snapshot there, cold
+        # inside the first prefill chunk (5 tokens): its snapshot holds all of it
+        "first-chunk": (p1[:3] + tail, 3),
+        # past it, before the first boundary: back to the first chunk's end
+        "before-boundary": (p1[:12] + tail, 5),
     }
     prompt, expect = branches[kind]
 
