@@ -182,6 +182,11 @@ class Session:
         self.date = data.get("date") or self.date
 
 
+def kv_path(path) -> Path:
+    """Where /save writes the KV state of the conversation saved at `path`: beside it."""
+    return Path(path).expanduser().with_suffix(".safetensors")
+
+
 def history_messages(turn: Turn) -> list:
     """What the model sees of a past turn (harmony.build_conversation then drops old analysis)."""
     from .harmony import assistant_message, message_text
@@ -658,6 +663,8 @@ class Chat:
             try:
                 path = self.session.save(arg, self.model_name)
                 v.info(f"saved {exchanges(len(self.session.turns))} to {path}")
+                if self.engine.save_cache(kv_path(path), self.session.conversation()):
+                    v.info(f"saved the KV cache to {kv_path(path)} (/load resumes without prefill)")
             except OssMlxError as e:
                 v.error(str(e))
         elif name == "/load":
@@ -669,6 +676,10 @@ class Chat:
             except OssMlxError as e:
                 v.error(str(e))
                 return True
+            if kv_path(arg).is_file():
+                warning = self.engine.load_cache(kv_path(arg))
+                if warning:
+                    v.warn(warning)
             from .harmony import message_text
 
             v.hide_reasoning = s.hide_reasoning

@@ -291,6 +291,36 @@ class Engine:
             self.release(prompt, cache, key)
             return out
 
+    # ---- saving a conversation's KV state ----
+
+    def save_cache(self, path, conversation) -> bool:
+        """Write the prompt-cache entry that `conversation` continues (and the sampled tokens
+        of its messages) to `path` (safetensors); False when nothing is cached for it."""
+        from .prompt_cache import save_entry
+
+        tokens = self.render(conversation)
+        entry = self.prompt_cache.find(tokens)
+        if entry is None:
+            return False
+        extra = {"history": self.history.export([int(t) for t in entry.tokens])}
+        save_entry(path, entry, self.fingerprint, self.prompt_cache.adapter, extra)
+        return True
+
+    def load_cache(self, path) -> str | None:
+        """Restore a file written by save_cache into the prompt cache, so the conversation
+        resumes without prefilling it again. Returns None, or why the file was ignored (another
+        model or converter version, a damaged file) as a one-line warning."""
+        from .prompt_cache import load_entry
+
+        try:
+            entry = load_entry(path, self.fingerprint, self.prompt_cache.adapter,
+                               self.model.make_cache)
+        except ValueError as e:
+            return f"ignoring the KV cache in {path}: {e}"
+        self.history.load(entry.extra.get("history", []))
+        self.prompt_cache.add(entry)
+        return None
+
     # ---- generation ----
 
     def complete(self, conversation, params: SamplingParams | None = None, cancel=None,

@@ -192,6 +192,7 @@ class Entry:
     used: int = 0
     nbytes: int = 0
     path: Optional[Path] = None  # on disk only: where (cache is None until loaded)
+    extra: dict = field(default_factory=dict)  # saved beside it (e.g. the token history)
 
 
 def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
@@ -379,6 +380,14 @@ class PromptCache:
         with self._lock:
             self._insert(entry)
 
+    def flush(self):
+        """Write every entry held in memory to the disk cache (at shutdown), if there is one."""
+        if self.disk is None:
+            return
+        with self._lock:
+            for e in self.entries:
+                self.disk.put(e, self.adapter)
+
 
 # ---- options ---------------------------------------------------------------------------------
 
@@ -420,8 +429,9 @@ def cache_options(args) -> dict:
 # ---- files: one entry per safetensors file --------------------------------------------------
 
 
-def save_entry(path, entry: Entry, fingerprint: str, adapter: KVAdapter):
-    """Write `entry` (caches, tokens, snapshots) to `path` atomically."""
+def save_entry(path, entry: Entry, fingerprint: str, adapter: KVAdapter, extra: dict | None = None):
+    """Write `entry` (caches, tokens, snapshots) to `path` atomically; `extra`: more JSON
+    metadata (read back by `read_extra`)."""
     import mlx.core as mx
 
     arrays = {"tokens": mx.array(entry.tokens)}
@@ -438,7 +448,7 @@ def save_entry(path, entry: Entry, fingerprint: str, adapter: KVAdapter):
             arrays.update({f"snap.{j}.{i}.{k}": v for k, v in a.items()})
         snaps.append({"pos": s.pos, "layers": metas, "complete": s.complete})
     meta = {"format": FORMAT_VERSION, "model": fingerprint, "key": entry.key,
-            "layers": layers, "snapshots": snaps}
+            "layers": layers, "snapshots": snaps, "extra": extra or {}}
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp.safetensors")
     mx.save_safetensors(str(tmp), arrays, metadata={"oss_mlx_prompt_cache": json.dumps(meta)})
@@ -495,7 +505,9 @@ def load_entry(path, fingerprint: str, adapter: KVAdapter, make_cache) -> Entry:
     if {adapter.offset(c) for c in cache} != {len(tokens)}:
         raise ValueError("its caches do not hold its token list")
     mx.eval([a for c in cache for a in adapter.arrays(c)])
-    return Entry(tokens.astype(np.int32), cache, snaps, meta.get("key"))
+    entry = Entry(tokens.astype(np.int32), cache, snaps, meta.get("key"))
+    entry.extra = meta.get("extra") or {}
+    return entry
 
 
 def warn_unusable(path, why: str):

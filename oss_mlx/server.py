@@ -795,4 +795,5 @@ def main(args) -> int:
         # there, so the demo model's temporary folder is removed.
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         server.run(sockets=[sock])
+        engine.prompt_cache.flush()  # --cache-dir: what is in memory survives the restart
     return 0

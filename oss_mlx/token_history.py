@@ -84,6 +84,17 @@ class TokenHistory:
         while len(self._known) > self.max_messages:
             self._known.popitem(last=False)
 
+    def export(self, tokens: list[int]) -> list:
+        """The known messages whose tokens occur in `tokens` (a saved conversation), as JSON."""
+        text = ",".join(map(str, tokens)) + ","
+        return [[list(sig), span] for sig, span in self._known.items()
+                if ",".join(map(str, span)) + "," in text]
+
+    def load(self, items: list):
+        """Add messages written by `export`."""
+        for sig, span in items:
+            self._known[tuple(sig)] = [int(t) for t in span]
+
     def render(self, conversation) -> list[int]:
         """Prompt tokens for the next assistant turn, as harmony.render_prompt, with each
         assistant message this engine generated written as it was sampled."""

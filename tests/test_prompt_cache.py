@@ -223,3 +223,64 @@ def test_prefill_cancel_stops_between_chunks_and_keeps_the_work(tiny):
 def test_parse_size():
     assert parse_size("512M") == 512 << 20 and parse_size("1.5G") == 3 << 29
     assert parse_size("4096") == 4096 and parse_size("8GiB") == 8 << 30
+
+
+def test_saved_conversation_resumes_without_prefill(tiny, tmp_path):
+    """What chat's /save and /load do: the KV state and the sampled tokens of the turn go to a
+    safetensors file; a new engine (a new process) resumes the conversation from it, with the
+    same logits as a cold start."""
+    from oss_mlx.harmony import assistant_message
+
+    enc, model = tiny.encoding, tiny.model
+    script = text(enc, "<|channel|>final<|message|> eight nine<|return|>")
+    engine = Engine(Forced(model, script), enc)
+    history = [user_message("w0 w1 w2 w3 w4 w5")]
+    c1 = engine.complete(build_conversation(history, date=""), GREEDY)
+    history += c1.messages
+    assert engine.save_cache(tmp_path / "chat.safetensors", build_conversation(history, date=""))
+    follow = build_conversation(history + [user_message("and more")], date="")
+
+    fresh = Engine(Forced(model, []), enc)
+    assert fresh.load_cache(tmp_path / "chat.safetensors") is None
+    prompt = fresh.render(follow)
+    assert prompt == engine.render(follow)  # the answer as sampled, from the file
+    c2 = fresh.complete(follow, SamplingParams(temperature=0.0, max_tokens=4))
+    first = render_prompt(enc, build_conversation(history[:1], date=""))
+    assert c2.stats.cached_tokens == len(first) + len(c1.tokens) - 1
+    cold = Engine(model, enc).complete(prompt, SamplingParams(temperature=0.0, max_tokens=4))
+    assert c2.tokens == cold.tokens
+    # a file for another model is refused with one line, and nothing is loaded
+    other = Engine(Forced(model, []), enc)
+    other.fingerprint = "another-model"
+    warning = other.load_cache(tmp_path / "chat.safetensors")
+    assert "another model" in warning and "\n" not in warning
+    assert other.cached_tokens == []
+
+
+def test_chat_save_and_load_resume_the_kv_state(tiny_model, tmp_path):
+    """`oss-mlx chat` through a pipe: /save writes the conversation and its KV state beside it;
+    a second chat process /loads both and its first turn reuses the whole conversation."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    def chat(script: str) -> str:
+        run = subprocess.run(
+            [sys.executable, "-m", "oss_mlx.cli", "chat", "--model", str(tiny_model),
+             "--max-tokens", "6", "--temperature", "0"],
+            input=script, capture_output=True, text=True, timeout=300, cwd=tmp_path,
+            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        assert run.returncode == 0, run.stderr
+        return run.stderr
+
+    first = chat("hello there\n/save conv.json\n")
+    assert (tmp_path / "conv.json").is_file() and (tmp_path / "conv.safetensors").is_file()
+    assert "saved the KV cache" in first
+    second = chat("/load conv.json\nand a follow-up\n/stats\n")
+    cached = int(re.search(r"cached tokens ([\d,]+)", second).group(1).replace(",", ""))
+    assert cached > 60, second  # the system message, the first exchange and the follow-up's start
+    (tmp_path / "conv.safetensors").write_bytes(b"damaged")
+    third = chat("/load conv.json\nand a follow-up\n/stats\n")
+    assert "ignoring the KV cache" in third and "Traceback" not in third
+    assert "cached tokens 0," in third  # without it, the same turn starts cold
