@@ -20,10 +20,12 @@ extends are replaced by it (their snapshots carried over), so a growing session 
 Memory is bounded (`memory_bytes`), least recently used entries going first, to `disk` when one is
 given (see DiskCache), from where a later hit restores them.
 
-`acquire` always hands out a private copy: the entry stays intact for other requests (two chat
-tabs, an agent and its title request) and a request that fails or is cancelled loses nothing.
-Copies are cheap: MLX arrays are immutable and the caches' writes rebind their arrays, so a copy
-shares the entry's buffers until it writes.
+`acquire` hands out a private cache. A request that continues an entry from its end (the common
+case: an agent's next step) takes the entry itself, whose buffers it then extends in place, and
+`release` puts it back longer (a request that fails with an error loses that entry; a cancelled
+one is released with what it did). A request that branches off inside an entry gets a copy and
+the entry stays for the others (two chat tabs, an agent and its title request); copies share the
+entry's buffers until they write.
 
 All knowledge of mlx-lm's cache classes lives in `KVAdapter`; a new cache type (a fixed-capacity
 ring buffer for a compiled decode step, a quantized KV cache) needs only a new case there.
@@ -61,12 +63,14 @@ class KVAdapter:
 
     @staticmethod
     def copy(c):
-        """A copy whose arrays are new array objects (MLX slice assignment, used by the caches'
-        writes, rebinds the array object it is applied to, so the original stays untouched)."""
+        """A copy whose arrays are new array objects over the same buffers (`v[...]`, no data
+        copied): MLX slice assignment, used by the caches' writes, rebinds the array object it
+        is applied to and copies a buffer that another array shares, so the original stays
+        untouched and the data is copied only when, and if, the copy is written."""
         import mlx.core as mx
 
         new = object.__new__(type(c))
-        new.__dict__ = {k: (mx.array(v) if isinstance(v, mx.array) else v)
+        new.__dict__ = {k: (v[...] if isinstance(v, mx.array) else v)
                         for k, v in c.__dict__.items()}
         return new
 
@@ -168,7 +172,7 @@ class KVAdapter:
 # ---- entries and snapshots ------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(eq=False)  # identity: entries and snapshots are compared by object
 class Snapshot:
     pos: int      # tokens the cache held when taken
     layers: dict  # layer index -> copy of that (rotating) layer's cache
@@ -183,7 +187,7 @@ class Held(list):
     snapshots: list
 
 
-@dataclass
+@dataclass(eq=False)
 class Entry:
     tokens: np.ndarray  # int32, the tokens `cache` holds, in order
     cache: list
@@ -269,6 +273,13 @@ class PromptCache:
                 return held, 0
             self._tick += 1
             e.used = self._tick
+            if n == len(e.tokens):
+                # The request continues this entry: hand it over, so its writes need no copy
+                # of the buffers (release puts it back, longer).
+                self.entries.remove(e)
+                held = Held(e.cache)
+                held.snapshots = list(e.snapshots)
+                return held, n
             held = Held(self.adapter.copy(c) for c in e.cache)
             drop = len(e.tokens) - n
             for i, c in enumerate(held):
@@ -377,8 +388,11 @@ class PromptCache:
             return max(scored, key=lambda t: (t[0], t[1].used))[1] if scored else None
 
     def add(self, entry: Entry):
+        """Keep (a copy of) `entry`, e.g. one read from a file."""
+        copy = Entry(entry.tokens, [self.adapter.copy(c) for c in entry.cache],
+                     list(entry.snapshots), entry.key)
         with self._lock:
-            self._insert(entry)
+            self._insert(copy)
 
     def flush(self):
         """Write every entry held in memory to the disk cache (at shutdown), if there is one."""

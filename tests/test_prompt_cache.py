@@ -284,3 +284,40 @@ def test_chat_save_and_load_resume_the_kv_state(tiny_model, tmp_path):
     third = chat("/load conv.json\nand a follow-up\n/stats\n")
     assert "ignoring the KV cache" in third and "Traceback" not in third
     assert "cached tokens 0," in third  # without it, the same turn starts cold
+
+
+def _dummy_cache():
+    from mlx_lm.models.cache import KVCache, RotatingKVCache
+
+    return [RotatingKVCache(max_size=4), KVCache()]
+
+
+def _filled(tokens):
+    """A cache fed `tokens` (their ids stand in for K/V), in one write."""
+    cache = _dummy_cache()
+    kv = mx.array(tokens, dtype=mx.float32).reshape(1, 1, -1, 1)
+    for c in cache:
+        c.update_and_fetch(kv, kv)
+    return cache
+
+
+def test_lru_eviction_and_lookup_whatever_the_order():
+    from oss_mlx.prompt_cache import PromptCache
+
+    per_entry = sum(KVAdapter.nbytes(c) for c in _filled(list(range(30))))
+    pc = PromptCache(_dummy_cache, memory_bytes=2 * per_entry + per_entry // 2)
+    a, b, c = list(range(100, 130)), list(range(200, 230)), list(range(300, 330))
+    for t in (a, b):
+        pc.release(t, _filled(t))
+    held, n = pc.acquire(a + [1, 2])  # A continues: handed over, then back, longer
+    assert n == len(a)
+    kv = mx.array([1.0]).reshape(1, 1, 1, 1)
+    for layer in held:
+        layer.update_and_fetch(kv, kv)
+    pc.release(a + [1], held)
+    pc.release(c, _filled(c))  # over budget: B, least recently used, goes (not the first entry)
+    assert sorted(len(e.tokens) for e in pc.entries) == [30, 31]
+    assert [int(e.tokens[0]) for e in pc.entries] == [100, 300]
+    # lookup by longest usable prefix, in any order; B is gone: a miss
+    assert pc.acquire(c + [9])[1] == 30 and pc.acquire(a + [1, 5, 6])[1] == 31
+    assert pc.acquire(b + [9])[1] == 0
