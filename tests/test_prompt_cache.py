@@ -67,8 +67,8 @@ def text(enc, s):
 
 
 def first_turn(enc, engine):
-    """A prompt and a completion with a message boundary inside it:
-    analysis 'a b' <|end|> <|start|>assistant<|channel|>final<|message|> x <|return|>."""
+    """Turn 1: a prompt and, forced by SCRIPT_TEXT, a completion with a message boundary inside
+    it (an analysis message, <|end|>, then a final one closed by <|return|>)."""
     p1 = render_prompt(enc, build_conversation([user_message("w0 w1 w2 w3 w4 w5")], date=""))
     c1 = engine.complete(p1, GREEDY)
     assert c1.stop_reason == "stop" and c1.tokens[-1] == RETURN
@@ -228,9 +228,7 @@ def test_parse_size():
 def test_saved_conversation_resumes_without_prefill(tiny, tmp_path):
     """What chat's /save and /load do: the KV state and the sampled tokens of the turn go to a
     safetensors file; a new engine (a new process) resumes the conversation from it, with the
-    same logits as a cold start."""
-    from oss_mlx.harmony import assistant_message
-
+    same greedy tokens as a cold start."""
     enc, model = tiny.encoding, tiny.model
     script = text(enc, "<|channel|>final<|message|> eight nine<|return|>")
     engine = Engine(Forced(model, script), enc)
