@@ -303,7 +303,10 @@ class Engine:
         if entry is None:
             return False
         extra = {"history": self.history.export([int(t) for t in entry.tokens])}
-        save_entry(path, entry, self.fingerprint, self.prompt_cache.adapter, extra)
+        try:
+            save_entry(path, entry, self.fingerprint, self.prompt_cache.adapter, extra)
+        except (OSError, RuntimeError) as e:
+            raise OssMlxError(f"cannot write {path}: {e}") from None
         return True
 
     def load_cache(self, path) -> str | None:
@@ -373,7 +376,7 @@ class Engine:
         def step(y):
             with mx.stream(generation_stream):
                 logits = self.model(y[None], cache=cache)[:, -1, :]
-                return sample(tokens, logits)
+                return sample(tokens, logits, y)  # y is fed, not yet read (nor in `tokens`)
 
         stop_reason = None
         try:
@@ -454,8 +457,9 @@ class Engine:
 
 
 def _make_sampler(params: SamplingParams):
-    """sample(tokens, logits [1, V]) -> token [1], with params.logits_processors applied first
-    (mlx-lm style callables (tokens: mx.array, logits) -> logits)."""
+    """sample(tokens, logits [1, V], last=None) -> token [1], with params.logits_processors
+    applied first (mlx-lm style callables (tokens: mx.array, logits) -> logits); the processors
+    see `tokens` (prompt and generated so far) and then `last`, a token array not yet read."""
     import mlx.core as mx
     from mlx_lm.sample_utils import make_sampler
 
@@ -463,10 +467,12 @@ def _make_sampler(params: SamplingParams):
                            top_k=params.top_k)
     processors = list(params.logits_processors or [])
 
-    def sample(tokens, logits):
+    def sample(tokens, logits, last=None):
         logits = logits.astype(mx.float32)
         if processors:
-            history = mx.array(tokens)
+            history = mx.array(tokens, dtype=mx.int32)
+            if last is not None:
+                history = mx.concatenate([history, last.reshape(-1).astype(mx.int32)])
             for p in processors:
                 logits = p(history, logits)
         return sampler(logits - mx.logsumexp(logits, axis=-1, keepdims=True))

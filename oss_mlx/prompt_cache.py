@@ -465,8 +465,11 @@ def save_entry(path, entry: Entry, fingerprint: str, adapter: KVAdapter, extra: 
             "layers": layers, "snapshots": snaps, "extra": extra or {}}
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp.safetensors")
-    mx.save_safetensors(str(tmp), arrays, metadata={"oss_mlx_prompt_cache": json.dumps(meta)})
-    os.replace(tmp, path)
+    try:
+        mx.save_safetensors(str(tmp), arrays, metadata={"oss_mlx_prompt_cache": json.dumps(meta)})
+        os.replace(tmp, path)  # never a half-written file under the final name
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _read_meta(path) -> tuple[dict, np.ndarray]:
@@ -534,8 +537,14 @@ class DiskCache:
     can restore them. Files for another model or damaged ones are ignored with a warning."""
 
     def __init__(self, folder, fingerprint: str, max_bytes: int = 16 << 30):
+        from .errors import OssMlxError
+
         self.folder = Path(folder).expanduser()
-        self.folder.mkdir(parents=True, exist_ok=True)
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise OssMlxError(f"cannot use {self.folder} as the prompt cache folder: "
+                              f"{e.strerror or e}") from None
         self.fingerprint = fingerprint
         self.max_bytes = max_bytes
         self._index: dict[Path, Entry] = {}
@@ -563,7 +572,7 @@ class DiskCache:
         path = self.folder / f"{digest}.safetensors"
         try:
             save_entry(path, entry, self.fingerprint, adapter)
-        except OSError as e:
+        except (OSError, RuntimeError) as e:  # a full disk: the entry is only lost
             log.warning("cannot write %s: %s", path, e)
             return
         stubs = [Snapshot(s.pos, {}, 0, s.complete) for s in entry.snapshots]

@@ -88,16 +88,19 @@ class Recorder:
     def stream(self, conversation, params=None, cancel=None, *args, **kw):
         for ev in self.engine.stream(conversation, params, cancel, *args, **kw):
             if ev.type == "done":
-                self.requests[-1]["cached"] = ev.completion.stats.cached_tokens
+                stats = ev.completion.stats
+                self.requests[-1].update(cached=stats.cached_tokens, ttft=stats.ttft_s)
             yield ev
 
 
-def replay(session: dict, engine_kw: dict | None = None) -> list[dict]:
-    """Send the session's requests in order; per request: prompt tokens, cached tokens and the
-    longest common prefix with any earlier request's prompt."""
-    enc = load_encoding(vocab_dir(VOCAB))
-    model = ScriptedModel(encoding=enc, max_context=131072)
-    engine = Recorder(Engine(model, enc, **(engine_kw or {})))
+def replay(session: dict, engine=None) -> list[dict]:
+    """Send the session's requests in order; per request: prompt tokens, cached tokens, time to
+    first token and the longest common prefix with any earlier request's prompt. `engine`: one
+    whose model has push(reply) (default: the ScriptedModel)."""
+    if engine is None:
+        enc = load_encoding(vocab_dir(VOCAB))
+        engine = Engine(ScriptedModel(encoding=enc, max_context=131072), enc)
+    model, engine = engine.model, Recorder(engine)
     with ServerThread(create_app(engine, "scripted-oss")) as srv, httpx.Client(
             base_url=srv.url, timeout=120) as http:
         for req, reply in zip(session["requests"], session["replies"]):
@@ -109,7 +112,8 @@ def replay(session: dict, engine_kw: dict | None = None) -> list[dict]:
     for i, r in enumerate(engine.requests):
         lcp = max((common_prefix(r["prompt"], e["prompt"]) for e in engine.requests[:i]),
                   default=0)
-        out.append({"prompt": len(r["prompt"]), "cached": r.get("cached", 0), "lcp": lcp})
+        out.append({"prompt": len(r["prompt"]), "cached": r.get("cached", 0), "lcp": lcp,
+                    "ttft": r.get("ttft", 0.0)})
     return out
 
 

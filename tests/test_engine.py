@@ -427,3 +427,31 @@ def test_model_error_resets_the_cache(enc):
     with pytest.raises(RuntimeError, match="device lost"):
         engine.complete(conv(), SamplingParams(max_tokens=10))
     assert engine.cached_tokens == []
+
+
+def test_logits_processors_see_the_history_and_steer_sampling(enc):
+    """SamplingParams.logits_processors (mlx-lm style) get prompt + generated tokens, the token
+    being fed included, and their logits are what is sampled from."""
+    reply = "<|channel|>final<|message|>one two three<|return|>"
+    model = ScriptedModel(reply, encoding=enc)
+    seen = []
+    prompt = render_prompt(enc, conv())
+    target = harmony_tokens(enc, reply)
+
+    def record(tokens, logits):
+        seen.append([int(t) for t in tokens.tolist()])
+        return logits
+
+    c = Engine(model, enc).complete(conv(), SamplingParams(max_tokens=50, logits_processors=[record]))
+    assert c.tokens == target
+    assert [len(s) for s in seen] == [len(prompt) + i for i in range(len(target))]
+    assert seen[-1] == prompt + target[:-1]
+
+    def ban_return(tokens, logits):
+        return mx.where(mx.arange(logits.shape[-1]) == RETURN, -1e9, logits)
+
+    model.push(reply)
+    params = SamplingParams(temperature=0.0, max_tokens=len(target) + 2,
+                            logits_processors=[ban_return])
+    c = Engine(model, enc).complete(conv(), params)
+    assert RETURN not in c.tokens and c.stop_reason == "length"
