@@ -319,3 +319,42 @@ def test_lru_eviction_and_lookup_whatever_the_order():
     # lookup by longest usable prefix, in any order; B is gone: a miss
     assert pc.acquire(c + [9])[1] == 30 and pc.acquire(a + [1, 5, 6])[1] == 31
     assert pc.acquire(b + [9])[1] == 0
+
+
+def test_flush_keeps_what_is_in_memory_across_a_restart(tiny, tmp_path):
+    """`serve --cache-dir` flushes the prompt cache at shutdown; the next server resumes."""
+    enc, model = tiny.encoding, tiny.model
+    p = render_prompt(enc, build_conversation([user_message("delta " * 5)], date=""))
+    engine = Engine(model, enc, cache_dir=tmp_path)
+    c = engine.complete(p, SamplingParams(temperature=0.0, max_tokens=4))
+    engine.prompt_cache.flush()
+    follow = p + c.tokens[:-1] + [END] + text(enc, "<|start|>user<|message|>next<|end|><|start|>assistant")
+    again = Engine(model, enc, cache_dir=tmp_path).complete(
+        follow, SamplingParams(temperature=0.0, max_tokens=4))
+    assert again.stats.cached_tokens == len(p) + len(c.tokens) - 1
+    cold = Engine(model, enc).complete(follow, SamplingParams(temperature=0.0, max_tokens=4))
+    assert again.tokens == cold.tokens
+
+
+def test_key_hint_breaks_ties_between_conversations():
+    """Two conversations sharing a prefix (say, one system prompt): a request that leaves both
+    at the same point resumes from the one its prompt_cache_key / user names."""
+    from mlx_lm.models.cache import KVCache
+
+    from oss_mlx.prompt_cache import PromptCache
+
+    def filled(tokens):
+        c = KVCache()
+        kv = mx.array(tokens, dtype=mx.float32).reshape(1, 1, -1, 1)
+        c.update_and_fetch(kv, kv)
+        return [c]
+
+    pc = PromptCache(lambda: [KVCache()])
+    base = list(range(50))
+    pc.release(base + [1], filled(base + [1]), key="alice")
+    pc.release(base + [2], filled(base + [2]), key="bob")
+    for key in ("alice", "bob", "alice"):
+        held, n = pc.acquire(base + [3, 4], key=key)
+        assert n == len(base)
+        chosen = max(pc.entries, key=lambda e: e.used)
+        assert chosen.key == key
