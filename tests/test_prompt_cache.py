@@ -79,15 +79,21 @@ SCRIPT_TEXT = ("<|channel|>analysis<|message|> one two three four five six seven
                "<|start|>assistant<|channel|>final<|message|> eight nine<|return|>")
 
 
+@pytest.fixture(scope="module")
+def turn1(tiny):
+    """An engine after turn 1 (read only: each test restores copies of its entry)."""
+    engine = Engine(Forced(tiny.model, text(tiny.encoding, SCRIPT_TEXT)), tiny.encoding,
+                    prefill_chunk=5)
+    return (engine, *first_turn(tiny.encoding, engine))
+
+
 @pytest.mark.parametrize("kind", ["prompt-boundary", "prompt-end-1", "prompt-end",
                                   "completion-boundary", "completion-end", "first-chunk",
                                   "before-boundary"])
 @pytest.mark.parametrize("where", ["memory", "disk"])
-def test_restore_equals_cold_start_for_every_snapshot_kind(tiny, tmp_path, kind, where):
+def test_restore_equals_cold_start_for_every_snapshot_kind(tiny, turn1, tmp_path, kind, where):
     enc, model = tiny.encoding, tiny.model
-    script = text(enc, SCRIPT_TEXT)
-    engine = Engine(Forced(model, script), enc, prefill_chunk=5)
-    p1, c1 = first_turn(enc, engine)
+    engine, p1, c1 = turn1
     sampled = c1.tokens[:-1]
     boundary = p1.index(END) + 1  # the end of the system message
     end_analysis = len(p1) + sampled.index(END) + 1
