@@ -44,7 +44,8 @@ previous completion, even when a client re-serialised the tool call's JSON argum
 A scheduler driving several requests uses the same three steps as `stream`:
     cache, n = engine.acquire(prompt, key)              # private; holds prompt[:n]
     for done in engine.prefill_steps(prompt, cache, n, cancel): ...  # chunk by chunk
-    ... feed prompt[-1] and the sampled tokens ...
+    ... feed prompt[-1], engine.snapshot(cache, len(prompt)), then the sampled tokens
+        (engine.snapshot(cache, pos) after each <|end|> fed) ...
     engine.release(tokens, cache, key)                  # prompt + generated, no stop token
 
 One engine serves one request at a time (a lock); `stream` is a generator, so errors such as a
@@ -265,12 +266,18 @@ class Engine:
         token; one more token fed last is undone) to the prompt cache, which may keep it."""
         self.prompt_cache.release(tokens, cache, key)
 
+    def snapshot(self, cache: list, pos: int):
+        """Snapshot the rotating layers of `cache` (from acquire), which holds `pos` tokens: a
+        scheduler calls it after feeding the last prompt token (pos = len(prompt)) and after
+        each <|end|> it feeds, where later prompts branch (a dropped analysis message)."""
+        self.prompt_cache.snapshot(cache, pos)
+
     def _last_logits(self, prompt: list[int], cache: list):
         """Feed the last prompt token (the rest is cached) and return its logits [1, V]."""
         import mlx.core as mx
 
         logits = self.model.prefill(mx.array(prompt[-1:])[None], cache, self.prefill_chunk)
-        self.prompt_cache.snapshot(cache, len(prompt))
+        self.snapshot(cache, len(prompt))
         return logits
 
     def logits(self, prompt: list[int], key: str | None = None):
@@ -438,7 +445,7 @@ class Engine:
             if fed:
                 tokens.append(tok)
                 if tok == harmony.END:  # a message boundary: a later prompt may branch here
-                    self.prompt_cache.snapshot(cache, len(tokens))
+                    self.snapshot(cache, len(tokens))
             reason = out.feed(tok, self._stop)
             yield from out.drain()
             if reason is None and n >= limit:

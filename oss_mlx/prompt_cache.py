@@ -112,6 +112,19 @@ class KVAdapter:
         return (self.is_rotating(c) and c.keys is not None
                 and c.keys.shape[2] == c.offset == c._idx)
 
+    def compact(self, c):
+        """A copy of a layer keeping only what later writes and queries use: a wrapped rotating
+        cache just written with several tokens holds `max_size - 1 + S` of them in temporal
+        order, and the next write keeps only the last `max_size - 1` anyway; holding the last
+        `max_size` (in order, write index at the end) behaves the same for every later write."""
+        new = self.copy(c)
+        if (self.is_rotating(c) and c.keys is not None and c.keep == 0
+                and not self.holds_all(c) and c.keys.shape[2] > c.max_size
+                and c._idx == c.keys.shape[2]):
+            new.keys, new.values = c.keys[..., -c.max_size:, :], c.values[..., -c.max_size:, :]
+            new._idx = c.max_size
+        return new
+
     def cut(self, c, n: int):
         """A copy of a `holds_all` rotating layer as it was after its first n tokens (what one
         write of those n tokens into an empty cache leaves)."""
@@ -299,7 +312,7 @@ class PromptCache:
         import mlx.core as mx
 
         ad = self.adapter
-        layers = {i: ad.copy(c) for i, c in enumerate(cache) if ad.is_rotating(c)}
+        layers = {i: ad.compact(c) for i, c in enumerate(cache) if ad.is_rotating(c)}
         if not layers or not hasattr(cache, "snapshots"):
             return
         mx.async_eval([a for c in layers.values() for a in ad.arrays(c)])

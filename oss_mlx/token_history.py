@@ -20,6 +20,7 @@ A message closed by `<|return|>` is stored closed by `<|end|>`, as harmony rende
 from __future__ import annotations
 
 import json
+import threading
 from collections import OrderedDict
 
 from openai_harmony import Conversation, Message, Role
@@ -67,6 +68,7 @@ class TokenHistory:
         self.encoding = encoding
         self.max_messages = max_messages
         self._known: OrderedDict[tuple, list[int]] = OrderedDict()
+        self._lock = threading.Lock()  # the engine's thread remembers, request threads render
 
     def remember(self, head: list[int], tokens: list[int], messages: list[Message]):
         """Record a turn: `head` the prompt's last tokens (`<|start|>assistant`), `tokens` what
@@ -76,24 +78,28 @@ class TokenHistory:
         spans = split_messages(head, tokens)
         if len(spans) != len(messages):
             return
-        for m, span in zip(messages, spans):
-            sig = signature(m)
-            if sig is not None:
-                self._known[sig] = span
-                self._known.move_to_end(sig)
-        while len(self._known) > self.max_messages:
-            self._known.popitem(last=False)
+        with self._lock:
+            for m, span in zip(messages, spans):
+                sig = signature(m)
+                if sig is not None:
+                    self._known[sig] = span
+                    self._known.move_to_end(sig)
+            while len(self._known) > self.max_messages:
+                self._known.popitem(last=False)
 
     def export(self, tokens: list[int]) -> list:
         """The known messages whose tokens occur in `tokens` (a saved conversation), as JSON."""
-        text = ",".join(map(str, tokens)) + ","
-        return [[list(sig), span] for sig, span in self._known.items()
-                if ",".join(map(str, span)) + "," in text]
+        text = "," + ",".join(map(str, tokens)) + ","
+        with self._lock:
+            items = list(self._known.items())
+        return [[list(sig), span] for sig, span in items
+                if "," + ",".join(map(str, span)) + "," in text]
 
     def load(self, items: list):
         """Add messages written by `export`."""
-        for sig, span in items:
-            self._known[tuple(sig)] = [int(t) for t in span]
+        with self._lock:
+            for sig, span in items:
+                self._known[tuple(sig)] = [int(t) for t in span]
 
     def render(self, conversation) -> list[int]:
         """Prompt tokens for the next assistant turn, as harmony.render_prompt, with each
@@ -103,7 +109,9 @@ class TokenHistory:
         messages = harmony.drop_finished_analysis(messages)
         full = harmony.render_prompt(self.encoding, messages)
         body = [m for m in messages if m.author.role not in (Role.SYSTEM, Role.DEVELOPER)]
-        if not self._known or not any(signature(m) in self._known for m in body):
+        with self._lock:
+            known = {sig: self._known.get(sig) for sig in map(signature, body)}
+        if not any(known.values()):
             return full
         parts = [self.encoding.render(m) for m in body]
         n = sum(len(p) for p in parts)
@@ -112,5 +120,5 @@ class TokenHistory:
             return full  # the renderer did not render message by message: keep its rendering
         out = full[: end - n]
         for m, p in zip(body, parts):
-            out += self._known.get(signature(m), p)
+            out += known.get(signature(m)) or p
         return out + full[end:]
