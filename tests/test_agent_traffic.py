@@ -207,3 +207,20 @@ if __name__ == "__main__":
         for i, r in enumerate(rows):
             frac = r["cached"] / max(min(r["lcp"], r["prompt"] - 1), 1) if i else float("nan")
             print(f"  {i:2d}  {r['prompt']:6d}  {r['cached']:6d}  {r['lcp']:6d}  {frac:6.1%}")
+
+
+def test_prompt_cache_key_and_user_reach_the_prompt_cache():
+    enc = load_encoding(vocab_dir(VOCAB))
+    model = ScriptedModel(encoding=enc)
+    engine = Engine(model, enc)
+    answer = "<|channel|>final<|message|>ok<|return|>"
+    with ServerThread(create_app(engine, "scripted-oss")) as srv, httpx.Client(
+            base_url=srv.url, timeout=60) as http:
+        model.push(answer)
+        http.post("/v1/responses", json={"model": "scripted-oss", "input": "hi",
+                                         "prompt_cache_key": "session-1"}).raise_for_status()
+        model.push(answer)
+        http.post("/v1/chat/completions", json={
+            "model": "scripted-oss", "user": "alice",
+            "messages": [{"role": "user", "content": "something else"}]}).raise_for_status()
+    assert sorted(e.key for e in engine.prompt_cache.entries) == ["alice", "session-1"]
