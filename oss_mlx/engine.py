@@ -188,11 +188,22 @@ class Engine:
         self.prefill_chunk = prefill_chunk
         self._lock = threading.Lock()
         self.fingerprint = model_fingerprint(model)
-        disk = DiskCache(cache_dir, self.fingerprint, cache_disk) if cache_dir else None
-        self.prompt_cache = PromptCache(model.make_cache, cache_memory, max_snapshots, disk)
         self.history = TokenHistory(encoding)
+        disk = None
+        if cache_dir:
+            disk = DiskCache(cache_dir, self.fingerprint, cache_disk, self._history_of)
+            for stub in disk.entries():  # so the first prompt after a restart matches them
+                self._remember_history(stub)
+        self.prompt_cache = PromptCache(model.make_cache, cache_memory, max_snapshots, disk)
         self._stop = set(encoding.stop_tokens_for_assistant_actions())  # <|return|>, <|call|>
         import mlx_lm.generate  # noqa: F401 - slow first import; keep it out of the first TTFT
+
+    def _history_of(self, entry) -> dict:
+        """What to save beside a prompt-cache entry: the sampled tokens of its messages."""
+        return {"history": self.history.export([int(t) for t in entry.tokens])}
+
+    def _remember_history(self, entry):
+        self.history.load(entry.extra.get("history", []))
 
     @classmethod
     def load(cls, model: str, dtype=None, **kwargs) -> "Engine":
@@ -309,9 +320,9 @@ class Engine:
         entry = self.prompt_cache.find(tokens)
         if entry is None:
             return False
-        extra = {"history": self.history.export([int(t) for t in entry.tokens])}
         try:
-            save_entry(path, entry, self.fingerprint, self.prompt_cache.adapter, extra)
+            save_entry(path, entry, self.fingerprint, self.prompt_cache.adapter,
+                       self._history_of(entry))
         except (OSError, RuntimeError) as e:
             raise OssMlxError(f"cannot write {path}: {e}") from None
         return True
@@ -327,7 +338,7 @@ class Engine:
                                self.model.make_cache)
         except ValueError as e:
             return f"ignoring the KV cache in {path}: {e}"
-        self.history.load(entry.extra.get("history", []))
+        self._remember_history(entry)
         self.prompt_cache.add(entry)
         return None
 

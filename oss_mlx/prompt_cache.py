@@ -370,6 +370,7 @@ class PromptCache:
         loaded = self.disk.load(e, self.adapter, self.make_cache)
         if loaded is None:
             return None
+
         self._tick += 1
         loaded.used = self._tick
         self.entries.append(loaded)
@@ -549,7 +550,8 @@ class DiskCache:
     (oldest files go first), indexed by their token lists so a later hit, also after a restart,
     can restore them. Files for another model or damaged ones are ignored with a warning."""
 
-    def __init__(self, folder, fingerprint: str, max_bytes: int = 16 << 30):
+    def __init__(self, folder, fingerprint: str, max_bytes: int = 16 << 30,
+                 extra: Callable[[Entry], dict] | None = None):
         from .errors import OssMlxError
 
         self.folder = Path(folder).expanduser()
@@ -560,6 +562,7 @@ class DiskCache:
                               f"{e.strerror or e}") from None
         self.fingerprint = fingerprint
         self.max_bytes = max_bytes
+        self.extra = extra  # more to write beside an entry (the engine: its token history)
         self._index: dict[Path, Entry] = {}
         for path in sorted(self.folder.glob("*.safetensors")):
             if path.name.endswith(".tmp.safetensors"):
@@ -575,7 +578,8 @@ class DiskCache:
     def _stub(path, meta, tokens) -> Entry:
         snaps = [Snapshot(int(s["pos"]), {}, 0, bool(s.get("complete")))
                  for s in meta["snapshots"]]
-        return Entry(tokens.astype(np.int32), None, snaps, meta.get("key"), path=path)
+        return Entry(tokens.astype(np.int32), None, snaps, meta.get("key"), path=path,
+                     extra=meta.get("extra") or {})
 
     def entries(self) -> list[Entry]:
         return list(self._index.values())
@@ -584,7 +588,8 @@ class DiskCache:
         digest = hashlib.sha256(entry.tokens.tobytes()).hexdigest()[:32]
         path = self.folder / f"{digest}.safetensors"
         try:
-            save_entry(path, entry, self.fingerprint, adapter)
+            save_entry(path, entry, self.fingerprint, adapter,
+                       self.extra(entry) if self.extra else None)
         except (OSError, RuntimeError) as e:  # a full disk: the entry is only lost
             log.warning("cannot write %s: %s", path, e)
             return

@@ -89,11 +89,19 @@ class TokenHistory:
 
     def export(self, tokens: list[int]) -> list:
         """The known messages whose tokens occur in `tokens` (a saved conversation), as JSON."""
-        text = "," + ",".join(map(str, tokens)) + ","
+        starts: dict[tuple, list[int]] = {}
+        for i, t in enumerate(tokens):
+            if t == harmony.START:
+                starts.setdefault(tuple(tokens[i:i + 4]), []).append(i)
         with self._lock:
             items = list(self._known.items())
+
+        def occurs(span, i):  # (the last message's closer is not in a cache's token list)
+            return tokens[i:i + len(span)] in (span, span[:-1] if i + len(span) - 1 == len(tokens)
+                                               else None)
+
         return [[list(sig), span] for sig, span in items
-                if "," + ",".join(map(str, span)) + "," in text]
+                if any(occurs(span, i) for i in starts.get(tuple(span[:4]), ()))]
 
     def load(self, items: list):
         """Add messages written by `export`."""

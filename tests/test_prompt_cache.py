@@ -364,3 +364,28 @@ def test_key_hint_breaks_ties_between_conversations():
         assert n == len(base)
         chosen = max(pc.entries, key=lambda e: e.used)
         assert chosen.key == key
+
+
+def test_restart_keeps_the_exact_token_history(tmp_path):
+    """After a restart with --cache-dir, a conversation holding a tool call this server
+    generated still renders as sampled (the history is saved with the entries), so its first
+    request hits the restored entry through the end of the call."""
+    from oss_mlx.harmony import load_encoding, tool_result_message
+    from scripted import ScriptedModel, vocab_dir
+
+    enc = load_encoding(vocab_dir(tmp_path / "vocab"))
+    call = ('<|channel|>commentary to=functions.f <|constrain|>json<|message|>{"x": 1}<|call|>')
+    tools = [{"name": "f", "parameters": {"type": "object"}}]
+    first = Engine(ScriptedModel(call, encoding=enc), enc, cache_dir=tmp_path / "kv")
+    history = [user_message("f?")]
+    c1 = first.complete(build_conversation(history, date="", tools=tools))
+    first.prompt_cache.flush()
+    history += c1.messages + [tool_result_message("functions.f", "2")]
+    conv = build_conversation(history, date="", tools=tools)
+
+    model = ScriptedModel("<|channel|>final<|message|>2<|return|>", encoding=enc)
+    restarted = Engine(model, enc, cache_dir=tmp_path / "kv")
+    assert restarted.render(conv) == first.render(conv) != render_prompt(enc, conv)
+    c2 = restarted.complete(conv)
+    p1 = render_prompt(enc, build_conversation(history[:1], date="", tools=tools))
+    assert c2.stats.cached_tokens == len(p1) + len(c1.tokens) - 1
