@@ -252,7 +252,8 @@ class Engine:
         longest cached prefix, n < len(prompt); n is the number of cached tokens."""
         return self.prompt_cache.acquire(prompt, key)
 
-    def prefill_steps(self, prompt: list[int], cache: list, start: int, cancel=None) -> Iterator[int]:
+    def prefill_steps(self, prompt: list[int], cache: list, start: int,
+                      cancel=None) -> Iterator[int]:
         """Prefill prompt[start:-1] into `cache` chunk by chunk, yielding after each chunk the
         number of tokens this call has prefilled so far; stops early (before a chunk) when
         `cancel` is set. Chunks end at message boundaries too, where the prompt cache takes a
@@ -451,7 +452,8 @@ class Engine:
             if n == 0:
                 t_first = time.perf_counter()
                 stats.ttft_s = t_first - t0
-                stats.prefill_tps = (len(prompt) - stats.cached_tokens) / max(t_first - t_prefill, 1e-9)
+                prefilled = len(prompt) - stats.cached_tokens
+                stats.prefill_tps = prefilled / max(t_first - t_prefill, 1e-9)
             n += 1
             if fed:
                 tokens.append(tok)

@@ -520,7 +520,8 @@ def load_entry(path, fingerprint: str, adapter: KVAdapter, make_cache) -> Entry:
             raise ValueError("layer count differs")
 
         def layer(prefix, m, i):
-            a = {k: arrays[f"{prefix}.{k}"] for k in ("keys", "values") if f"{prefix}.{k}" in arrays}
+            names = {k: f"{prefix}.{k}" for k in ("keys", "values")}
+            a = {k: arrays[n] for k, n in names.items() if n in arrays}
             return adapter.from_state(a, m, like[i])
 
         cache = [layer(f"layer.{i}", m, i) for i, m in enumerate(meta["layers"])]

@@ -161,7 +161,8 @@ def test_eviction_under_a_small_budget_gives_cold_tokens(tiny):
         for p in prompts + prompts[::-1] + prompts:
             cold.reset_cache()
             c = engine.complete(p, SamplingParams(temperature=0.0, max_tokens=5))
-            assert c.tokens == cold.complete(p, SamplingParams(temperature=0.0, max_tokens=5)).tokens
+            ref = cold.complete(p, SamplingParams(temperature=0.0, max_tokens=5))
+            assert c.tokens == ref.tokens
             assert engine.prompt_cache.nbytes <= budget
         assert len(engine.prompt_cache.entries) <= 1
 
