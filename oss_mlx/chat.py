@@ -103,6 +103,11 @@ def suggest(name: str) -> str:
 # The REPL
 
 
+def kv_path(path) -> Path:
+    """Where /save writes the KV state of the conversation saved at `path`: beside it."""
+    return Path(path).expanduser().with_suffix(".safetensors")
+
+
 class Chat:
     def __init__(self, engine, session: Session, view, model_name: str):
         self.engine = engine
@@ -291,6 +296,8 @@ class Chat:
             try:
                 path = self.session.save(arg, self.model_name)
                 v.info(f"saved {exchanges(len(self.session.turns))} to {path}")
+                if self.engine.save_cache(kv_path(path), self.session.conversation()):
+                    v.info(f"saved the KV cache to {kv_path(path)} (/load resumes without prefill)")
             except OssMlxError as e:
                 v.error(str(e))
         elif name == "/load":
@@ -302,6 +309,10 @@ class Chat:
             except OssMlxError as e:
                 v.error(str(e))
                 return True
+            if kv_path(arg).is_file():
+                warning = self.engine.load_cache(kv_path(arg))
+                if warning:
+                    v.warn(warning)
             from .harmony import message_text
 
             v.hide_reasoning = s.hide_reasoning

@@ -29,14 +29,24 @@ to a recipient: run the tool, append its result with harmony.tool_result_message
 threading.Event was set; checked between tokens), "malformed" (the model broke the harmony grammar:
 a stray special token, a bad header; what was parsed before is kept). <|end|> only closes a message.
 
-Prompt cache: the engine keeps the KV cache of its last request and the token list it holds. A new
-prompt that shares a prefix with it prefills only the rest (`Stats.cached_tokens`). The sliding
-layers' rotating caches cannot be rolled back once they wrapped, so the engine keeps a few copies of
-their state (a few MB each) before the last token of each prompt and at the end of each completion, and restores the
-best one. After a completion the cache holds prompt + completion without the final stop token,
-so the next harmony turn (which renders <|return|> as <|end|> and drops the analysis) reuses
-either everything up to there or the previous prompt but its last token (where the prefill
-snapshot is taken, so that the same prompt again also reuses all but one token).
+Prompt cache (oss_mlx.prompt_cache): KV state for many conversations at once, under a memory
+budget. A new prompt resumes from the entry sharing its longest prefix, whatever the order
+conversations arrive in, and prefills only the rest (`Stats.cached_tokens`). The sliding layers'
+rotating caches cannot be rolled back once they wrapped, so snapshots of them are taken where a
+later prompt can branch: at message boundaries, before the last token of each prompt, at its end
+and at the end of each completion. After a completion the entry holds prompt + completion without
+the final stop token (the next harmony turn renders <|return|> as <|end|>).
+
+Exact token history (oss_mlx.token_history): `render` writes the assistant messages this engine
+generated as the tokens it sampled, so the next prompt matches the cache through the end of the
+previous completion, even when a client re-serialised the tool call's JSON arguments.
+
+A scheduler driving several requests uses the same three steps as `stream`:
+    cache, n = engine.acquire(prompt, key)              # private; holds prompt[:n]
+    for done in engine.prefill_steps(prompt, cache, n, cancel): ...  # chunk by chunk
+    ... feed prompt[-1], engine.snapshot(cache, len(prompt)), then the sampled tokens
+        (engine.snapshot(cache, pos) after each <|end|> fed) ...
+    engine.release(tokens, cache, key)                  # prompt + generated, no stop token
 
 One engine serves one request at a time (a lock); `stream` is a generator, so errors such as a
 prompt longer than the context (OssMlxError) are raised at the first `next()`.
@@ -77,7 +87,11 @@ class SamplingParams:
     top_k: int = 0
     seed: Optional[int] = None
     max_tokens: Optional[int] = None
+    # mlx-lm style (tokens: mx.array, logits: mx.array) -> logits, applied before sampling.
     logits_processors: list = field(default_factory=list)
+    # Which conversation the request continues (a Responses prompt_cache_key or a `user`): a
+    # hint for the prompt cache; it travels with the settings through any scheduler.
+    cache_key: Optional[str] = None
 
 
 @dataclass
@@ -143,75 +157,56 @@ class Event:
     completion: Optional[Completion] = None
 
 
-# ---- KV cache helpers ---------------------------------------------------------------------
+# ---- the engine -----------------------------------------------------------------------------
 
 
-def _copy_cache(c):
-    """A copy of one cache object whose arrays are new array objects.
+def model_fingerprint(model) -> str:
+    """What a saved KV cache must have been computed with: the converted folder's manifest
+    (weights' checksums, converter version), or the config for a model without one, and the
+    dtype (the K/V are stored in it)."""
+    import hashlib
+    from pathlib import Path
 
-    MLX slice assignment (`keys[..., i, :] = k`, used by the caches) rebinds the array object it
-    is applied to, so a copy must hold different array objects to stay untouched.
-    """
-    import mlx.core as mx
-
-    new = object.__new__(type(c))
-    new.__dict__ = {
-        k: (mx.array(v) if isinstance(v, mx.array) else v) for k, v in c.__dict__.items()
-    }
-    return new
-
-
-def _is_rotating(c) -> bool:
-    from mlx_lm.models.cache import RotatingKVCache
-
-    return isinstance(c, RotatingKVCache)
-
-
-def _undo_last_token(c):
-    """Forget the last token fed one at a time (the stop token the pipeline already fed).
-
-    A wrapped rotating cache is not trimmable in general, but right after a single-token write
-    the slot it overwrote held the token that just left the window, which no later query sees; so
-    moving the write index and offset back one is exact (the next single-token write reuses the
-    slot; a multi-token update treats the slot as the oldest entry and drops it).
-    """
-    if c.is_trimmable():
-        c.trim(1)
-    elif _is_rotating(c):
-        c.offset -= 1
-        c._idx -= 1
-    else:  # pragma: no cover - a cache type we do not know how to roll back
-        raise RuntimeError(f"cannot roll back a {type(c).__name__}")
-
-
-@dataclass
-class _Snapshot:
-    pos: int  # number of cached tokens when taken
-    layers: dict  # layer index -> copy of a rotating cache
-
-
-def _common_prefix(a: list, b: list) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
+    h = hashlib.sha256(str(getattr(model, "dtype", "")).encode())
+    folder = getattr(model, "model_dir", None)
+    manifest = Path(folder) / "manifest.json" if folder else None
+    if manifest is not None and manifest.is_file():
+        h.update(manifest.read_bytes())
+    else:
+        h.update(repr(getattr(model, "config", type(model).__name__)).encode())
+    return h.hexdigest()
 
 
 class Engine:
-    """Generation over one model and its harmony encoding, with a reusable prompt cache."""
+    """Generation over one model and its harmony encoding, with a prompt cache for many
+    conversations (oss_mlx.prompt_cache) and exact token history (oss_mlx.token_history)."""
 
-    def __init__(self, model, encoding, prefill_chunk: int = 512, max_snapshots: int = 4):
+    def __init__(self, model, encoding, prefill_chunk: int = 512, max_snapshots: int = 96,
+                 cache_memory: int | None = None, cache_dir=None, cache_disk: int = 16 << 30):
+        from .prompt_cache import DiskCache, PromptCache
+        from .token_history import TokenHistory
+
         self.model = model
         self.encoding = encoding
         self.prefill_chunk = prefill_chunk
-        self.max_snapshots = max_snapshots
         self._lock = threading.Lock()
-        self._cache = None
-        self._cached: list[int] = []  # tokens whose K/V the cache holds, in order
-        self._snapshots: list[_Snapshot] = []
+        self.fingerprint = model_fingerprint(model)
+        self.history = TokenHistory(encoding)
+        disk = None
+        if cache_dir:
+            disk = DiskCache(cache_dir, self.fingerprint, cache_disk, self._history_of)
+            for stub in disk.entries():  # so the first prompt after a restart matches them
+                self._remember_history(stub)
+        self.prompt_cache = PromptCache(model.make_cache, cache_memory, max_snapshots, disk)
         self._stop = set(encoding.stop_tokens_for_assistant_actions())  # <|return|>, <|call|>
         import mlx_lm.generate  # noqa: F401 - slow first import; keep it out of the first TTFT
+
+    def _history_of(self, entry) -> dict:
+        """What to save beside a prompt-cache entry: the sampled tokens of its messages."""
+        return {"history": self.history.export([int(t) for t in entry.tokens])}
+
+    def _remember_history(self, entry):
+        self.history.load(entry.extra.get("history", []))
 
     @classmethod
     def load(cls, model: str, dtype=None, **kwargs) -> "Engine":
@@ -231,18 +226,18 @@ class Engine:
     # ---- prompts ----
 
     def render(self, conversation) -> list[int]:
-        """Prompt tokens for a Conversation (see harmony.render_prompt)."""
-        return harmony.render_prompt(self.encoding, conversation)
+        """Prompt tokens for a Conversation (see harmony.render_prompt), with the assistant
+        messages this engine generated written as the tokens it sampled (token_history)."""
+        return self.history.render(conversation)
 
     def reset_cache(self):
         """Forget the prompt cache (the next request starts cold)."""
-        with self._lock:
-            self._cache, self._cached, self._snapshots = None, [], []
+        self.prompt_cache.clear()
 
     @property
     def cached_tokens(self) -> list[int]:
-        """The tokens the prompt cache holds now (a copy)."""
-        return list(self._cached)
+        """The tokens of the most recently used prompt-cache entry (a copy)."""
+        return self.prompt_cache.latest_tokens()
 
     def _check_fits(self, prompt: list[int]):
         if len(prompt) == 0:
@@ -253,73 +248,54 @@ class Engine:
                 f"context is {self.max_context} tokens; shorten the conversation"
             )
 
-    def _snapshot(self):
-        layers = {i: _copy_cache(c) for i, c in enumerate(self._cache) if _is_rotating(c)}
-        if not layers:
-            return
+    # ---- the prompt cache, one request at a time or driven by a scheduler ----
+
+    def acquire(self, prompt: list[int], key: str | None = None) -> tuple[list, int]:
+        """A private per-layer cache (B=1, the caller may mutate it) holding prompt[:n] for the
+        longest cached prefix, n < len(prompt); n is the number of cached tokens."""
+        return self.prompt_cache.acquire(prompt, key)
+
+    def prefill_steps(self, prompt: list[int], cache: list, start: int,
+                      cancel=None) -> Iterator[int]:
+        """Prefill prompt[start:-1] into `cache` chunk by chunk, yielding after each chunk the
+        number of tokens this call has prefilled so far; stops early (before a chunk) when
+        `cancel` is set. Chunks end at message boundaries too, where the prompt cache takes a
+        snapshot, and at the end. Afterwards the cache holds all but the last prompt token."""
         import mlx.core as mx
 
-        mx.eval([a for c in layers.values() for a in c.__dict__.values() if isinstance(a, mx.array)])
-        pos = len(self._cached)
-        self._snapshots = [s for s in self._snapshots if s.pos != pos] + [_Snapshot(pos, layers)]
-        self._snapshots = sorted(self._snapshots, key=lambda s: s.pos)[-self.max_snapshots :]
-
-    def _rewind(self, n: int) -> bool:
-        """Make the cache hold exactly self._cached[:n] (or fewer); False means start cold."""
-        drop = len(self._cached) - n
-        if drop == 0:
-            return True
-        if all(c.is_trimmable() for c in self._cache):
-            for c in self._cache:
-                c.trim(drop)
-            self._cached = self._cached[:n]
-            self._snapshots = [s for s in self._snapshots if s.pos <= n]
-            return True
-        best = max((s for s in self._snapshots if s.pos <= n), key=lambda s: s.pos, default=None)
-        if best is None or best.pos == 0:
-            return False
-        for i, c in enumerate(self._cache):
-            if i in best.layers:
-                self._cache[i] = _copy_cache(best.layers[i])
-            else:
-                c.trim(len(self._cached) - best.pos)
-        self._cached = self._cached[: best.pos]
-        self._snapshots = [s for s in self._snapshots if s.pos <= best.pos]
-        return True
-
-    def _prepare(self, prompt: list[int]) -> int:
-        """Point the cache at the longest reusable prefix of `prompt`; returns its length.
-
-        At least the last prompt token is always fed again, for its logits.
-        """
-        n = min(_common_prefix(self._cached, prompt), len(prompt) - 1)
-        if self._cache is None or n == 0 or not self._rewind(n):
-            self._cache = self.model.make_cache()
-            self._cached, self._snapshots = [], []
-        return len(self._cached)
-
-    def _prefill(self, tokens: list[int]):
-        """Feed `tokens` after what is cached; returns the logits [1, V] of the last one.
-
-        All but the last token go first and the rotating caches are snapshotted there, so the
-        same prompt again, or one that continues it differently, can restore that point and
-        still get the last token's logits.
-        """
-        import mlx.core as mx
-
-        if len(tokens) > 1:
+        end = len(prompt) - 1
+        pos = start
+        for cut, snap in _chunk_plan(prompt, start, end, self.prefill_chunk):
+            if cancel is not None and cancel.is_set():
+                return
             # Only fills the cache: no [T, vocab] unembedding for logits nobody reads.
-            self.model.prefill(
-                mx.array(tokens[:-1])[None], self._cache, self.prefill_chunk, logits=False
-            )
-            self._cached += tokens[:-1]
-            self._snapshot()
-            tokens = tokens[-1:]
-        logits = self.model.prefill(mx.array(tokens)[None], self._cache, self.prefill_chunk)
-        self._cached += tokens
+            self.model.prefill(mx.array(prompt[pos:cut])[None], cache, self.prefill_chunk,
+                               logits=False)
+            pos = cut
+            if snap:
+                self.prompt_cache.snapshot(cache, pos)
+            yield pos - start
+
+    def release(self, tokens: list[int], cache: list, key: str | None = None):
+        """Hand back a cache holding exactly `tokens` (prompt + generated, without the final stop
+        token; one more token fed last is undone) to the prompt cache, which may keep it."""
+        self.prompt_cache.release(tokens, cache, key)
+
+    def snapshot(self, cache: list, pos: int):
+        """Snapshot the rotating layers of `cache` (from acquire), which holds `pos` tokens: a
+        scheduler calls it after feeding the last prompt token (pos = len(prompt)) and after
+        each <|end|> it feeds, where later prompts branch (a dropped analysis message)."""
+        self.prompt_cache.snapshot(cache, pos)
+
+    def _last_logits(self, prompt: list[int], cache: list):
+        """Feed the last prompt token (the rest is cached) and return its logits [1, V]."""
+        import mlx.core as mx
+
+        logits = self.model.prefill(mx.array(prompt[-1:])[None], cache, self.prefill_chunk)
+        self.snapshot(cache, len(prompt))
         return logits
 
-    def logits(self, prompt: list[int]):
+    def logits(self, prompt: list[int], key: str | None = None):
         """Logits [V] (float32) of the last position of `prompt`, through the prompt cache.
 
         For scoring and tests: the same reuse path as `stream`, so comparing with a cold model
@@ -329,26 +305,66 @@ class Engine:
 
         self._check_fits(prompt)
         with self._lock:
-            start = self._prepare(prompt)
-            out = self._prefill(prompt[start:])[0].astype(mx.float32)
+            cache, start = self.acquire(prompt, key)
+            for _ in self.prefill_steps(prompt, cache, start):
+                pass
+            out = self._last_logits(prompt, cache)[0].astype(mx.float32)
             mx.eval(out)
+            self.release(prompt, cache, key)
             return out
+
+    # ---- saving a conversation's KV state ----
+
+    def save_cache(self, path, conversation) -> bool:
+        """Write the prompt-cache entry that `conversation` continues (and the sampled tokens
+        of its messages) to `path` (safetensors); False when nothing is cached for it."""
+        from .prompt_cache import save_entry
+
+        tokens = self.render(conversation)
+        entry = self.prompt_cache.find(tokens)
+        if entry is None:
+            return False
+        try:
+            save_entry(path, entry, self.fingerprint, self.prompt_cache.adapter,
+                       self._history_of(entry))
+        except (OSError, RuntimeError) as e:
+            raise OssMlxError(f"cannot write {path}: {e}") from None
+        return True
+
+    def load_cache(self, path) -> str | None:
+        """Restore a file written by save_cache into the prompt cache, so the conversation
+        resumes without prefilling it again. Returns None, or why the file was ignored (another
+        model or converter version, a damaged file) as a one-line warning."""
+        from .prompt_cache import load_entry
+
+        try:
+            entry = load_entry(path, self.fingerprint, self.prompt_cache.adapter,
+                               self.model.make_cache)
+        except ValueError as e:
+            return f"ignoring the KV cache in {path}: {e}"
+        self._remember_history(entry)
+        self.prompt_cache.add(entry)
+        return None
 
     # ---- generation ----
 
-    def complete(self, conversation, params: SamplingParams | None = None, cancel=None) -> Completion:
+    def complete(self, conversation, params: SamplingParams | None = None, cancel=None,
+                 key: str | None = None) -> Completion:
         """Run `stream` to the end and return its Completion."""
-        for ev in self.stream(conversation, params, cancel):
+        for ev in self.stream(conversation, params, cancel, key):
             if ev.type == "done":
                 return ev.completion
         raise RuntimeError("stream ended without a done event")  # pragma: no cover
 
-    def stream(self, conversation, params: SamplingParams | None = None, cancel=None) -> Iterator[Event]:
+    def stream(self, conversation, params: SamplingParams | None = None, cancel=None,
+               key: str | None = None) -> Iterator[Event]:
         """Generate one assistant turn, yielding delta / message events and a final done event.
 
         conversation: an openai_harmony.Conversation (see harmony.build_conversation), a list of
         Messages, or already-rendered prompt tokens (list of ints). cancel: a threading.Event;
-        when set, generation stops before the next token with stop_reason "cancelled".
+        when set, prefill stops before its next chunk and generation before the next token, with
+        stop_reason "cancelled". key: which conversation this continues (a Responses
+        prompt_cache_key or a user id; default params.cache_key), a hint for the prompt cache.
         """
         params = params or SamplingParams()
         t0 = time.perf_counter()
@@ -358,105 +374,154 @@ class Engine:
             prompt = self.render(conversation)
         self._check_fits(prompt)
         with self._lock:
-            try:
-                yield from self._generate(prompt, params, cancel, t0)
-            except GeneratorExit:
-                raise  # the consumer stopped at an event: the cache and its token list agree
-            except BaseException:
-                # Interrupted between a cache update and its bookkeeping (e.g. Ctrl-C): forget it.
-                self._cache, self._cached, self._snapshots = None, [], []
-                raise
+            yield from self._generate(prompt, params, cancel, t0, key or params.cache_key)
 
-    def _generate(self, prompt, params, cancel, t0):
+    def _generate(self, prompt, params, cancel, t0, key):
         import mlx.core as mx
         from mlx_lm.generate import generation_stream, wired_limit
-        from mlx_lm.sample_utils import make_sampler
 
         room = self.max_context - len(prompt)
         if params.max_tokens is not None and params.max_tokens <= room:
             limit, limit_reason = max(int(params.max_tokens), 0), "length"
         else:
             limit, limit_reason = room, "context"
-        sampler = make_sampler(
-            temp=params.temperature, top_p=params.top_p, min_p=params.min_p, top_k=params.top_k
-        )
+        sample = _make_sampler(params)
         if params.seed is not None:
             mx.random.seed(params.seed)
         mx.reset_peak_memory()
         stats = Stats(prompt_tokens=len(prompt))
         out = _Collector(self.encoding)
-
-        processors = list(params.logits_processors)
-        sampled = mx.array([], dtype=mx.int32)  # this turn's tokens, for the processors
-
-        def sample(logits):
-            nonlocal sampled
-            logits = logits.astype(mx.float32)
-            for p in processors:
-                logits = p(sampled, logits)
-            y = sampler(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
-            if processors:
-                sampled = mx.concatenate([sampled, y.reshape(-1).astype(mx.int32)])
-            return y
+        cache, start = self.acquire(prompt, key)
+        stats.cached_tokens = start
+        tokens = list(prompt[:start])  # what `cache` holds, in order
 
         def step(y):
             with mx.stream(generation_stream):
-                return sample(self.model(y[None], cache=self._cache)[:, -1, :])
+                logits = self.model(y[None], cache=cache)[:, -1, :]
+                return sample(tokens, logits, y)  # y is fed, not yet read (nor in `tokens`)
 
         stop_reason = None
-        fed_last = False  # whether the last sampled token was fed to the model (pipelining)
-        with wired_limit(self.model, [generation_stream]):
-            start = self._prepare(prompt)
-            stats.cached_tokens = start
-            if limit == 0:
-                stop_reason = limit_reason
-            else:
+        try:
+            with wired_limit(self.model, [generation_stream]):
                 t_prefill = time.perf_counter()
-                with mx.stream(generation_stream):
-                    y = sample(self._prefill(prompt[start:]))
-                mx.async_eval(y)
-                n = 0
-                while True:
-                    # Queue the next step before reading this token, so the device never waits.
-                    fed_last = n + 1 < limit
-                    if fed_last:
-                        next_y = step(y)
-                        mx.async_eval(next_y)
-                    tok = int(y.item())
-                    if n == 0:
-                        t_first = time.perf_counter()
-                        stats.ttft_s = t_first - t0
-                        stats.prefill_tps = (len(prompt) - start) / max(t_first - t_prefill, 1e-9)
-                    if fed_last:
-                        self._cached.append(tok)
-                    n += 1
-                    stop_reason = out.feed(tok, self._stop)
-                    yield from out.drain()
-                    if stop_reason is None and n >= limit:
-                        stop_reason = limit_reason
-                    if stop_reason is None and cancel is not None and cancel.is_set():
+                if limit > 0:
+                    with mx.stream(generation_stream):
+                        for done in self.prefill_steps(prompt, cache, start, cancel):
+                            tokens = list(prompt[: start + done])
+                    if len(tokens) < len(prompt) - 1:
                         stop_reason = "cancelled"
-                    if stop_reason is not None:
-                        break
-                    if n % 256 == 0:
-                        mx.clear_cache()
-                    y = next_y
-                stats.generated_tokens = n
-                if n > 1:
-                    stats.decode_tps = (n - 1) / max(time.perf_counter() - t_first, 1e-9)
-            mx.synchronize()
-            # Keep the cache at prompt + completion without its stop token: the next turn renders
-            # that token differently (<|return|> -> <|end|>), or identically (<|call|>).
-            if fed_last and stop_reason in ("stop", "tool_call") and out.tokens[-1] in self._stop:
-                for c in self._cache:
-                    _undo_last_token(c)
-                self._cached.pop()
-            self._snapshot()
+                else:
+                    stop_reason = limit_reason
+                if stop_reason is None:
+                    stop_reason = yield from self._decode(prompt, cache, tokens, step, sample,
+                                                          limit, limit_reason, cancel, out,
+                                                          stats, t0, t_prefill)
+        except GeneratorExit:
+            # The consumer stopped at an event: the cache and `tokens` agree; keep them.
+            self.release(tokens, cache, key)
+            raise
+        mx.synchronize()
+        if stop_reason in ("stop", "tool_call") and tokens and tokens[-1] in self._stop:
+            # The pipeline fed the stop token; the next turn renders <|return|> as <|end|>.
+            tokens.pop()
+        self.release(tokens, cache, key)
+        self.history.remember(prompt[-2:], out.tokens, out.done)
         stats.total_s = time.perf_counter() - t0
         stats.peak_memory_bytes = int(mx.get_peak_memory())
         completion = out.finish(stop_reason, stats)
         yield from out.drain()
         yield Event("done", completion=completion)
+
+    def _decode(self, prompt, cache, tokens, step, sample, limit, limit_reason, cancel, out,
+                stats, t0, t_prefill):
+        """Sample up to `limit` tokens after the prompt, appending to `tokens` each one fed to
+        the model (the pipeline feeds a token before it is read; the last one of the limit is
+        never fed); returns the stop reason."""
+        import mlx.core as mx
+        from mlx_lm.generate import generation_stream
+
+        with mx.stream(generation_stream):
+            y = sample(tokens + prompt[-1:], self._last_logits(prompt, cache))
+        tokens.append(prompt[-1])
+        mx.async_eval(y)
+        n = 0
+        while True:
+            # Queue the next step before reading this token, so the device never waits.
+            fed = n + 1 < limit
+            if fed:
+                next_y = step(y)
+                mx.async_eval(next_y)
+            tok = int(y.item())
+            if n == 0:
+                t_first = time.perf_counter()
+                stats.ttft_s = t_first - t0
+                prefilled = len(prompt) - stats.cached_tokens
+                stats.prefill_tps = prefilled / max(t_first - t_prefill, 1e-9)
+            n += 1
+            if fed:
+                tokens.append(tok)
+                if tok == harmony.END:  # a message boundary: a later prompt may branch here
+                    self.snapshot(cache, len(tokens))
+            reason = out.feed(tok, self._stop)
+            yield from out.drain()
+            if reason is None and n >= limit:
+                reason = limit_reason
+            if reason is None and cancel is not None and cancel.is_set():
+                reason = "cancelled"
+            if reason is not None:
+                break
+            if n % 256 == 0:
+                mx.clear_cache()
+            y = next_y
+        stats.generated_tokens = n
+        if n > 1:
+            stats.decode_tps = (n - 1) / max(time.perf_counter() - t_first, 1e-9)
+        return reason
+
+
+def _make_sampler(params: SamplingParams):
+    """sample(tokens, logits [1, V], last=None) -> token [1], with params.logits_processors
+    applied first (mlx-lm style callables (tokens: mx.array, logits) -> logits); the processors
+    see `tokens` (prompt and generated so far) and then `last`, a token array not yet read."""
+    import mlx.core as mx
+    from mlx_lm.sample_utils import make_sampler
+
+    sampler = make_sampler(temp=params.temperature, top_p=params.top_p, min_p=params.min_p,
+                           top_k=params.top_k)
+    processors = list(params.logits_processors or [])
+
+    def sample(tokens, logits, last=None):
+        logits = logits.astype(mx.float32)
+        if processors:
+            history = mx.array(tokens, dtype=mx.int32)
+            if last is not None:
+                history = mx.concatenate([history, last.reshape(-1).astype(mx.int32)])
+            for p in processors:
+                logits = p(history, logits)
+        return sampler(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
+
+    return sample
+
+
+def _chunk_plan(prompt: list[int], start: int, end: int, chunk: int) -> list[tuple[int, bool]]:
+    """Where prefill chunks of prompt[start:end] end, and whether to snapshot there: at most
+    `chunk` tokens each, also ending after every message closer (a later prompt may branch at a
+    message boundary: a dropped analysis, an edited turn) and at `end`."""
+    cuts = {p + 1 for p in range(start, end) if prompt[p] in _CLOSERS}
+    if start == 0:
+        # The first chunk into an empty cache leaves its rotating layers holding all of it,
+        # so its snapshot serves every boundary inside it (PromptCache: complete snapshots).
+        first = min(chunk, end)
+        cuts = {c for c in cuts if c > first} | {first}
+    plan, pos = [], start
+    for b in sorted(cuts | {end}):
+        while b - pos > chunk:
+            pos += chunk
+            plan.append((pos, False))
+        if b > pos:
+            plan.append((b, True))
+            pos = b
+    return plan
 
 
 class _Collector:

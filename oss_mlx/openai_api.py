@@ -180,6 +180,8 @@ class ChatRequest(_Sampled):
     stream_options: Optional[StreamOptions] = None
     n: Optional[int] = Field(default=None, ge=1, le=1)
     response_format: Optional[dict] = None  # text / json_object / json_schema (oss_mlx.constrain)
+    prompt_cache_key: Optional[str] = None  # which conversation this continues: a cache hint
+    user: Optional[str] = None
 
     @field_validator("stop")
     @classmethod
@@ -233,6 +235,8 @@ class ResponsesRequest(_Sampled):
     previous_response_id: Optional[str] = None
     text: Optional[dict] = None  # {"format": text / json_object / json_schema} (oss_mlx.constrain)
     metadata: Optional[dict[str, str]] = None
+    prompt_cache_key: Optional[str] = None
+    user: Optional[str] = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -556,6 +560,11 @@ def build_conversation(items: list[Item], tools: list[Tool], effort: str | None)
                 name=name, description=members[0].namespace_description,
                 tools=[hm.tool_description(_declaration(t)) for t in members]))
     return conv
+
+
+def cache_key(req) -> str | None:
+    """The prompt-cache hint of a request: `prompt_cache_key`, else `user`."""
+    return req.prompt_cache_key or req.user or None
 
 
 def chat_tools(req: ChatRequest) -> list[Tool]:

@@ -193,6 +193,9 @@ def add_arguments(parser):
     parser.add_argument("--demo", action="store_true",
                         help="serve a tiny random-weight model made on the spot, as "
                              "'tiny-random' (no download; its output is noise)")
+    from .prompt_cache import add_cache_arguments
+
+    add_cache_arguments(parser)
 
 
 def main(args, engine_factory=None) -> int:
@@ -230,7 +233,10 @@ def main(args, engine_factory=None) -> int:
         else:
             model_dir, default_name = args.model, Path(str(args.model).rstrip("/")).name
             max_tokens = args.max_tokens
-        engine = (engine_factory or Engine.load)(str(model_dir))
+        from .prompt_cache import cache_options
+
+        engine = (engine_factory(str(model_dir)) if engine_factory
+                  else Engine.load(str(model_dir), **cache_options(args)))
         name = args.name or default_name
         app = create_app(engine, name, api_key=args.api_key, default_max_tokens=max_tokens,
                          constrain_tools=args.constrain_tools)
@@ -252,6 +258,8 @@ def main(args, engine_factory=None) -> int:
             signal.signal(sig, lambda *_: sys.exit(0))
         try:
             server.run(sockets=[sock])
+            if hasattr(engine, "prompt_cache"):
+                engine.prompt_cache.flush()  # --cache-dir: what is in memory survives a restart
         finally:
             release_streams()  # the main thread's (the worker released its own)
     return 0

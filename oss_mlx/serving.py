@@ -143,7 +143,9 @@ class Service:
         from . import constrain
         from .engine import SamplingParams
 
-        kw = {"max_tokens": max_tokens or self.default_max_tokens}
+        from .openai_api import cache_key
+
+        kw = {"max_tokens": max_tokens or self.default_max_tokens, "cache_key": cache_key(req)}
         if spec:
             kw["logits_processors"] = [constrain.processor(self.engine.encoding, spec)]
         if req.temperature is not None:

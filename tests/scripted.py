@@ -76,7 +76,7 @@ class ScriptedModel:
         self.queue: list[list[int]] = []
         self.reply: list[int] = []
         self.pos = 0
-        self._last_prefill = 0  # tokens in the last prefill call, 0 after a decode step
+        self._prompt_cache = None  # the cache of an unfinished prompt (prefilled with logits=False)
         self.prompts: list[list[int]] = []
         self.fed: list[int] = []
         self.hooks: dict = {}
@@ -131,19 +131,19 @@ class ScriptedModel:
     def __call__(self, tokens, cache=None):
         self._update(tokens, cache)
         self.fed += [int(t) for t in tokens.reshape(-1).tolist()]
-        self._last_prefill = 0
+        self._prompt_cache = None
         return self._forced(*tokens.shape, self._next())
 
     def prefill(self, tokens, cache, chunk_size: int = 512, logits: bool = True):
-        # The engine prefills a prompt as (all but the last token) then (the last token), or
-        # only the last token when the rest is cached: a request starts at a several-token
-        # prefill, or at a one-token prefill that does not follow a several-token one.
+        # The engine prefills a prompt in chunks without logits, then its last token with
+        # them: a request starts at a prefill that does not continue an unfinished prompt in
+        # the same cache.
         n = tokens.shape[1]
-        if n > 1 or self._last_prefill <= 1:
+        if cache is None or cache is not self._prompt_cache:
             assert self.queue, "ScriptedModel: a request started with no reply queued (use push())"
             self.reply = self.queue.pop(0)
             self.prompts.append([])
-        self._last_prefill = n
+        self._prompt_cache = None if logits else cache
         self.prompts[-1] += [int(t) for t in tokens.reshape(-1).tolist()]
         for i in range(0, n, chunk_size):
             self._update(tokens[:, i : i + chunk_size], cache)

@@ -122,11 +122,15 @@ def test_tool_result_turn_reuses_and_answers(enc):
     history += c1.messages + [tool_result_message("functions.f", '{"y": 2}')]
     c2 = engine.complete(build_conversation(history, date=""), SamplingParams(max_tokens=50))
     assert (c1.stop_reason, c2.stop_reason, c2.final) == ("tool_call", "stop", "It is 2.")
-    # the second request prefilled only what the cache did not hold: the renderer writes the
-    # call's recipient in the role header, so the prompts part at the end of the first prompt,
-    # whose snapshot sits before its last token
+    # exact token history: the second prompt holds the call as sampled (harmony alone writes
+    # its recipient in the role header), so it reuses everything the cache held: the first
+    # prompt and the call without its <|call|>
     p1 = render_prompt(enc, build_conversation(history[:1], date=""))
-    assert c2.stats.cached_tokens == len(p1) - 1
+    p2 = engine.render(build_conversation(history, date=""))
+    assert p2[: len(p1) + len(c1.tokens)] == p1 + c1.tokens
+    rerendered = render_prompt(enc, build_conversation(history, date=""))
+    assert rerendered[: len(p1) + 2] != p1 + c1.tokens[:2]
+    assert c2.stats.cached_tokens == len(p1) + len(c1.tokens) - 1
     assert len(model.prompts[1]) == c2.stats.prompt_tokens - c2.stats.cached_tokens
 
 
@@ -340,13 +344,14 @@ def test_prompt_cache_reuse_matches_cold_start(tiny):
     c2 = turn(p2, len(p1) + len(c1.tokens) - 1)
 
     # turn 3 diverges at the end of turn 2's prompt (its analysis dropped): the snapshot taken
-    # before the prompt's last token restores the wrapped rotating caches
+    # at the prompt's end restores the wrapped rotating caches
     p3 = p2 + harmony_tokens(enc, "<|channel|>final<|message|>short<|end|><|start|>user<|message|>again and again<|end|><|start|>assistant")
-    turn(p3, len(p2) - 1)
+    turn(p3, len(p2))
 
-    # turn 4 diverges in the middle of turn 1's prompt: no snapshot there -> cold, still right
+    # turn 4 diverges in the middle of turn 1's first message: back to the end of the first
+    # prefill chunk (5 tokens), whose snapshot is the last one before, still right
     p4 = p1[:15] + harmony_tokens(enc, " something else entirely<|end|><|start|>assistant")
-    turn(p4, 0)
+    turn(p4, 5)
 
     # logits of the last prompt position, reused path vs cold, for prompts around the window
     warm.reset_cache()
@@ -422,3 +427,32 @@ def test_model_error_resets_the_cache(enc):
     with pytest.raises(RuntimeError, match="device lost"):
         engine.complete(conv(), SamplingParams(max_tokens=10))
     assert engine.cached_tokens == []
+
+
+def test_logits_processors_see_the_history_and_steer_sampling(enc):
+    """SamplingParams.logits_processors (mlx-lm style) get prompt + generated tokens, the token
+    being fed included, and their logits are what is sampled from."""
+    reply = "<|channel|>final<|message|>one two three<|return|>"
+    model = ScriptedModel(reply, encoding=enc)
+    seen = []
+    prompt = render_prompt(enc, conv())
+    target = harmony_tokens(enc, reply)
+
+    def record(tokens, logits):
+        seen.append([int(t) for t in tokens.tolist()])
+        return logits
+
+    c = Engine(model, enc).complete(conv(), SamplingParams(max_tokens=50, logits_processors=[record]))
+    assert c.tokens == target
+    # (one call more: the pipeline queues a step after the stop token before reading it)
+    assert [len(s) for s in seen] == [len(prompt) + i for i in range(len(target) + 1)]
+    assert seen[len(target) - 1] == prompt + target[:-1] and seen[-1] == prompt + target
+
+    def ban_return(tokens, logits):
+        return mx.where(mx.arange(logits.shape[-1]) == RETURN, -1e9, logits)
+
+    model.push(reply)
+    params = SamplingParams(temperature=0.0, max_tokens=len(target) + 2,
+                            logits_processors=[ban_return])
+    c = Engine(model, enc).complete(conv(), params)
+    assert RETURN not in c.tokens and c.stop_reason == "length"

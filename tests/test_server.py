@@ -209,9 +209,10 @@ def test_chat_tool_call_round_trip(client, srv):
     assert r2.choices[0].finish_reason == "stop"
     assert r2.choices[0].message.content == "Sunny, 20 degrees in Paris."
     prompt = prompt_text(srv)
+    # (the call as the model wrote it, channel before recipient: exact token history)
     assert ("<|start|>user<|message|>Weather in Paris?<|end|>"
             "<|start|>assistant<|channel|>analysis<|message|>Need the weather tool.<|end|>"
-            "<|start|>assistant to=functions.get_weather<|channel|>commentary <|constrain|>json"
+            "<|start|>assistant<|channel|>commentary to=functions.get_weather <|constrain|>json"
             '<|message|>{"city": "Paris"}<|call|>'
             "<|start|>functions.get_weather to=assistant<|channel|>commentary"
             '<|message|>{"sunny": true, "temp": 20}<|end|><|start|>assistant') in prompt
@@ -232,8 +233,8 @@ def test_reasoning_of_a_tool_call_is_restored_when_the_client_drops_it(client, s
         {"role": "assistant", "tool_calls": [call.model_dump()]},
         {"role": "tool", "tool_call_id": call.id, "content": "sunny"}])
     assert ("<|start|>user<|message|>Weather?<|end|><|start|>assistant<|channel|>analysis"
-            "<|message|>Need the weather tool.<|end|><|start|>assistant to=functions.get_weather"
-            ) in prompt_text(srv)
+            "<|message|>Need the weather tool.<|end|><|start|>assistant<|channel|>commentary"
+            " to=functions.get_weather") in prompt_text(srv)  # the call as sampled
 
     srv.model.push(CALL_WEATHER)
     r = client.responses.create(model=MODEL, input="Weather?", tools=[FLAT_WEATHER])
@@ -450,7 +451,7 @@ def test_responses_tool_call_round_trip(client, srv):
     assert r2.output_text == "Sunny, 20 degrees in Paris."
     prompt = prompt_text(srv)
     assert ("<|start|>assistant<|channel|>analysis<|message|>Need the weather tool.<|end|>"
-            "<|start|>assistant to=functions.get_weather<|channel|>commentary <|constrain|>json"
+            "<|start|>assistant<|channel|>commentary to=functions.get_weather <|constrain|>json"
             '<|message|>{"city": "Paris"}<|call|><|start|>functions.get_weather to=assistant'
             '<|channel|>commentary<|message|>{"sunny": true}<|end|><|start|>assistant') in prompt
 

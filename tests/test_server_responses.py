@@ -132,7 +132,8 @@ def test_codex_recorded_session_replays(srv, name):
             # the cache but for its last token, where the engine keeps a snapshot).
             thought = reply_of_previous.split("<|message|>")[1].split("<|end|>")[0]
             assert f"<|end|><|start|>assistant<|channel|>analysis<|message|>{thought}<|end|>" \
-                f"<|start|>assistant to=functions.exec_command" in full_prompt(srv)
+                "<|start|>assistant<|channel|>commentary to=functions.exec_command" \
+                in full_prompt(srv)
             assert usage["input_tokens_details"]["cached_tokens"] >= previous_input - 1
             assert prompt.endswith(f"<|message|>{body['input'][-1]['output']}<|end|>"
                                    "<|start|>assistant")
@@ -160,7 +161,7 @@ def test_namespace_call_round_trip(client, srv):
         *[o.model_dump(exclude_none=True) for o in r.output],
         {"type": "function_call_output", "call_id": call.call_id, "output": "a1 finished"}])
     assert r2.output_text == "All done."
-    assert ("<|start|>assistant to=multi_agent_v1.wait_agent<|channel|>commentary "
+    assert ("<|start|>assistant<|channel|>commentary to=multi_agent_v1.wait_agent "
             '<|constrain|>json<|message|>{"targets": ["a1"]}<|call|>'
             "<|start|>multi_agent_v1.wait_agent to=assistant<|channel|>commentary"
             "<|message|>a1 finished<|end|>") in last_prompt(srv)
@@ -191,7 +192,7 @@ def test_custom_tool_is_freeform(client, srv):
         *[o.model_dump(exclude_none=True) for o in r.output],
         {"type": "custom_tool_call_output", "call_id": call.call_id, "output": "Done!"}])
     assert r2.output_text == "All done."
-    assert ("to=functions.apply_patch<|channel|>commentary <|constrain|>json<|message|>"
+    assert ("<|channel|>commentary to=functions.apply_patch <|constrain|>json<|message|>"
             + json.dumps(PATCH_TEXT) + "<|call|><|start|>functions.apply_patch to=assistant"
             "<|channel|>commentary<|message|>Done!<|end|>") in last_prompt(srv)
 
@@ -283,7 +284,8 @@ def test_encrypted_reasoning_is_restored_exactly(client, srv):
         return last_prompt(srv)
 
     assert ("<|start|>assistant<|channel|>analysis<|message|>Wait for the helper.<|end|>"
-            "<|start|>assistant to=multi_agent_v1.wait_agent") in follow_up(reasoning.encrypted_content)
+            "<|start|>assistant<|channel|>commentary to=multi_agent_v1.wait_agent"
+            ) in follow_up(reasoning.encrypted_content)
     tampered = reasoning.encrypted_content[:-2] + ("A" if reasoning.encrypted_content[-2] != "A" else "B") \
         + reasoning.encrypted_content[-1]
     assert "Wait for the helper." not in follow_up(tampered)  # not ours: dropped, not trusted
@@ -309,7 +311,8 @@ def test_store_and_previous_response_id(client, srv):
     assert r2.previous_response_id == r1.id and r2.output_text == "All done."
     prompt = last_prompt(srv)
     assert "<|start|>user<|message|>Wait for a1.<|end|>" in prompt
-    assert "Wait for the helper.<|end|><|start|>assistant to=multi_agent_v1.wait_agent" in prompt
+    assert ("Wait for the helper.<|end|><|start|>assistant<|channel|>commentary"
+            " to=multi_agent_v1.wait_agent") in prompt
     assert "Be brief." not in prompt  # instructions are not carried over (as OpenAI)
     # Not stored, unknown or deleted: a clear 400 / 404.
     srv.model.push(ANSWER)
