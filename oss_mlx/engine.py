@@ -385,7 +385,7 @@ class Engine:
             limit, limit_reason = max(int(params.max_tokens), 0), "length"
         else:
             limit, limit_reason = room, "context"
-        sample = _make_sampler(params)
+        sample = _make_sampler(params, turn_start=len(prompt))
         if params.seed is not None:
             mx.random.seed(params.seed)
         mx.reset_peak_memory()
@@ -479,10 +479,12 @@ class Engine:
         return reason
 
 
-def _make_sampler(params: SamplingParams):
+def _make_sampler(params: SamplingParams, turn_start: int = 0):
     """sample(tokens, logits [1, V], last=None) -> token [1], with params.logits_processors
     applied first (mlx-lm style callables (tokens: mx.array, logits) -> logits); the processors
-    see `tokens` (prompt and generated so far) and then `last`, a token array not yet read."""
+    see this turn's tokens: `tokens` (prompt and generated so far) less the first `turn_start`
+    (the prompt), then `last`, a token array not yet read. Building that array costs a few
+    tokens per step, not the whole prompt's."""
     import mlx.core as mx
     from mlx_lm.sample_utils import make_sampler
 
@@ -493,7 +495,7 @@ def _make_sampler(params: SamplingParams):
     def sample(tokens, logits, last=None):
         logits = logits.astype(mx.float32)
         if processors:
-            history = mx.array(tokens, dtype=mx.int32)
+            history = mx.array(tokens[turn_start:], dtype=mx.int32)
             if last is not None:
                 history = mx.concatenate([history, last.reshape(-1).astype(mx.int32)])
             for p in processors:

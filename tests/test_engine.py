@@ -430,8 +430,8 @@ def test_model_error_resets_the_cache(enc):
 
 
 def test_logits_processors_see_the_history_and_steer_sampling(enc):
-    """SamplingParams.logits_processors (mlx-lm style) get prompt + generated tokens, the token
-    being fed included, and their logits are what is sampled from."""
+    """SamplingParams.logits_processors (mlx-lm style) get this turn's generated tokens, the
+    token being fed included, and their logits are what is sampled from."""
     reply = "<|channel|>final<|message|>one two three<|return|>"
     model = ScriptedModel(reply, encoding=enc)
     seen = []
@@ -445,8 +445,8 @@ def test_logits_processors_see_the_history_and_steer_sampling(enc):
     c = Engine(model, enc).complete(conv(), SamplingParams(max_tokens=50, logits_processors=[record]))
     assert c.tokens == target
     # (one call more: the pipeline queues a step after the stop token before reading it)
-    assert [len(s) for s in seen] == [len(prompt) + i for i in range(len(target) + 1)]
-    assert seen[len(target) - 1] == prompt + target[:-1] and seen[-1] == prompt + target
+    assert [len(s) for s in seen] == list(range(len(target) + 1))
+    assert seen[len(target) - 1] == target[:-1] and seen[-1] == target
 
     def ban_return(tokens, logits):
         return mx.where(mx.arange(logits.shape[-1]) == RETURN, -1e9, logits)
