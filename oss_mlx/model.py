@@ -30,6 +30,7 @@ from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.cache import KVCache, RotatingKVCache
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, _gather_sort, _scatter_unsort
 
+from . import kv_quant
 from .config import ModelConfig
 from .errors import OssMlxError
 from .rope import yarn
@@ -96,9 +97,13 @@ class Attention(nn.Module):
         q, k, v = qk[:, :n_q], qk[:, n_q:], qkv[:, n_q + n_kv :]
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
-        o = mx.fast.scaled_dot_product_attention(
-            q, k, v, scale=self.scale, mask=mask, sinks=self.sinks
-        )
+        if isinstance(cache, kv_quant.QuantizedKVCache):  # --kv-bits: attention with the sinks
+            o = kv_quant.attention(q, k, v, self.scale, mask, self.sinks, cache.group_size,
+                                   cache.bits)
+        else:
+            o = mx.fast.scaled_dot_product_attention(
+                q, k, v, scale=self.scale, mask=mask, sinks=self.sinks
+            )
         return x + self.out(o.transpose(0, 2, 1, 3).reshape(B, T, -1))
 
 
@@ -177,6 +182,7 @@ class Model(nn.Module):
         self.config = config
         self.dtype = dtype
         self.model_dir = None
+        self.kv_bits = None  # KV cache format of make_cache(): None (model dtype), 8 or 4
         self.embedding = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = [Block(config, **experts_quantization) for _ in range(config.num_hidden_layers)]
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -201,9 +207,16 @@ class Model(nn.Module):
         self._first_sliding = sliding.index(True) if True in sliding else None
         self._first_full = sliding.index(False) if False in sliding else None
 
-    def make_cache(self):
+    def make_cache(self, kv_bits: int | None = None):
+        """`kv_bits` 8 or 4 (default `self.kv_bits`): quantized caches on the full-attention
+        layers (kv_quant); the sliding layers' 128 keys always stay in full precision."""
         W = self.config.sliding_window
-        return [RotatingKVCache(max_size=W) if s else KVCache() for s in self._sliding]
+        bits = kv_bits or self.kv_bits
+
+        def full():
+            return kv_quant.QuantizedKVCache(bits) if bits else KVCache()
+
+        return [RotatingKVCache(max_size=W) if s else full() for s in self._sliding]
 
     def masks(self, x, cache):
         """(full-layer mask, sliding-layer mask) for the new tokens x [B, T, H], built BEFORE the
