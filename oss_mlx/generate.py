@@ -14,6 +14,8 @@ import json
 import os
 import sys
 
+from . import memory
+
 
 def add_arguments(p):
     p.add_argument("--model", required=True, help="converted model folder or model-store name")
@@ -31,6 +33,7 @@ def add_arguments(p):
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.add_argument("--show-reasoning", action="store_true", help="print the reasoning to stderr")
     p.add_argument("--stats", action="store_true", help="print token counts and speeds to stderr")
+    memory.add_memory_arguments(p)
 
 
 def _read_prompt(prompt: str) -> str:
@@ -53,7 +56,7 @@ _NOTES = {
 def main(args) -> int:
     # Never reach for the network: the model folder has everything.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from .engine import Engine, SamplingParams
+    from .engine import SamplingParams
     from .errors import OssMlxError
     from .harmony import build_conversation, user_message
 
@@ -62,7 +65,7 @@ def main(args) -> int:
     if args.temperature < 0 or not (0 < args.top_p <= 1):
         raise OssMlxError("--temperature must be >= 0 and --top-p in (0, 1]")
     prompt = _read_prompt(args.prompt)
-    engine = Engine.load(args.model)
+    engine = memory.load_engine(args.model, args)
     conv = build_conversation(
         [user_message(prompt)], reasoning=args.reasoning, system=args.system,
         developer_instructions=args.developer,

@@ -201,7 +201,7 @@ def _plan(cfg, tensors, dense: str, context, kv_bits, dtype, chunk, backend) -> 
         raise OssMlxError(f"unknown dtype {dtype!r} (use float32, bfloat16 or float16)")
     db = DTYPE_BYTES[dtype]
     return Plan(context=context, kv_bits=kv_bits, dtype=dtype, dense=dense,
-                weights=_tensor_bytes(tensors, dtype),
+                weights=_tensor_bytes(tensors, dtype) + 4 * cfg.head_dim // 2,  # + RoPE periods
                 kv=kv_bytes(cfg, context, kv_bits, db, chunk),
                 working=working_bytes(cfg, context, kv_bits, db, chunk, backend))
 
@@ -417,3 +417,15 @@ def measure(model_dir, context: int, kv_bits=None, chunk: int = PREFILL_CHUNK,
     gc.collect()
     mx.clear_cache()
     return {"peak": peak, "weights": weights, "kv": kv, "working": peak - weights - kv}
+
+
+def load_engine(model: str, args, **engine_kwargs):
+    """Engine.load after the memory check, with args' KV format and context limit applied:
+    the one call chat / generate / serve make instead of Engine.load."""
+    from .engine import Engine
+    from .store import resolve_model
+
+    check_fits(resolve_model(model), args)
+    engine = Engine.load(model, **engine_kwargs)
+    apply(engine.model, args)
+    return engine
