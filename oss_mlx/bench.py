@@ -549,6 +549,9 @@ def add_arguments(p) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic weights and prompts")
     p.add_argument("--cache-dir", help="where --synth keeps its checkpoints "
                                        "(default ~/.cache/oss-mlx/bench)")
+    from . import memory
+
+    memory.add_memory_arguments(p)
 
 
 def _positive_ints(text: str, what: str) -> list[int]:
@@ -598,9 +601,14 @@ def main(args) -> int:
 
     machine = machine_info()
     runtimes = []
+    from . import memory
+    from .store import resolve_model
+
+    memory.check_fits(resolve_model(model_ref), args)  # --max-context, --kv-bits, --force
     for d in dtypes:
         log(f"loading oss-mlx ({d}) ...")
         runtimes.append(load_ours(model_ref, d))
+        memory.apply(runtimes[-1].model, args)
     if model_dir is None:  # a store name: the model knows its folder
         model_dir = getattr(runtimes[0].model, "model_dir", None)
         source = source or (model_dir and _source_of(Path(model_dir)))

@@ -77,6 +77,9 @@ def add_arguments(parser):
                         help="random seed for sampling")
     parser.add_argument("--hide-reasoning", action="store_true",
                         help="do not show the model's reasoning (toggle with /reasoning)")
+    from . import memory
+
+    memory.add_memory_arguments(parser)
 
 
 # --------------------------------------------------------------------------------------------
@@ -851,16 +854,16 @@ def default_model(interactive: bool, say) -> Path:
                       f"or try `oss-mlx chat --demo`")
 
 
-def load_engine(model_dir):
+def load_engine(model_dir, args=None):
     hook = os.environ.get("OSS_MLX_TEST_ENGINE")
     if hook:  # tests only: see the module docstring
         import importlib
 
         module, _, func = hook.partition(":")
         return getattr(importlib.import_module(module), func)(model_dir)
-    from .engine import Engine
+    from . import memory
 
-    return Engine.load(model_dir)
+    return memory.load_engine(str(model_dir), args)
 
 
 # --------------------------------------------------------------------------------------------
@@ -899,9 +902,9 @@ def main(args) -> int:
             model_dir, name = default_model(interactive, view.info), DEFAULT_MODEL
         if interactive:
             with view.console.status(f"loading {name}…", spinner="dots"):
-                engine = load_engine(model_dir)
+                engine = load_engine(model_dir, args)
         else:
-            engine = load_engine(model_dir)
+            engine = load_engine(model_dir, args)
         chat = Chat(engine, Session(settings), view, name)
         if interactive:
             return repl(chat)

@@ -28,8 +28,8 @@ from __future__ import annotations
 import mlx.core as mx
 from mlx_lm.models.cache import QuantizedKVCache as _MlxLmQuantizedKVCache
 
-GROUP_SIZE = 64  # = gpt-oss's head_dim: one scale and bias per head vector and per 64 of them
-BITS = (8, 4)
+from .memory import KV_BITS as BITS
+from .memory import KV_GROUP_SIZE as GROUP_SIZE
 
 
 class QuantizedKVCache(_MlxLmQuantizedKVCache):
@@ -51,14 +51,6 @@ class QuantizedKVCache(_MlxLmQuantizedKVCache):
             new.keys = tuple(mx.array(a) for a in self.keys)
             new.values = tuple(mx.array(a) for a in self.values)
         return new
-
-
-def element_bytes(bits: int | None, dtype_size: int = 2, group_size: int = GROUP_SIZE) -> float:
-    """Bytes per cached K or V element: dtype_size in full precision; else the packed bits plus
-    one scale and one bias (of dtype_size bytes each) per group."""
-    if not bits:
-        return float(dtype_size)
-    return bits / 8 + 2 * dtype_size / group_size
 
 
 def _decode(q, keys, values, scale, mask, sinks, group_size, bits):

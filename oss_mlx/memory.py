@@ -12,7 +12,7 @@ Inputs, each from one place:
   converter's dense quantization (`plan_for_config`, for models not on disk and the table in
   README.md);
 - KV cache at `context`: full-attention layers hold every position (allocated in steps of 256,
-  as mlx-lm's caches grow), in the model dtype or `kv_bits` (kv_quant.element_bytes); sliding
+  as mlx-lm's caches grow), in the model dtype or `kv_bits` (kv_element_bytes); sliding
   layers hold at most window + one prefill chunk, in the model dtype;
 - working buffers of the worst prefill chunk (the last one, against the whole context): the
   per-token activations (formula `_token_bytes`, scaled by WORK_FACTOR measured once on a real
@@ -40,7 +40,6 @@ import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from . import kv_quant
 from .config import ModelConfig
 from .errors import OssMlxError
 
@@ -52,6 +51,8 @@ PREFILL_CHUNK = 512  # the engine's and Model.prefill's default chunk
 WORK_FACTOR = 1.0
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 LIMIT_ENV = "OSS_MLX_MEMORY_LIMIT"
+KV_BITS = (8, 4)  # --kv-bits: the quantized KV cache of oss_mlx.kv_quant
+KV_GROUP_SIZE = 64  # = gpt-oss's head_dim: one scale and one bias per head vector
 
 
 @dataclass
@@ -146,9 +147,17 @@ def _layers(cfg: ModelConfig) -> tuple[int, int]:
     return n_sliding, cfg.num_hidden_layers - n_sliding
 
 
+def kv_element_bytes(bits: int | None, dtype_size: int = 2, group_size: int = KV_GROUP_SIZE) -> float:
+    """Bytes per cached K or V element: dtype_size in full precision; else the packed bits plus
+    one scale and one bias (of dtype_size bytes each) per group (mlx-lm's QuantizedKVCache)."""
+    if not bits:
+        return float(dtype_size)
+    return bits / 8 + 2 * dtype_size / group_size
+
+
 def _kv_row_bytes(cfg: ModelConfig, bits, dtype_bytes: int) -> float:
     """K and V bytes of one position in one layer."""
-    return 2 * cfg.num_key_value_heads * cfg.head_dim * kv_quant.element_bytes(bits, dtype_bytes)
+    return 2 * cfg.num_key_value_heads * cfg.head_dim * kv_element_bytes(bits, dtype_bytes)
 
 
 def kv_bytes(cfg: ModelConfig, context: int, kv_bits=None, dtype_bytes: int = 2,
@@ -352,7 +361,7 @@ def add_memory_arguments(parser) -> None:
     """--max-context, --kv-bits and --force for the commands that load a model."""
     parser.add_argument("--max-context", type=int, default=None, metavar="N",
                         help="longest context to plan and allow (default: the model's 131072)")
-    parser.add_argument("--kv-bits", type=int, choices=list(kv_quant.BITS), default=None,
+    parser.add_argument("--kv-bits", type=int, choices=list(KV_BITS), default=None,
                         help="quantize the full-attention layers' KV cache to 8 or 4 bits "
                              "(with the attention sinks; sliding layers stay full precision)")
     parser.add_argument("--force", action="store_true",

@@ -739,6 +739,9 @@ def add_arguments(parser):
     parser.add_argument("--demo", action="store_true",
                         help="serve a tiny random-weight model made on the spot, as "
                              "'tiny-random' (no download; its output is noise)")
+    from . import memory
+
+    memory.add_memory_arguments(parser)
 
 
 def main(args) -> int:
@@ -750,7 +753,7 @@ def main(args) -> int:
 
     import uvicorn
 
-    from .engine import Engine
+    from . import memory
     from .errors import OssMlxError
 
     if not 0 <= args.port < 65536:
@@ -774,7 +777,7 @@ def main(args) -> int:
         else:
             model_dir, default_name = args.model, Path(str(args.model).rstrip("/")).name
             max_tokens = args.max_tokens
-        engine = Engine.load(str(model_dir))
+        engine = memory.load_engine(str(model_dir), args)
         name = args.name or default_name
         app = create_app(engine, name, api_key=args.api_key, default_max_tokens=max_tokens)
         port = sock.getsockname()[1]

@@ -10,7 +10,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from oss_mlx import kv_quant
+from oss_mlx import kv_quant, memory
 from oss_mlx.engine import Engine, SamplingParams
 from oss_mlx.harmony import build_conversation, render_prompt, user_message
 from oss_mlx.kv_quant import QuantizedKVCache
@@ -120,12 +120,12 @@ def test_cache_interface_trim_and_copy():
 
 
 def test_kv_bytes_per_element():
-    assert kv_quant.element_bytes(None) == 2
-    assert kv_quant.element_bytes(8) == 1 + 4 / 64
-    assert kv_quant.element_bytes(4) == 0.5 + 4 / 64
+    assert memory.kv_element_bytes(None) == 2
+    assert memory.kv_element_bytes(8) == 1 + 4 / 64
+    assert memory.kv_element_bytes(4) == 0.5 + 4 / 64
     c = QuantizedKVCache(8)
     c.update_and_fetch(*(mx.zeros((1, 2, 256, 64), mx.bfloat16),) * 2)
-    assert c.nbytes == 2 * 2 * 256 * 64 * kv_quant.element_bytes(8)
+    assert c.nbytes == 2 * 2 * 256 * 64 * memory.kv_element_bytes(8)
 
 
 # ---- the model on quantized caches ---------------------------------------------------------
