@@ -172,7 +172,7 @@ def _print(r: dict) -> None:
 
     from .store import human_size
 
-    c = Console()
+    c = Console() if sys.stdout.isatty() else Console(width=160)  # no folding in logs
     m = r["machine"]
     ws = human_size(m["gpu_working_set_bytes"]) if m["gpu_working_set_bytes"] else "-"
     c.print(f"[bold]machine[/] {m['chip']} · {m['os']} · memory {human_size(m['memory_bytes'])} "
