@@ -211,9 +211,16 @@ def add_arguments(parser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--full", action="store_true",
                         help="sha256 every weight file too (slow for big models)")
+    parser.add_argument("--macs", action="store_true",
+                        help="print what fits on 16-128 GB Macs (markdown, from the memory plan)")
 
 
 def main(args) -> int:
+    if args.macs:
+        print("Default GPU working set:\n\n" + memory.mac_table())
+        print("\nWired limit raised to RAM - 4 GB (sudo sysctl iogpu.wired_limit_mb=...):\n\n"
+              + memory.mac_table(limit_of=memory.raised_gpu_limit))
+        return 0
     r = report(full=args.full)
     if args.json:
         print(json.dumps(r, indent=2))

@@ -438,3 +438,45 @@ def load_engine(model: str, args, **engine_kwargs):
     engine = Engine.load(model, **engine_kwargs)
     apply(engine.model, args)
     return engine
+
+
+# ---- what fits on which Mac (README, `oss-mlx doctor --macs`) -------------------------------
+
+MAC_GB = (16, 24, 32, 36, 48, 64, 96, 128)
+# (dense bits, KV bits), cheapest last: the first that fits is the table's answer.
+OPTIONS = ((16, None), (16, 8), (8, 8), (4, 8), (4, 4))
+
+
+def default_gpu_limit(ram_gib: int) -> int:
+    """macOS's default GPU working set (recommendedMaxWorkingSetSize) for a Mac with this much
+    memory: about 2/3 of it up to 32 GB and 3/4 above (reported values: 16 GB -> 10.7 GiB,
+    64 GB -> 48 GiB); `sysctl iogpu.wired_limit_mb` raises it."""
+    return int(ram_gib * 2**30 * (2 / 3 if ram_gib <= 32 else 3 / 4))
+
+
+def raised_gpu_limit(ram_gib: int, headroom_gib: int = 4) -> int:
+    """The GPU limit after `sudo sysctl iogpu.wired_limit_mb=...` leaving `headroom_gib` to
+    macOS and other apps."""
+    return (ram_gib - headroom_gib) * 2**30
+
+
+def mac_table(contexts=(8192, 32768, 131072), macs=MAC_GB, limit_of=default_gpu_limit) -> str:
+    """Markdown: for each Mac size, model and context, the first of OPTIONS that fits under
+    `limit_of(GB)` (default: the default GPU working set; Metal backend figures), with its
+    total in GB."""
+    from .convert.synth import PRESETS
+
+    plans = {(m, c, o): plan_for_config(PRESETS[m], c, o[1], o[0], backend="gpu")
+             for m in ("20b", "120b") for c in contexts for o in OPTIONS}
+    label = lambda o: ("bf16" if o[0] == 16 else f"q{o[0]}") + ("" if o[1] is None else f" kv{o[1]}")  # noqa: E731
+    head = [f"{m} {c // 1024}k" for m in ("20b", "120b") for c in contexts]
+    lines = ["| Mac (GPU limit) | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
+    for gb in macs:
+        limit = limit_of(gb)
+        cells = []
+        for m in ("20b", "120b"):
+            for c in contexts:
+                ok = next((o for o in OPTIONS if plans[m, c, o].total <= limit), None)
+                cells.append(f"{label(ok)} ({plans[m, c, ok].total / GB:.1f})" if ok else "no")
+        lines.append(f"| {gb} GB ({limit / GB:.1f}) | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

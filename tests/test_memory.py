@@ -176,3 +176,19 @@ def test_cli_refuses_before_loading(tiny_model, monkeypatch, capsys):
     err = capsys.readouterr().err.strip()
     assert rc == 1 and not called
     assert err.startswith("oss-mlx: error: tiny at 131,072 tokens needs") and "\n" not in err
+
+
+def test_mac_table_picks_the_first_option_that_fits():
+    from oss_mlx.convert.synth import PRESETS
+
+    assert memory.default_gpu_limit(16) == 11453246122  # 2/3 of 16 GiB (reported: 10.67 GiB)
+    assert memory.default_gpu_limit(64) == 48 << 30
+    table = memory.mac_table(contexts=(131072,), macs=(24, 96))
+    rows = {r.split("|")[1].strip().split()[0]: [c.strip() for c in r.split("|")[2:4]]
+            for r in table.splitlines()[2:]}
+    # 20b at 128k on a 24 GB Mac: bf16 KV does not fit under 2/3 of 24 GiB, 8-bit KV does
+    limit = memory.default_gpu_limit(24)
+    assert memory.plan_for_config(PRESETS["20b"], 131072, backend="gpu").total > limit
+    kv8 = memory.plan_for_config(PRESETS["20b"], 131072, 8, backend="gpu").total
+    assert kv8 <= limit and rows["24"][0] == f"bf16 kv8 ({kv8 / 1e9:.1f})"
+    assert rows["24"][1] == "no" and rows["96"][1].startswith("bf16 (")
