@@ -192,3 +192,35 @@ def test_mac_table_picks_the_first_option_that_fits():
     kv8 = memory.plan_for_config(PRESETS["20b"], 131072, 8, backend="gpu").total
     assert kv8 <= limit and rows["24"][0] == f"bf16 kv8 ({kv8 / 1e9:.1f})"
     assert rows["24"][1] == "no" and rows["96"][1].startswith("bf16 (")
+
+
+def test_dense_bits_4(tiny_hf, tiny_model, tmp_path):
+    """`convert --dense-bits 4`: the same modules as 8-bit, packed by mx.quantize(bits=4) bit
+    for bit (chunked rows = whole tensor), loaded as 4-bit quantized modules, named -q4 in the
+    store, and its logits stay near the bf16 model's (the README gives the measured error)."""
+    import json
+
+    import mlx.core as mx
+    import mlx.nn as nn
+    import numpy as np
+
+    from oss_mlx.convert.convert import convert
+    from oss_mlx.model import load
+    from oss_mlx.store import store_path_for
+
+    out = convert(tiny_hf, tmp_path / "q4", dense_bits=4)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["quantization"]["dense"]["bits"] == 4
+    assert store_path_for("openai/gpt-oss-20b", 4).name == "gpt-oss-20b-q4"
+    w = mx.load(str(next(out.glob("model*.safetensors"))))
+    ref = load(tiny_model, dtype=mx.float32)
+    emb = ref.embedding.weight.astype(mx.bfloat16)
+    for got, want in zip((w["embedding.weight"], w["embedding.scales"], w["embedding.biases"]),
+                         mx.quantize(emb, group_size=64, bits=4)):
+        assert mx.array_equal(got, want).item()
+    q4 = load(out, dtype=mx.float32)
+    assert isinstance(q4.unembedding, nn.QuantizedLinear) and q4.unembedding.bits == 4
+    assert isinstance(q4.layers[0].attention.qkv, nn.QuantizedLinear)
+    ids = mx.array(np.random.default_rng(0).integers(0, 200000, (1, 24)), dtype=mx.int32)
+    a, b = np.array(ref(ids)[0]), np.array(q4(ids)[0])
+    assert np.abs(a - b).mean() < 0.5 * a.std()
