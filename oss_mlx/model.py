@@ -10,6 +10,7 @@ learned sinks, sliding window on even layers), Experts/MLP (router, top-4, one f
     model.dtype                         # dtype of the dense weights and matmul inputs
     logits = model(tokens, cache=None)  # [B, T] -> [B, T, V]
     cache = model.make_cache()          # RotatingKVCache(window) on sliding layers, KVCache else
+    cache = model.make_cache(kv_bits=8) # ... kv_quant.QuantizedKVCache (8 or 4 bit) on full layers
     logits = model.prefill(tokens, cache, chunk_size=512)   # [B, V], last position only
     model.prefill(tokens, cache, logits=False)              # only fill the cache
 
