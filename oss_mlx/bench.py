@@ -604,7 +604,9 @@ def main(args) -> int:
     from . import memory
     from .store import resolve_model
 
-    memory.check_fits(resolve_model(model_ref), args)  # --max-context, --kv-bits, --force
+    # Plan for the longest run unless told otherwise (--max-context, --kv-bits, --force).
+    args.max_context = getattr(args, "max_context", None) or max(prompt_lengths) + gen_tokens
+    memory.check_fits(resolve_model(model_ref), args)
     for d in dtypes:
         log(f"loading oss-mlx ({d}) ...")
         runtimes.append(load_ours(model_ref, d))

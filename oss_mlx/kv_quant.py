@@ -53,6 +53,12 @@ class QuantizedKVCache(_MlxLmQuantizedKVCache):
         return new
 
 
+def is_quantized(cache) -> bool:
+    """Any mlx-lm QuantizedKVCache, ours or one that mlx-lm's load_prompt_cache rebuilt (it
+    names classes by their mlx-lm name), goes through `attention`."""
+    return isinstance(cache, _MlxLmQuantizedKVCache)
+
+
 def _decode(q, keys, values, scale, mask, sinks, group_size, bits):
     B, n_q, L, D = q.shape
     n_kv = keys[0].shape[1]

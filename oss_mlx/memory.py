@@ -374,7 +374,8 @@ def check_fits(model_dir, args, dtype: str = "bfloat16") -> Plan:
     cfg, meta = read_folder(model_dir)
     context = getattr(args, "max_context", None) or cfg.max_context
     if not 1 <= context <= cfg.max_context:
-        raise OssMlxError(f"--max-context must be between 1 and {cfg.max_context}, not {context}")
+        raise OssMlxError(f"a context of {context:,} tokens is outside the model's 1..{cfg.max_context:,} "
+                          "(--max-context)")
     tensors = folder_tensors(Path(model_dir))
     plan = _plan(cfg, tensors, dense_label(meta), context, getattr(args, "kv_bits", None), dtype,
                  PREFILL_CHUNK, None)

@@ -98,7 +98,7 @@ class Attention(nn.Module):
         q, k, v = qk[:, :n_q], qk[:, n_q:], qkv[:, n_q + n_kv :]
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
-        if isinstance(cache, kv_quant.QuantizedKVCache):  # --kv-bits: attention with the sinks
+        if kv_quant.is_quantized(cache):  # --kv-bits: the attention with the sinks
             o = kv_quant.attention(q, k, v, self.scale, mask, self.sinks, cache.group_size,
                                    cache.bits)
         else:

@@ -220,3 +220,19 @@ def test_prompt_cache_and_snapshots_with_quantized_caches(model, tiny_model):
         assert c.stats.cached_tokens == len(prompts[-1])
     finally:
         model.kv_bits = None
+
+
+def test_saved_and_reloaded_quantized_cache_keeps_working(model, tmp_path):
+    """mlx-lm's save/load_prompt_cache round trip (it rebuilds mlx-lm's own class): the model
+    still takes the sink-aware path and gives the same next logits."""
+    from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache
+
+    tokens = _tokens(21, seed=9)
+    cache = model.make_cache(kv_bits=8)
+    model.prefill(tokens[:, :20], cache, chunk_size=8)
+    save_prompt_cache(str(tmp_path / "c.safetensors"), cache)
+    loaded = load_prompt_cache(str(tmp_path / "c.safetensors"))
+    assert kv_quant.is_quantized(loaded[1]) and loaded[1].offset == 20
+    a = model(tokens[:, 20:], cache)[0, -1]
+    b = model(tokens[:, 20:], loaded)[0, -1]
+    np.testing.assert_allclose(np.array(a), np.array(b), atol=1e-5)

@@ -161,7 +161,7 @@ def test_refusal_names_kv8_dense8_and_the_wired_limit_on_a_mac(monkeypatch):
 
 
 def test_bad_max_context(tiny_model):
-    with pytest.raises(OssMlxError, match="--max-context"):
+    with pytest.raises(OssMlxError, match="outside the model.s 1..131,072"):
         memory.check_fits(tiny_model, _args(max_context=10**7))
 
 
