@@ -435,7 +435,12 @@ def load_engine(model: str, args, **engine_kwargs):
     from .engine import Engine
     from .store import resolve_model
 
-    check_fits(resolve_model(model), args)
+    try:
+        folder = resolve_model(model)
+    except OssMlxError:
+        folder = None  # Engine.load says why, in its own words
+    if folder is not None:
+        check_fits(folder, args)
     engine = Engine.load(model, **engine_kwargs)
     apply(engine.model, args)
     return engine
