@@ -4,9 +4,10 @@
     python benchmarks/memory_kv.py speed --model /work/models/20b-L4 --contexts 4096,32768
     python benchmarks/memory_kv.py kv-memory --contexts 32768,131072
 
-error: teacher-forced logits over `positions` random tokens (chunks of 256, so every position
-past the first window is scored), for each KV format against the model-dtype cache; and, with
---dense, each quantized-dense model against the bf16 one with the same cache. Reports the max
+error: teacher-forced logits over `positions` random tokens (chunks of --chunk, every position
+scored; the KV error counts positions past the first window), for each KV format against the
+full-precision cache; and, with --dense, each quantized-dense model against the bf16-weight
+one with the same cache. Reports the max
 and mean absolute logit error, both over the logits' std, and the top-1 agreement.
 
 speed: decode tokens/s with the cache already holding `context` positions. The full layers'
@@ -33,38 +34,53 @@ from oss_mlx import memory
 from oss_mlx.model import load
 
 
-def _teacher_forced(model, tokens, kv_bits, chunk=256):
-    cache = model.make_cache(kv_bits=kv_bits)
-    out = []
-    for i in range(0, tokens.shape[1], chunk):
-        logits = model(tokens[:, i : i + chunk], cache)[0].astype(mx.float32)
-        mx.eval(logits)
-        out.append(np.array(logits))
-    return np.concatenate(out)
+class _Stats:
+    """Running max / mean absolute logit error, logit std of the reference, top-1 agreement."""
 
+    def __init__(self):
+        self.max = self.sum = self.n = self.agree = self.rows = 0.0
+        self.ref_sum = self.ref_sq = 0.0
 
-def _compare(ref, got, skip):
-    ref, got = ref[skip:], got[skip:]
-    err = np.abs(ref - got)
-    std = float(ref.std())
-    return {"positions": len(ref), "max_abs": float(err.max()), "mean_abs": float(err.mean()),
-            "max_over_std": float(err.max()) / std, "mean_over_std": float(err.mean()) / std,
-            "top1_agreement": float((ref.argmax(-1) == got.argmax(-1)).mean())}
+    def add(self, ref, got):
+        err = mx.abs(ref - got)
+        self.max = max(self.max, float(err.max()))
+        self.sum += float(err.sum())
+        self.n += err.size
+        self.ref_sum += float(ref.sum())
+        self.ref_sq += float((ref * ref).sum())
+        self.agree += float((mx.argmax(ref, -1) == mx.argmax(got, -1)).sum())
+        self.rows += ref.shape[0]
+
+    def result(self):
+        std = (self.ref_sq / self.n - (self.ref_sum / self.n) ** 2) ** 0.5
+        mean = self.sum / self.n
+        return {"positions": int(self.rows), "max_abs": self.max, "mean_abs": mean,
+                "max_over_std": self.max / std, "mean_over_std": mean / std,
+                "top1_agreement": self.agree / self.rows}
 
 
 def error(args):
-    model = load(args.model)
-    W = model.config.sliding_window
+    """All runs advance chunk by chunk in lockstep, so only one chunk of logits is alive."""
+    dtype = args.dtype
+    ref_model = load(args.model, dtype=dtype)
+    W = ref_model.config.sliding_window
     rng = np.random.default_rng(0)
-    tokens = mx.array(rng.integers(0, model.config.vocab_size, (1, args.positions)), dtype=mx.int32)
-    ref = _teacher_forced(model, tokens, None)
-    report = {"model": args.model, "dtype": str(model.dtype), "window": W, "kv": {}, "dense": {}}
-    for bits in memory.KV_BITS:
-        report["kv"][f"{bits}-bit"] = _compare(ref, _teacher_forced(model, tokens, bits), W)
-    for folder in args.dense or []:
-        other = load(folder)
-        report["dense"][folder] = _compare(ref, _teacher_forced(other, tokens, None), 0)
-    print(json.dumps(report, indent=2))
+    tokens = mx.array(rng.integers(0, ref_model.config.vocab_size, (1, args.positions)),
+                      dtype=mx.int32)
+    runs = {f"kv {b}-bit": (ref_model, b) for b in memory.KV_BITS}
+    runs.update({f"dense {f}": (load(f, dtype=dtype), None) for f in args.dense or []})
+    caches = {k: m.make_cache(kv_bits=b) for k, (m, b) in runs.items()}
+    ref_cache = ref_model.make_cache()
+    stats = {k: _Stats() for k in runs}
+    for i in range(0, args.positions, args.chunk):
+        t = tokens[:, i : i + args.chunk]
+        ref = ref_model(t, ref_cache)[0].astype(mx.float32)
+        for k, (m, _) in runs.items():
+            got = m(t, caches[k])[0].astype(mx.float32)
+            skip = max(0, W - i) if k.startswith("kv") else 0  # KV error only past the window
+            stats[k].add(ref[skip:], got[skip:])
+    print(json.dumps({"model": args.model, "dtype": dtype, "window": W, "chunk": args.chunk,
+                      **{k: s.result() for k, s in stats.items()}}, indent=2))
 
 
 def _fill(cache, cfg, context, dtype):
@@ -132,6 +148,9 @@ def main():
     e.add_argument("--model", required=True)
     e.add_argument("--dense", nargs="*")
     e.add_argument("--positions", type=int, default=2048)
+    e.add_argument("--chunk", type=int, default=128)
+    e.add_argument("--dtype", default="float32", help="compute dtype of every run (float32: "
+                   "the error is the quantization's alone)")
     s = sub.add_parser("speed")
     s.add_argument("--model", required=True)
     s.add_argument("--contexts", default="4096,32768")
