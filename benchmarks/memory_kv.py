@@ -15,6 +15,9 @@ caches are filled with random keys/values of the right shape (decode reads them 
 hold), so a 32k context costs no 32k-token prefill on a CPU; the sliding layers hold their
 window. Median of `--steps` steps after 2 warm-up steps.
 
+attention: one full-attention layer's decode attention alone at each context and KV format
+(cheap: no model), to see what the format changes without the rest of the step.
+
 kv-memory: the KV cache bytes at each context, from the plan and measured (cache.nbytes after
 filling real caches of one full and one sliding layer of gpt-oss-20b / -120b shape, times the
 layer counts).
@@ -119,6 +122,40 @@ def speed(args):
             mx.clear_cache()
 
 
+def attention_speed(args):
+    """One gpt-oss full-attention layer's decode attention (64 q / 8 kv heads, head_dim 64)
+    against `context` cached positions: fused sdpa on the bf16 cache vs kv_quant.attention on
+    the 8/4-bit one. Median of --steps calls."""
+    from mlx_lm.models.cache import KVCache
+
+    from oss_mlx import kv_quant
+
+    sinks = mx.zeros((64,), mx.bfloat16)
+    q = mx.random.normal((1, 64, 1, 64)).astype(mx.bfloat16)
+    for context in [int(x) for x in args.contexts.split(",")]:
+        for bits in (None,) + memory.KV_BITS:
+            c = kv_quant.QuantizedKVCache(bits) if bits else KVCache()
+            from oss_mlx.convert.synth import PRESETS
+
+            _fill([c], PRESETS["20b"], context, mx.bfloat16)
+            k, v = c.keys_and_values() if bits else (c.keys[..., :context, :], c.values[..., :context, :])
+
+            def call():
+                if bits:
+                    return kv_quant.attention(q, k, v, 0.125, None, sinks, 64, bits)
+                return mx.fast.scaled_dot_product_attention(q, k, v, scale=0.125, sinks=sinks)
+
+            for _ in range(2):
+                mx.eval(call())
+            times = []
+            for _ in range(args.steps):
+                tic = time.perf_counter()
+                mx.eval(call())
+                times.append(time.perf_counter() - tic)
+            print(json.dumps({"context": context, "kv": bits or 16,
+                              "attention_ms": 1000 * statistics.median(times)}), flush=True)
+
+
 def kv_memory(args):
     from oss_mlx.convert.synth import PRESETS
     from oss_mlx.kv_quant import QuantizedKVCache
@@ -155,10 +192,13 @@ def main():
     s.add_argument("--model", required=True)
     s.add_argument("--contexts", default="4096,32768")
     s.add_argument("--steps", type=int, default=6)
+    a = sub.add_parser("attention")
+    a.add_argument("--contexts", default="4096,32768")
+    a.add_argument("--steps", type=int, default=20)
     m = sub.add_parser("kv-memory")
     m.add_argument("--contexts", default="32768,131072")
     args = p.parse_args()
-    {"error": error, "speed": speed, "kv-memory": kv_memory}[args.what](args)
+    {"error": error, "speed": speed, "kv-memory": kv_memory, "attention": attention_speed}[args.what](args)
 
 
 if __name__ == "__main__":
