@@ -224,3 +224,14 @@ def test_dense_bits_4(tiny_hf, tiny_model, tmp_path):
     ids = mx.array(np.random.default_rng(0).integers(0, 200000, (1, 24)), dtype=mx.int32)
     a, b = np.array(ref(ids)[0]), np.array(q4(ids)[0])
     assert np.abs(a - b).mean() < 0.5 * a.std()
+
+
+def test_load_engine_applies_context_and_kv_format(tiny_model):
+    from oss_mlx.kv_quant import QuantizedKVCache
+
+    engine = memory.load_engine(str(tiny_model), _args(max_context=64, kv_bits=8))
+    assert engine.max_context == 64
+    assert isinstance(engine.model.make_cache()[1], QuantizedKVCache)
+    with pytest.raises(OssMlxError, match="context_length_exceeded"):
+        engine.logits(list(range(100, 170)))
+    assert engine.logits(list(range(100, 140))).shape == (engine.model.config.vocab_size,)
