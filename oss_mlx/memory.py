@@ -7,8 +7,8 @@
 
 Inputs, each from one place:
 - weights: every tensor of the converted folder from its safetensors header (no load), at the
-  dtype the loader gives it (model._cast: norms/router float32, embedding as stored, the rest in
-  the compute dtype); or, without a folder, from the layout table (convert/layout.py) and the
+  dtype the loader gives it (model.Precision.weight: norms/router float32, embedding as stored,
+  expert biases in the experts' dtype, the rest in the compute dtype); or, without a folder, from the layout table (convert/layout.py) and the
   converter's dense quantization (`plan_for_config`, for models not on disk and the table in
   README.md);
 - KV cache at `context`: full-attention layers hold every position (allocated in steps of 256,
@@ -86,21 +86,27 @@ class Limit:
 # ---- weights -----------------------------------------------------------------------------
 
 
-def _loaded_itemsize(name: str, stored: str, dtype: str) -> int:
-    """Bytes per element once loaded: the loader's own cast rule (model._cast), applied to an
-    empty array of the stored dtype."""
+def _loaded_itemsize(name: str, stored: str, dtype: str, backend: str) -> int:
+    """Bytes per element once loaded: the model's own precision rule (model.Precision.weight:
+    norms/router float32, embedding as stored, expert biases in the experts' dtype, which is
+    float32 on the CPU backend)."""
     import mlx.core as mx
 
-    from .model import _cast
+    from .convert import stio
+    from .model import Precision
 
-    names = {"BF16": mx.bfloat16, "F16": mx.float16, "F32": mx.float32, "U32": mx.uint32,
-             "U8": mx.uint8, "I32": mx.int32}
-    return _cast(name, mx.zeros((0,), names[stored]), getattr(mx, dtype)).dtype.size
+    size = stio.ITEMSIZE[stored]
+    if stored not in ("BF16", "F16", "F32"):
+        return size  # packed weights and e8m0 scales
+    dense = getattr(mx, dtype)
+    loaded = Precision(dense, mx.float32 if backend == "cpu" else dense).weight(name)
+    return size if loaded is None else loaded.size
 
 
-def _tensor_bytes(tensors, dtype: str) -> int:
+def _tensor_bytes(tensors, dtype: str, backend: str | None = None) -> int:
     """tensors: (name, stored dtype, shape) triples."""
-    return sum(math.prod(shape) * _loaded_itemsize(name, stored, dtype)
+    backend = backend or _backend()
+    return sum(math.prod(shape) * _loaded_itemsize(name, stored, dtype, backend)
                for name, stored, shape in tensors)
 
 
@@ -210,7 +216,7 @@ def _plan(cfg, tensors, dense: str, context, kv_bits, dtype, chunk, backend) -> 
         raise OssMlxError(f"unknown dtype {dtype!r} (use float32, bfloat16 or float16)")
     db = DTYPE_BYTES[dtype]
     return Plan(context=context, kv_bits=kv_bits, dtype=dtype, dense=dense,
-                weights=_tensor_bytes(tensors, dtype) + 4 * cfg.head_dim // 2,  # + RoPE periods
+                weights=_tensor_bytes(tensors, dtype, backend) + 4 * cfg.head_dim // 2,  # + RoPE
                 kv=kv_bytes(cfg, context, kv_bits, db, chunk),
                 working=working_bytes(cfg, context, kv_bits, db, chunk, backend))
 

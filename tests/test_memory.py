@@ -76,7 +76,7 @@ def test_published_sizes():
     """The published 20b is ~13.8 GB, 12.1 GB with 8-bit dense; 120b ~65 GB (issue figures)."""
     from oss_mlx.convert.synth import PRESETS
 
-    w = lambda name, bits: memory._tensor_bytes(memory.config_tensors(PRESETS[name], bits), "bfloat16")  # noqa: E731
+    w = lambda name, bits: memory._tensor_bytes(memory.config_tensors(PRESETS[name], bits), "bfloat16", "gpu")  # noqa: E731
     assert 13.5e9 < w("20b", 16) < 14.0e9 and 11.8e9 < w("20b", 8) < 12.4e9
     assert 61e9 < w("120b", 16) < 66e9
     # KV of the 20b at 128k: 12 full layers x 131072 x 8 heads x 64 x (K, V) x 2 bytes
