@@ -10,6 +10,7 @@ included. Errors are OpenAI error objects; a 405 keeps its `Allow` header.
 
 import functools
 import hmac
+import threading
 from contextlib import asynccontextmanager
 
 import uvicorn
@@ -30,6 +31,11 @@ from .serving import Service
 async def lifespan(app):
     service = app.state.service
     service.scheduler = Scheduler(service.engine)
+    # The grammar library's view of the vocabulary takes a second or so: build it now.
+    from . import constrain
+
+    threading.Thread(target=constrain.tokenizer, args=(service.engine.encoding,),
+                     daemon=True).start()
     yield
     service.scheduler.close()
 
@@ -133,11 +139,12 @@ def openapi(app) -> dict:
 
 
 def create_app(engine, model_name: str, api_key: str | None = None,
-               default_max_tokens: int | None = None):
+               default_max_tokens: int | None = None, constrain_tools: bool = True):
     """The FastAPI app serving `engine` as model `model_name` (a bearer `api_key` if given).
 
     default_max_tokens: the budget of a request that names none (None: the rest of the context,
-    as OpenAI does).
+    as OpenAI does). constrain_tools: constrain every tool call's arguments to its schema
+    (oss_mlx.constrain); structured outputs (response_format, text.format) are always honoured.
     """
     from fastapi import Depends, FastAPI
     from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -146,7 +153,8 @@ def create_app(engine, model_name: str, api_key: str | None = None,
 
     app = FastAPI(title="oss-mlx", version=__version__, lifespan=lifespan, docs_url=None,
                   redoc_url=None, openapi_url="/openapi.json")
-    app.state.service = Service(engine, model_name, api_key, default_max_tokens)
+    app.state.service = Service(engine, model_name, api_key, default_max_tokens,
+                                constrain_tools)
     app.add_exception_handler(APIError, api_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(Exception, internal_error)

@@ -28,10 +28,12 @@ async def chat_completions(request: Request):
     req: ChatRequest = parse_request(ChatRequest, await read_json(request))
     service.check_model(req.model)
     tools = select_tools(chat_tools(req), req.tool_choice)
+    spec, fmt_items = service.constraint(req.response_format, "response_format", tools)
     conversation = build_conversation(
-        restore_reasoning(chat_items(req), service.thoughts.get), tools, req.reasoning_effort)
+        restore_reasoning(chat_items(req), service.thoughts.get) + fmt_items, tools,
+        req.reasoning_effort)
     prompt = service.prompt_tokens(conversation)
-    params = service.sampling(req, req.max_completion_tokens or req.max_tokens)
+    params = service.sampling(req, req.max_completion_tokens or req.max_tokens, spec)
     job = service.scheduler.submit(prompt, params)
     turn = Turn(stops=req.stop, tools=tools)
     head = {"id": new_id("chatcmpl-"), "created": now(), "model": service.model_name}

@@ -66,6 +66,9 @@ class SamplingParams:
 
     temperature 0 means greedy (argmax). top_k 0 and min_p 0 mean off. seed: the same seed gives
     the same tokens. max_tokens None means: until a stop token or the end of the context.
+    logits_processors: mlx-lm style callables `processor(tokens, logits) -> logits`, applied in
+    order before sampling; `tokens` (mx.array) are the tokens sampled so far in this turn (e.g.
+    oss_mlx.constrain's grammar constraint).
     """
 
     temperature: float = 1.0
@@ -74,6 +77,7 @@ class SamplingParams:
     top_k: int = 0
     seed: Optional[int] = None
     max_tokens: Optional[int] = None
+    logits_processors: list = field(default_factory=list)
 
 
 @dataclass
@@ -383,9 +387,18 @@ class Engine:
         stats = Stats(prompt_tokens=len(prompt))
         out = _Collector(self.encoding)
 
+        processors = list(params.logits_processors)
+        sampled = mx.array([], dtype=mx.int32)  # this turn's tokens, for the processors
+
         def sample(logits):
+            nonlocal sampled
             logits = logits.astype(mx.float32)
-            return sampler(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
+            for p in processors:
+                logits = p(sampled, logits)
+            y = sampler(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
+            if processors:
+                sampled = mx.concatenate([sampled, y.reshape(-1).astype(mx.int32)])
+            return y
 
         def step(y):
             with mx.stream(generation_stream):

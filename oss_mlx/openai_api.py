@@ -107,6 +107,7 @@ class FunctionDef(_Lenient):
     name: str = Field(min_length=1)
     description: Optional[str] = None
     parameters: Optional[dict] = None
+    strict: Optional[bool] = None
 
 
 class ChatTool(_Lenient):
@@ -178,6 +179,7 @@ class ChatRequest(_Sampled):
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     n: Optional[int] = Field(default=None, ge=1, le=1)
+    response_format: Optional[dict] = None  # text / json_object / json_schema (oss_mlx.constrain)
 
     @field_validator("stop")
     @classmethod
@@ -198,6 +200,7 @@ class ResponsesTool(_Lenient):
     name: Optional[str] = Field(default=None, min_length=1)
     description: Optional[str] = None
     parameters: Optional[dict] = None
+    strict: Optional[bool] = None
     format: Optional[dict] = None                  # custom
     tools: Optional[list["ResponsesTool"]] = None  # namespace
 
@@ -228,6 +231,7 @@ class ResponsesRequest(_Sampled):
     stream: bool = False
     store: bool = True
     previous_response_id: Optional[str] = None
+    text: Optional[dict] = None  # {"format": text / json_object / json_schema} (oss_mlx.constrain)
     metadata: Optional[dict[str, str]] = None
 
 
@@ -254,6 +258,7 @@ class Tool:
     name: str
     description: str
     parameters: dict | None
+    strict: bool = False  # arguments must match `parameters` exactly (no lenient constraint)
     kind: str = "function"
     namespace: str = "functions"
     namespace_description: str | None = None
@@ -554,8 +559,8 @@ def build_conversation(items: list[Item], tools: list[Tool], effort: str | None)
 
 
 def chat_tools(req: ChatRequest) -> list[Tool]:
-    return [Tool(t.function.name, t.function.description or "", t.function.parameters)
-            for t in req.tools or []]
+    return [Tool(t.function.name, t.function.description or "", t.function.parameters,
+                 bool(t.function.strict)) for t in req.tools or []]
 
 
 _unserved: set[str] = set()
@@ -572,8 +577,9 @@ def _hosted(kind: str):
 def _responses_tool(t: ResponsesTool, namespace: str = "functions",
                     namespace_description: str | None = None) -> list[Tool]:
     if t.type in ("function", "custom"):
-        return [Tool(t.name, t.description or "", t.parameters, kind=t.type, namespace=namespace,
-                     namespace_description=namespace_description, format=t.format)]
+        return [Tool(t.name, t.description or "", t.parameters, bool(t.strict), kind=t.type,
+                     namespace=namespace, namespace_description=namespace_description,
+                     format=t.format)]
     if t.type == "namespace" and namespace == "functions":
         return [x for sub in t.tools for x in _responses_tool(sub, t.name, t.description)]
     if t.type == "local_shell":

@@ -72,10 +72,11 @@ async def create_response(request: Request):
     effort = req.reasoning.effort if req.reasoning else None
     tools = select_tools(responses_tools(req), req.tool_choice)
     items = responses_items(req.model_copy(update={"input": inputs}), service.sealer.unseal)
-    conversation = build_conversation(restore_reasoning(items, service.thoughts.get), tools,
-                                      effort)
+    spec, fmt_items = service.constraint((req.text or {}).get("format"), "text.format", tools)
+    conversation = build_conversation(
+        restore_reasoning(items, service.thoughts.get) + fmt_items, tools, effort)
     prompt = service.prompt_tokens(conversation)
-    job = service.scheduler.submit(prompt, service.sampling(req, req.max_output_tokens))
+    job = service.scheduler.submit(prompt, service.sampling(req, req.max_output_tokens, spec))
     turn = Turn(tools=tools)
     seal = service.sealer.seal if "reasoning.encrypted_content" in (req.include or []) else None
     out = OutputItems(seal)
@@ -89,7 +90,8 @@ async def create_response(request: Request):
         "reasoning": {"effort": effort, "summary": req.reasoning.summary if req.reasoning
                       else None},
         "temperature": req.temperature, "top_p": req.top_p,
-        "text": {"format": {"type": "text"}}, "tool_choice": req.tool_choice or "auto",
+        "text": {"format": (req.text or {}).get("format") or {"type": "text"}},
+        "tool_choice": req.tool_choice or "auto",
         "tools": echo_tools(req), "truncation": "disabled", "metadata": req.metadata or {},
         "output": [], "usage": None,
     }

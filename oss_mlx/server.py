@@ -26,6 +26,10 @@ Choices worth knowing:
 - tool_choice "none" renders no tools; "auto" and "required" render them all (harmony cannot
   force a call, so "required" is a request, not a guarantee); a named tool renders that one
   tool alone.
+- Structured outputs (Chat `response_format`, Responses `text.format`) and every tool call's
+  arguments (unless `--no-constrain-tools`) are grammar-constrained to their JSON schema on the
+  final channel / the tool-call message only (oss_mlx.constrain); a schema keyword the grammar
+  cannot enforce is a 400 naming it.
 - Responses tools: `function`; `namespace` (its tools become a harmony namespace, calls come back
   with `namespace`); `custom` (freeform: declared as one string argument, the grammar in its
   description); `local_shell`; hosted tools (`web_search`, ...) have no backend here: they are
@@ -155,11 +159,12 @@ async def events(job: Job):
 
 
 def create_app(engine, model_name: str, api_key: str | None = None,
-               default_max_tokens: int | None = None):
+               default_max_tokens: int | None = None, constrain_tools: bool = True):
     """The FastAPI app serving `engine` as `model_name` (see oss_mlx.app.create_app)."""
     from .app import create_app as build
 
-    return build(engine, model_name, api_key=api_key, default_max_tokens=default_max_tokens)
+    return build(engine, model_name, api_key=api_key, default_max_tokens=default_max_tokens,
+                 constrain_tools=constrain_tools)
 
 
 # --------------------------------------------------------------------------------------------
@@ -181,6 +186,10 @@ def add_arguments(parser):
     parser.add_argument("--max-tokens", type=int, default=None,
                         help="token budget of a request that sets none (default: the rest of "
                              "the context; 64 with --demo)")
+    parser.add_argument("--no-constrain-tools", dest="constrain_tools", action="store_false",
+                        help="do not constrain tool-call arguments to each tool's JSON schema "
+                             "(on by default: arguments always parse and have their required "
+                             "fields)")
     parser.add_argument("--demo", action="store_true",
                         help="serve a tiny random-weight model made on the spot, as "
                              "'tiny-random' (no download; its output is noise)")
@@ -227,7 +236,8 @@ def main(args, engine_factory=None) -> int:
         engine = (engine_factory(str(model_dir)) if engine_factory
                   else memory.load_engine(str(model_dir), args))
         name = args.name or default_name
-        app = create_app(engine, name, api_key=args.api_key, default_max_tokens=max_tokens)
+        app = create_app(engine, name, api_key=args.api_key, default_max_tokens=max_tokens,
+                         constrain_tools=args.constrain_tools)
         port = sock.getsockname()[1]
         sock.listen(128)  # from here connections queue until uvicorn accepts them
         print(f"oss-mlx: serving {name!r} at http://{args.host}:{port}/v1"

@@ -95,6 +95,7 @@ class Service:
     model_name: str
     api_key: str | None = None
     default_max_tokens: int | None = None
+    constrain_tools: bool = True  # tool-call arguments follow each tool's schema (constrain.py)
     scheduler: Any = None  # set by the app's lifespan
     thoughts: Memory = field(default_factory=lambda: Memory(4096))  # call id -> reasoning
     responses: Memory = field(default_factory=lambda: Memory(256))  # stored responses
@@ -124,10 +125,27 @@ class Service:
                                 "messages", code="context_length_exceeded", param="messages")
         return tokens
 
-    def sampling(self, req, max_tokens):
+    def constraint(self, fmt, where: str, tools) -> tuple:
+        """The request's constraint (constrain.Spec) and the instruction items that announce its
+        response format; an unsupported schema is a 400 naming the keyword."""
+        from . import constrain
+        from .openai_api import Item
+
+        # Freeform (custom) tools take text, not JSON: their calls stay free.
+        tools = [t for t in tools if getattr(t, "kind", "function") != "custom"]
+        try:
+            spec, text = constrain.request_spec(fmt, where, tools, self.constrain_tools)
+        except constrain.UnsupportedSchema as e:
+            raise APIError(400, str(e), code="unsupported_schema", param=where) from None
+        return spec, [Item("instructions", text)] if text else []
+
+    def sampling(self, req, max_tokens, spec=None):
+        from . import constrain
         from .engine import SamplingParams
 
         kw = {"max_tokens": max_tokens or self.default_max_tokens}
+        if spec:
+            kw["logits_processors"] = [constrain.processor(self.engine.encoding, spec)]
         if req.temperature is not None:
             kw["temperature"] = req.temperature
         if req.top_p is not None:
