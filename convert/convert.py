@@ -8,8 +8,8 @@ What it does (the output format is the project contract; spec sections 3-4):
   nibble order, spec 4.5); the E8M0 scales are MLX's scales as they are. The gate/up rows are
   de-interleaved (upstream row 2u = gate u, 2u+1 = up u -> gate rows first, then up rows);
   MXFP4 blocks never straddle rows, so this is a pure permutation of bytes;
-- dense weights stay bf16, or with `--dense-bits 8` attention qkv/out, embedding and
-  unembedding are quantized with `mx.quantize` (affine, group 64, 8 bits);
+- dense weights stay bf16, or with `--dense-bits 8` (or 4) attention qkv/out, embedding and
+  unembedding are quantized with `mx.quantize` (affine, group 64, 8 or 4 bits);
 - streams tensor by tensor in chunks (peak memory is a few chunks, not the model) into a
   temporary folder that is renamed to OUT only when everything succeeded;
 - writes `o200k_base.tiktoken` (sha256-checked) so harmony works offline, and a manifest.
@@ -38,6 +38,13 @@ from . import vocab
 MAX_SHARD_BYTES = 5_000_000_000  # as mlx-lm's save: a few large files, each mmap-friendly
 DENSE_Q8 = {"mode": "affine", "group_size": 64, "bits": 8,
             "modules": ["embedding", "attention.qkv", "attention.out", "unembedding"]}
+DENSE_BITS = (16, 8, 4)
+
+
+def dense_quantization(bits: int) -> dict | None:
+    """config.json's quantization.dense for `--dense-bits bits` (None: bf16). 4 bits keeps
+    8-bit's modules and group size (64), so only the bits differ."""
+    return None if bits == 16 else {**DENSE_Q8, "bits": bits}
 EXPERTS_MXFP4 = {"mode": "mxfp4", "group_size": 32, "bits": 4}
 HUB_FILES = ["config.json", "model*.safetensors", "model.safetensors.index.json", "tokenizer.json"]
 
@@ -244,15 +251,15 @@ def _deinterleave_experts(t: stio.TensorInfo, row_bytes: int):
         yield np.ascontiguousarray(x.transpose(1, 0, 2))
 
 
-def _quantize_rows(parts: list[stio.TensorInfo], cols: int):
-    """mx.quantize(affine, 64, 8) of bf16 rows, chunk by chunk (groups lie within a row, so
+def _quantize_rows(parts: list[stio.TensorInfo], cols: int, bits: int = 8):
+    """mx.quantize(affine, 64, bits) of bf16 rows, chunk by chunk (groups lie within a row, so
     chunking rows gives the same result); yields the weight, then scales, then biases."""
     import mlx.core as mx
 
     scales, biases = [], []
     for rows in _row_chunks(parts, cols * 2):
         w = mx.array(rows.view(np.uint16)).view(mx.bfloat16)
-        wq, s, b = mx.quantize(w, group_size=DENSE_Q8["group_size"], bits=DENSE_Q8["bits"])
+        wq, s, b = mx.quantize(w, group_size=DENSE_Q8["group_size"], bits=bits)
         mx.eval(wq, s, b)
         yield np.array(wq)
         scales.append(np.array(s.view(mx.uint16)))
@@ -297,7 +304,7 @@ def _jobs(src: Source, dense_bits: int) -> list[stio.Job]:
     cfg = src.config
     if src.layout == "mlx-lm":
         return [_mlx_lm_job(src, entry) for entry in L.entries(cfg)]
-    quantized = {f"{m}.weight" for m in DENSE_Q8["modules"]} if dense_bits == 8 else set()
+    quantized = {f"{m}.weight" for m in DENSE_Q8["modules"]} if dense_bits < 16 else set()
     jobs = []
     for ours, orig, hf, dtype, shape in L.entries(cfg):
         parts = [src.tensors[n] for n, _, _ in src.parts(ours, orig, hf, dtype, shape)]
@@ -306,9 +313,10 @@ def _jobs(src: Source, dense_bits: int) -> list[stio.Job]:
         if f"{L.leaf(ours)}" in quantized:
             rows, cols = shape
             stem = ours[: -len(".weight")]
-            out = [T(ours, "U32", (rows, cols // 4)), T(f"{stem}.scales", "BF16", (rows, cols // 64)),
+            out = [T(ours, "U32", (rows, cols * dense_bits // 32)),
+                   T(f"{stem}.scales", "BF16", (rows, cols // 64)),
                    T(f"{stem}.biases", "BF16", (rows, cols // 64))]
-            produce = (lambda p=parts, c=cols: _quantize_rows(p, c))
+            produce = (lambda p=parts, c=cols: _quantize_rows(p, c, dense_bits))
         else:
             # MXFP4 blocks U8 [.., in/32, 16] are MLX's U32 [.., in/8]: the same bytes.
             out_shape = shape[:-2] + (shape[-2] * shape[-1] // 4,) if spec.stored == "U32" else shape
@@ -346,9 +354,9 @@ def _mlx_lm_dense_choice(source: Source, dense_bits: int) -> dict | None:
     --dense-bits that would need a lossy requantization."""
     d = source.dense
     have = f"affine {d['bits']}-bit, group {d['group_size']}" if d else "bf16"
-    if dense_bits == 8 and (d is None or (d["bits"], d["group_size"]) != (8, 64)):
+    if dense_bits < 16 and (d is None or (d["bits"], d["group_size"]) != (dense_bits, 64)):
         raise OssMlxError(f"{source.folder} is an mlx-lm folder with {have} dense weights; it is "
-                          f"converted losslessly as it is: leave out --dense-bits 8")
+                          f"converted losslessly as it is: leave out --dense-bits {dense_bits}")
     print(f"oss-mlx: note: {source.folder} is an mlx-lm gpt_oss folder: converting it losslessly "
           f"(experts already mxfp4, dense weights kept {have})", file=sys.stderr)
     return d
@@ -359,15 +367,16 @@ def convert(src, out=None, dense_bits: int = 16, force: bool = False, vocab_file
     from oss_mlx import __version__
     from oss_mlx.store import store_path_for
 
-    if dense_bits not in (16, 8):
-        raise OssMlxError(f"--dense-bits must be 16 or 8, not {dense_bits}")
+    if dense_bits not in DENSE_BITS:
+        raise OssMlxError(f"--dense-bits must be 16, 8 or 4, not {dense_bits}")
     source = open_source(src)
     c = source.config
-    dense = dict(DENSE_Q8) if dense_bits == 8 else None
+    dense = dense_quantization(dense_bits)
     if source.layout == "mlx-lm":
         dense = _mlx_lm_dense_choice(source, dense_bits)
-    if dense_bits == 8 and (c.hidden_size % 64 or (c.num_attention_heads * c.head_dim) % 64):
-        raise OssMlxError("--dense-bits 8 needs hidden size and attention width divisible by 64")
+    if dense_bits < 16 and (c.hidden_size % 64 or (c.num_attention_heads * c.head_dim) % 64):
+        raise OssMlxError(f"--dense-bits {dense_bits} needs hidden size and attention width "
+                          "divisible by 64")
     out = Path(out).expanduser() if out is not None else store_path_for(src, dense_bits)
     _check_out(source, out, force)
     tiktoken, vocab_from = _vocabulary(source, vocab_file)
@@ -415,8 +424,9 @@ def add_arguments(parser) -> None:
                         help="HF repo folder, `original/` folder, or Hub id (openai/gpt-oss-20b)")
     parser.add_argument("-o", "--out", metavar="OUT", default=None,
                         help="output folder (default: the local model store, see `oss-mlx list`)")
-    parser.add_argument("--dense-bits", type=int, choices=[16, 8], default=16,
-                        help="16: bf16 dense weights (default); 8: 8-bit attention/embeddings")
+    parser.add_argument("--dense-bits", type=int, choices=list(DENSE_BITS), default=16,
+                        help="16: bf16 dense weights (default); 8 or 4: 8-/4-bit "
+                             "attention/embeddings (affine, group 64)")
     parser.add_argument("--force", action="store_true", help="replace OUT if it exists")
     parser.add_argument("--vocab", metavar="FILE", default=None,
                         help="o200k_base.tiktoken to use (default: from the source tokenizer, "

@@ -594,6 +594,9 @@ def add_arguments(p) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic weights and prompts")
     p.add_argument("--cache-dir", help="where --synth keeps its checkpoints "
                                        "(default $OSS_MLX_HOME/bench, ~/.cache/oss-mlx/bench)")
+    from . import memory
+
+    memory.add_memory_arguments(p)
 
 
 def _positive_ints(text: str, what: str) -> list[int]:
@@ -643,11 +646,20 @@ def main(args) -> int:
 
     machine = machine_info()
     runtimes = []
+    from . import memory
+    from .store import resolve_model
+
+    # Plan for the longest run unless told otherwise (--max-context, --kv-bits, --force).
+    args.max_context = getattr(args, "max_context", None) or max(prompt_lengths) + gen_tokens
+    memory.check_fits(resolve_model(model_ref), args)
     for d in dtypes:
         log(f"loading oss-mlx ({d}) ...")
-        rt = load_ours(model_ref, d, decode="plain" if args.decode == "plain" else "compiled")
+        # --kv-bits: the plain path (the compiled step keeps its own full-precision caches)
+        plain = args.decode == "plain" or bool(getattr(args, "kv_bits", None))
+        rt = load_ours(model_ref, d, decode="plain" if plain else "compiled")
+        memory.apply(rt.model, args)
         runtimes.append(rt)
-        if args.decode == "both":
+        if args.decode == "both" and not plain:
             runtimes.append(plain_variant(rt))
     if model_dir is None:  # a store name: the model knows its folder
         model_dir = getattr(runtimes[0].model, "model_dir", None)

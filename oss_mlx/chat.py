@@ -72,6 +72,9 @@ def add_arguments(parser):
                         help="random seed for sampling")
     parser.add_argument("--hide-reasoning", action="store_true",
                         help="do not show the model's reasoning (toggle with /reasoning)")
+    from . import memory
+
+    memory.add_memory_arguments(parser)
 
 
 # --------------------------------------------------------------------------------------------
@@ -451,9 +454,10 @@ def main(args, load_engine=None) -> int:
         else:
             model_dir, name = default_model(interactive, view.info), DEFAULT_MODEL
         if load_engine is None:
-            from .engine import Engine
+            from . import memory
 
-            load_engine = Engine.load
+            def load_engine(folder):  # --max-context, --kv-bits, --force
+                return memory.load_engine(str(folder), args)
         with (view.console.status(f"loading {name}…", spinner="dots") if interactive
               else contextlib.nullcontext()):
             engine = load_engine(model_dir)

@@ -22,6 +22,7 @@ COMMANDS = {
     "chat": ("oss_mlx.chat", "interactive terminal chat"),
     "bench": ("oss_mlx.bench", "measure prefill/decode tokens/s and memory"),
     "serve": ("oss_mlx.server", "OpenAI-compatible local HTTP server"),
+    "doctor": ("oss_mlx.doctor", "check the machine and the model store; what fits in memory"),
 }
 
 

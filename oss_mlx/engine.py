@@ -221,7 +221,8 @@ class Engine:
 
     @property
     def max_context(self) -> int:
-        return int(self.model.config.max_context)
+        # memory.apply sets model.max_context from --max-context (the context the plan allowed)
+        return int(getattr(self.model, "max_context", None) or self.model.config.max_context)
 
     # ---- prompts ----
 

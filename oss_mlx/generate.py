@@ -14,6 +14,7 @@ import json
 import os
 import sys
 
+from . import memory
 from .config import EFFORTS
 
 
@@ -33,6 +34,7 @@ def add_arguments(p):
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.add_argument("--show-reasoning", action="store_true", help="print the reasoning to stderr")
     p.add_argument("--stats", action="store_true", help="print token counts and speeds to stderr")
+    memory.add_memory_arguments(p)
 
 
 def _read_prompt(prompt: str) -> str:
@@ -57,12 +59,12 @@ def main(args, load_engine=None) -> int:
     # Never reach for the network: the model folder has everything.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from .cli import check_sampling
-    from .engine import Engine, SamplingParams
+    from .engine import SamplingParams
     from .harmony import build_conversation, user_message
 
     check_sampling(args)
     prompt = _read_prompt(args.prompt)
-    engine = (load_engine or Engine.load)(args.model)
+    engine = load_engine(args.model) if load_engine else memory.load_engine(args.model, args)
     conv = build_conversation(
         [user_message(prompt)], reasoning=args.reasoning, system=args.system,
         developer_instructions=args.developer,

@@ -10,6 +10,7 @@ learned sinks, sliding window on even layers), Experts/MLP (router, top-4, one f
     model.dtype                         # dtype of the dense weights and matmul inputs
     logits = model(tokens, cache=None)  # [B, T] -> [B, T, V]
     cache = model.make_cache()          # RotatingKVCache(window) on sliding layers, KVCache else
+    cache = model.make_cache(kv_bits=8) # ... kv_quant.QuantizedKVCache (8 or 4 bit) on full layers
     logits = model.prefill(tokens, cache, chunk_size=512)   # [B, V], last position only
     model.prefill(tokens, cache, logits=False)              # only fill the cache
 
@@ -35,6 +36,7 @@ from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.cache import KVCache, RotatingKVCache
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, _gather_sort, _scatter_unsort
 
+from . import kv_quant
 from .config import ModelConfig
 from .errors import OssMlxError
 from .rope import yarn
@@ -144,11 +146,15 @@ class Attention(nn.Module):
         )
         return qk[:, :n_q], qk[:, n_q:], qkv[:, n_q + n_kv :]
 
-    def attend(self, x, q, k, v, mask):
+    def attend(self, x, q, k, v, mask, cache=None):
         B, _, T, _ = q.shape
-        o = mx.fast.scaled_dot_product_attention(
-            q, k, v, scale=self.scale, mask=mask, sinks=self.sinks
-        )
+        if kv_quant.is_quantized(cache):  # --kv-bits: the attention with the sinks
+            o = kv_quant.attention(q, k, v, self.scale, mask, self.sinks, cache.group_size,
+                                   cache.bits)
+        else:
+            o = mx.fast.scaled_dot_product_attention(
+                q, k, v, scale=self.scale, mask=mask, sinks=self.sinks
+            )
         return add_residual(x, self.out(o.transpose(0, 2, 1, 3).reshape(B, T, -1)))
 
     def __call__(self, x, mask, cache, periods):
@@ -156,7 +162,7 @@ class Attention(nn.Module):
         q, k, v = self.qkv_rope(x, offset, periods)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
-        return self.attend(x, q, k, v, mask)
+        return self.attend(x, q, k, v, mask, cache)
 
 
 @partial(mx.compile, shapeless=True)
@@ -277,6 +283,7 @@ class Model(nn.Module):
         self.precision = Precision.of(dtype, expert_dtype)
         self.dtype = dtype
         self.model_dir = None
+        self.kv_bits = None  # KV cache format of make_cache(): None (model dtype), 8 or 4
         self.embedding = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = [Block(config, **experts_quantization) for _ in range(config.num_hidden_layers)]
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
@@ -307,9 +314,16 @@ class Model(nn.Module):
             self._decoder = Decoder(self)
         return self._decoder
 
-    def make_cache(self):
+    def make_cache(self, kv_bits: int | None = None):
+        """`kv_bits` 8 or 4 (default `self.kv_bits`): quantized caches on the full-attention
+        layers (kv_quant); the sliding layers' 128 keys always stay in full precision."""
         W = self.config.sliding_window
-        return [RotatingKVCache(max_size=W) if s else KVCache() for s in self._sliding]
+        bits = kv_bits or self.kv_bits
+
+        def full():
+            return kv_quant.QuantizedKVCache(bits) if bits else KVCache()
+
+        return [RotatingKVCache(max_size=W) if s else full() for s in self._sliding]
 
     def masks(self, x, cache):
         """(full-layer mask, sliding-layer mask) for the new tokens x [B, T, H], built BEFORE the

@@ -69,9 +69,15 @@ class KVAdapter:
         untouched and the data is copied only when, and if, the copy is written."""
         import mlx.core as mx
 
+        def fresh(v):  # a quantized cache (kv_quant) holds (packed, scales, biases) tuples
+            if isinstance(v, mx.array):
+                return v[...]
+            if isinstance(v, tuple) and v and all(isinstance(x, mx.array) for x in v):
+                return tuple(x[...] for x in v)
+            return v
+
         new = object.__new__(type(c))
-        new.__dict__ = {k: (v[...] if isinstance(v, mx.array) else v)
-                        for k, v in c.__dict__.items()}
+        new.__dict__ = {k: fresh(v) for k, v in c.__dict__.items()}
         return new
 
     @staticmethod
@@ -137,7 +143,10 @@ class KVAdapter:
     def arrays(c) -> list:
         import mlx.core as mx
 
-        return [v for v in c.__dict__.values() if isinstance(v, mx.array)]
+        out = []
+        for v in c.__dict__.values():
+            out += [x for x in (v if isinstance(v, tuple) else (v,)) if isinstance(x, mx.array)]
+        return out
 
     @staticmethod
     def nbytes(c) -> int:

@@ -196,6 +196,9 @@ def add_arguments(parser):
     from .prompt_cache import add_cache_arguments
 
     add_cache_arguments(parser)
+    from . import memory
+
+    memory.add_memory_arguments(parser)
 
 
 def main(args, engine_factory=None) -> int:
@@ -209,7 +212,7 @@ def main(args, engine_factory=None) -> int:
 
     import uvicorn
 
-    from .engine import Engine
+    from . import memory
     from .errors import OssMlxError
 
     if not 0 <= args.port < 65536:
@@ -236,7 +239,7 @@ def main(args, engine_factory=None) -> int:
         from .prompt_cache import cache_options
 
         engine = (engine_factory(str(model_dir)) if engine_factory
-                  else Engine.load(str(model_dir), **cache_options(args)))
+                  else memory.load_engine(str(model_dir), args, **cache_options(args)))
         name = args.name or default_name
         app = create_app(engine, name, api_key=args.api_key, default_max_tokens=max_tokens,
                          constrain_tools=args.constrain_tools)

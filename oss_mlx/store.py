@@ -2,7 +2,7 @@
 
 Root: `$OSS_MLX_HOME/models` (default `~/.cache/oss-mlx/models`). A store entry is a folder
 written by `oss-mlx convert`; its name is the Hub repo's name (`openai/gpt-oss-20b` ->
-`gpt-oss-20b`) or the source folder's name, with `-q8` when the dense weights are 8-bit.
+`gpt-oss-20b`) or the source folder's name, with `-q8` / `-q4` when the dense weights are 8-/4-bit.
 `oss-mlx list` shows what is there.
 """
 
@@ -42,8 +42,8 @@ def store_path_for(src: str | os.PathLike, dense_bits: int = 16) -> Path:
         p = Path(os.path.abspath(Path(s).expanduser()))  # a symlink keeps its own name
         # `.../gpt-oss-20b/original` is named after its repo, not "original".
         name = p.parent.name if p.name == "original" else p.name
-    if dense_bits == 8:
-        name += "-q8"
+    if dense_bits < 16:
+        name += f"-q{dense_bits}"
     return store_root() / name
 
 
