@@ -194,7 +194,7 @@ def test_quantized_logits_close_to_float_cache(model):
 
 
 def test_prompt_cache_and_snapshots_with_quantized_caches(model, tiny_model):
-    """main's engine with kv_bits=8: follow-up turns reuse the cache (trimmed quantized caches,
+    """The engine's prompt cache with kv_bits=8: follow-up turns reuse the cache (trimmed quantized caches,
     restored rotating snapshots) and give a cold 8-bit start's logits."""
     from oss_mlx import harmony
 
@@ -205,7 +205,10 @@ def test_prompt_cache_and_snapshots_with_quantized_caches(model, tiny_model):
         words = " ".join(f"w{i}" for i in range(20))
         p1 = render_prompt(enc, build_conversation([user_message(words)], date="2025-01-01"))
         c1 = warm.complete(p1, SamplingParams(temperature=0.0, max_tokens=6))
-        assert isinstance(warm._cache[1], QuantizedKVCache)
+        held = p1 + c1.tokens[:-1]  # what the prompt cache holds after the turn
+        cache, n = warm.acquire(held + [200006])
+        assert n == len(held) and isinstance(cache[1], QuantizedKVCache)
+        warm.release(held, cache)
         tail = harmony.render_prompt(enc, build_conversation(
             [user_message(words), user_message("and more words")], date="2025-01-01"))
         prompts = [p1 + c1.tokens, p1, tail, p1[:-3], p1 + c1.tokens[:-1] + tail[-9:]]
