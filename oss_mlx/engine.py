@@ -74,6 +74,7 @@ class SamplingParams:
     top_k: int = 0
     seed: Optional[int] = None
     max_tokens: Optional[int] = None
+    logits_processors: list = field(default_factory=list)  # mlx-lm style (tokens, logits) -> logits
 
 
 @dataclass
@@ -329,6 +330,39 @@ class Engine:
             out = self._prefill(prompt[start:])[0].astype(mx.float32)
             mx.eval(out)
             return out
+
+    # ---- the batching seam (oss_mlx.batch): private B=1 caches taken from / given back here ----
+    # Minimal versions over the single last-request cache; issue 10 part A replaces them with
+    # the many-conversation prompt cache, keeping these signatures.
+
+    def acquire(self, prompt: list[int], key: str | None = None) -> tuple[list, int]:
+        """A private B=1 cache list holding prompt[:n] for the longest reusable prefix
+        n < len(prompt) (a fresh cache and 0 when none); the caller owns it until `release`."""
+        self._check_fits(prompt)
+        with self._lock:
+            n = self._prepare(prompt)
+            cache, self._cache, self._cached, self._snapshots = self._cache, None, [], []
+            return cache, n
+
+    def prefill_steps(self, prompt: list[int], cache, start: int, cancel=None) -> Iterator[int]:
+        """Feed prompt[start:-1] into `cache` one chunk at a time, yielding the number of prompt
+        tokens the cache holds after each; stops early (between chunks) when `cancel` is set."""
+        import mlx.core as mx
+
+        done = start
+        while done < len(prompt) - 1:
+            if cancel is not None and cancel.is_set():
+                return
+            chunk = prompt[done : min(done + self.prefill_chunk, len(prompt) - 1)]
+            self.model.prefill(mx.array(chunk)[None], cache, self.prefill_chunk, logits=False)
+            done += len(chunk)
+            yield done
+
+    def release(self, tokens: list[int], cache, key: str | None = None):
+        """Give back a B=1 cache holding exactly `tokens`: it becomes the prompt cache."""
+        with self._lock:
+            self._cache, self._cached, self._snapshots = cache, list(tokens), []
+            self._snapshot()
 
     # ---- generation ----
 
