@@ -5,11 +5,11 @@
 
 Endpoints: GET /v1/models, POST /v1/chat/completions, POST /v1/responses, GET /health.
 
-One model, one generation at a time: requests wait in a FIFO queue and a single worker thread
-runs them through the engine (which reuses its KV cache when a conversation grows). Tokens travel
-from the worker to the request's coroutine through an asyncio queue, so streaming never blocks the
-event loop. A client that goes away sets the generation's cancel event; the engine stops at the
-next token.
+Requests wait in a FIFO queue and a worker thread runs them through the engine (oss_mlx.scheduler):
+one at a time, or with --max-concurrency N up to N decoding together in one batched model step
+(oss_mlx.batch). Tokens travel from the worker to the request's coroutine through an asyncio
+queue, so streaming never blocks the event loop. A client that goes away sets the generation's
+cancel event; the engine stops at the next token.
 
 Harmony in, OpenAI out: the final channel becomes `content` (Chat) or a `message` item
 (Responses), the analysis channel `reasoning_content` or a `reasoning` item, and a message to
@@ -35,8 +35,6 @@ import copy
 import hmac
 import json
 import logging
-import queue
-import threading
 import time
 import uuid
 from collections import OrderedDict
@@ -84,83 +82,11 @@ def tool_name(recipient: str | None) -> str | None:
 
 
 # --------------------------------------------------------------------------------------------
-# One generation at a time, in arrival order.
+# The generation queue lives in oss_mlx.scheduler (Job, Scheduler, events).
 
-_END = object()
+from .scheduler import Job, Scheduler, events  # noqa: E402
+
 log = logging.getLogger("oss_mlx.server")
-
-
-@dataclass
-class Job:
-    conversation: Any
-    params: Any
-    loop: asyncio.AbstractEventLoop
-    events: asyncio.Queue = field(default_factory=asyncio.Queue)
-    cancel: threading.Event = field(default_factory=threading.Event)
-
-    def put(self, item):
-        # Called from the worker thread: hand the item to the request's event loop.
-        try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, item)
-        except RuntimeError:  # the loop is gone (server shutting down)
-            self.cancel.set()
-
-
-class Scheduler:
-    """A worker thread that runs queued jobs through the engine, first come first served."""
-
-    def __init__(self, engine):
-        self.engine = engine
-        self.current: Job | None = None
-        self._jobs: queue.Queue = queue.Queue()
-        self._thread = threading.Thread(target=self._run, name="oss-mlx-engine", daemon=True)
-        self._thread.start()
-
-    def submit(self, conversation, params) -> Job:
-        job = Job(conversation, params, asyncio.get_running_loop())
-        self._jobs.put(job)
-        return job
-
-    def close(self):
-        """Stop after cancelling the running job and every queued one."""
-        while True:
-            try:
-                job = self._jobs.get_nowait()
-            except queue.Empty:
-                break
-            if job is not None:
-                job.cancel.set()
-                job.put(_END)
-        if self.current is not None:
-            self.current.cancel.set()
-        self._jobs.put(None)
-        self._thread.join(timeout=30)
-
-    def _run(self):
-        while (job := self._jobs.get()) is not None:
-            if job.cancel.is_set():  # the client left while waiting its turn
-                job.put(_END)
-                continue
-            self.current = job
-            try:
-                for ev in self.engine.stream(job.conversation, job.params, cancel=job.cancel):
-                    job.put(ev)
-            except Exception as e:  # noqa: BLE001 - reported to that request, the server lives on
-                job.put(e)
-            finally:
-                self.current = None
-            job.put(_END)
-
-
-async def events(job: Job):
-    """The engine events of `job`; leaving early (client gone, stop string) cancels it."""
-    try:
-        while (ev := await job.events.get()) is not _END:
-            if isinstance(ev, Exception):
-                raise ev
-            yield ev
-    finally:
-        job.cancel.set()
 
 
 # --------------------------------------------------------------------------------------------
@@ -288,11 +214,12 @@ class Turn:
 
 
 def create_app(engine, model_name: str, api_key: str | None = None,
-               default_max_tokens: int | None = None):
+               default_max_tokens: int | None = None, max_concurrency: int = 1):
     """The FastAPI app serving `engine` as model `model_name` (a bearer `api_key` if given).
 
     default_max_tokens: the budget of a request that names none (None: the rest of the context,
-    as OpenAI does).
+    as OpenAI does). max_concurrency: how many requests decode at once (batched; see
+    oss_mlx.scheduler); 1 serves them one at a time.
     """
     from contextlib import asynccontextmanager
 
@@ -328,7 +255,7 @@ def create_app(engine, model_name: str, api_key: str | None = None,
 
     @asynccontextmanager
     async def lifespan(app):
-        state["scheduler"] = Scheduler(engine)
+        state["scheduler"] = Scheduler(engine, max_concurrency)
         yield
         state.pop("scheduler").close()
 
@@ -736,6 +663,9 @@ def add_arguments(parser):
     parser.add_argument("--max-tokens", type=int, default=None,
                         help="token budget of a request that sets none (default: the rest of "
                              "the context; 64 with --demo)")
+    parser.add_argument("--max-concurrency", type=int, default=4, metavar="N",
+                        help="requests decoded at once in one batched model step; more wait "
+                             "their turn in arrival order (default: 4; 1: one at a time)")
     parser.add_argument("--demo", action="store_true",
                         help="serve a tiny random-weight model made on the spot, as "
                              "'tiny-random' (no download; its output is noise)")
@@ -757,6 +687,8 @@ def main(args) -> int:
         raise OssMlxError(f"--port {args.port}: not a port number")
     if args.max_tokens is not None and args.max_tokens < 1:
         raise OssMlxError(f"--max-tokens {args.max_tokens}: must be at least 1")
+    if args.max_concurrency < 1:
+        raise OssMlxError(f"--max-concurrency {args.max_concurrency}: must be at least 1")
     # Bind before loading the model: a taken port is a one-line error, not a wasted load.
     try:
         family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
@@ -776,7 +708,8 @@ def main(args) -> int:
             max_tokens = args.max_tokens
         engine = Engine.load(str(model_dir))
         name = args.name or default_name
-        app = create_app(engine, name, api_key=args.api_key, default_max_tokens=max_tokens)
+        app = create_app(engine, name, api_key=args.api_key, default_max_tokens=max_tokens,
+                         max_concurrency=args.max_concurrency)
         port = sock.getsockname()[1]
         print(f"oss-mlx: serving {name!r} at http://{args.host}:{port}/v1"
               + (" (API key required)" if args.api_key else ""), flush=True)
