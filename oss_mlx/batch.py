@@ -34,6 +34,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Optional
 
 import mlx.core as mx
@@ -78,12 +79,13 @@ class Sampler:
     def plain_greedy(self) -> bool:
         return self.params.temperature == 0 and not self.params.logits_processors
 
-    def __call__(self, row: "_Row", logits):
-        """logits [1, V] (float32) of `row` -> token [1]."""
+    def __call__(self, history, logits):
+        """logits [1, V] (float32) after the tokens `history` (a function giving the array:
+        only built when a logits processor needs it) -> token [1]."""
         if self.params.logits_processors:
-            history = mx.array(row.history)
+            tokens = history()
             for proc in self.params.logits_processors:
-                logits = proc(history, logits)
+                logits = proc(tokens, logits)
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         if self.params.temperature == 0:
             return mx.argmax(logprobs, axis=-1)
@@ -192,8 +194,14 @@ class Batcher:
         logits = logits.astype(mx.float32)
         if all(r.sampler.plain_greedy for r in self._rows):
             return mx.argmax(logits, axis=-1)
-        return mx.concatenate(
-            [r.sampler(r, logits[i : i + 1]) for i, r in enumerate(self._rows)])
+        return mx.concatenate([r.sampler(partial(self._history, i), logits[i : i + 1])
+                               for i, r in enumerate(self._rows)])
+
+    def _history(self, i: int):
+        """Row i's tokens so far, the one this step feeds included (not read yet: pipelined)."""
+        row = self._rows[i]
+        tokens = mx.array(row.history, dtype=mx.uint32)
+        return tokens if row.fresh else mx.concatenate([tokens, self._y[i : i + 1]])
 
     def step(self) -> list:
         """One prefill chunk (if a request is prefilling), then one batched decode step.

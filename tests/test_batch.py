@@ -1,0 +1,180 @@
+"""Continuous batching (oss_mlx.batch): batched decoding gives each request what it gets alone.
+
+The oracle is the unbatched engine: Engine.complete on the same model, one request at a time.
+The tiny model (float32, sliding window 8) has prompts and completions that cross its window, and
+requests join the batch at different steps (prefill chunks of 4 tokens, one chunk per step), so
+rows sit at different offsets with different left paddings. Cancellation is synchronised by the
+batcher calling each job's put() on its own thread: a job that cancels itself at its k-th event
+is cancelled at exactly that token.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import mlx.core as mx
+import pytest
+from scripted import harmony_tokens
+
+from oss_mlx.batch import Batcher
+from oss_mlx.engine import Engine, SamplingParams
+from oss_mlx.harmony import START, load_encoding
+from oss_mlx.model import load
+
+GREEDY = SamplingParams(temperature=0, max_tokens=24)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model):
+    return load(tiny_model, dtype=mx.float32), load_encoding(tiny_model)
+
+
+class Job:
+    """What the batcher needs of a request; records what it was given."""
+
+    def __init__(self, prompt, params, cancel_at: int | None = None):
+        self.conversation, self.params, self.key = prompt, params, None
+        self.cancel = threading.Event()
+        self.items: list = []
+        self.cancel_at = cancel_at  # set our own cancel event on this many-th event
+
+    def put(self, item):
+        self.items.append(item)
+        if self.cancel_at is not None and len(self.items) >= self.cancel_at:
+            self.cancel.set()
+
+    @property
+    def completion(self):
+        done = [e for e in self.items if getattr(e, "type", None) == "done"]
+        assert len(done) == 1 and self.items[-1] is done[0], self.items[-3:]
+        return done[0].completion
+
+
+class RecordingEngine(Engine):
+    """Keeps every cache handed back by the batcher (the real release runs too)."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.released: list = []
+
+    def release(self, tokens, cache, key=None):
+        self.released.append((list(tokens), cache))
+        super().release(tokens, cache, key)
+
+
+def prompts(n_tokens=(3, 11, 20, 5)) -> list[list[int]]:
+    return [[START + i % 3] + list(range(1000 + 7 * i, 1000 + 7 * i + n)) for i, n in
+            enumerate(n_tokens)]
+
+
+def alone(model, enc, prompt, params):
+    return Engine(model, enc, prefill_chunk=4).complete(prompt, params)
+
+
+def run(batcher, jobs):
+    """Drive the batcher until every job is done; returns the largest batch seen."""
+    widest = 0
+    for job in jobs:
+        batcher.add(job)
+    while batcher.busy:
+        batcher.step()
+        widest = max(widest, len(batcher._rows))
+    return widest
+
+
+def test_four_streams_give_each_the_greedy_tokens_it_gets_alone(tiny):
+    model, enc = tiny
+    expected = [alone(model, enc, p, GREEDY).tokens for p in prompts()]
+    jobs = [Job(p, GREEDY) for p in prompts()]
+    widest = run(Batcher(Engine(model, enc, prefill_chunk=4)), jobs)
+    assert widest == 4  # they really decoded together
+    for job, want in zip(jobs, expected):
+        assert job.completion.tokens == want
+        assert job.completion.stop_reason == "length"
+        assert len(want) == 24  # crosses the window of 8 several times
+
+
+def test_each_row_keeps_its_own_sampling_settings(tiny):
+    """Seeded sampling draws per row exactly what Engine.stream draws after mx.random.seed."""
+    model, enc = tiny
+    params = [SamplingParams(temperature=1.0, seed=1, max_tokens=16),
+              SamplingParams(temperature=0.7, top_p=0.9, seed=2, max_tokens=12),
+              SamplingParams(temperature=0, max_tokens=20),
+              SamplingParams(temperature=1.3, top_k=5, min_p=0.05, seed=3, max_tokens=16)]
+    expected = [alone(model, enc, p, q).tokens for p, q in zip(prompts(), params)]
+    assert len({tuple(t) for t in expected}) == 4
+    jobs = [Job(p, q) for p, q in zip(prompts(), params)]
+    run(Batcher(Engine(model, enc, prefill_chunk=4)), jobs)
+    assert [j.completion.tokens for j in jobs] == expected
+
+
+def test_cancelling_one_stream_leaves_the_others_intact(tiny):
+    """One row is cancelled at its 6th event while decoding, another while it is prefilling;
+    the other three get exactly their tokens alone."""
+    model, enc = tiny
+    ps = prompts()
+    expected = [alone(model, enc, p, GREEDY).tokens for p in ps]
+    song = "<|channel|>final<|message|>" + "la " * 40 + "<|return|>"
+    prefilling = Job([START] + list(range(3000, 3040)), GREEDY)  # 10 prefill chunks
+
+    class Singer(Job):  # a scripted row (random weights never reach a message body)
+        def put(self, item):
+            super().put(item)
+            if len(self.items) == 2:  # the 40-token prompt is still prefilling
+                prefilling.cancel.set()
+
+    singer = Singer(ps[1], SamplingParams(temperature=0, max_tokens=64, logits_processors=[
+        Script(enc, len(ps[1]), song)]), cancel_at=6)
+    jobs = [Job(ps[0], GREEDY), singer, prefilling, Job(ps[2], GREEDY), Job(ps[3], GREEDY)]
+    run(Batcher(Engine(model, enc, prefill_chunk=4)), jobs)
+    cut = singer.completion
+    assert cut.stop_reason == "cancelled"
+    # Its 6th event is its 6th text delta ("la", " la", ...): cancelled right after that token.
+    assert cut.final == "la" + " la" * 5
+    assert cut.tokens == harmony_tokens(enc, song)[:9]
+    assert prefilling.completion.stop_reason == "cancelled"
+    assert prefilling.completion.tokens == []
+    for job, i in zip([jobs[0], jobs[3], jobs[4]], (0, 2, 3)):
+        assert job.completion.tokens == expected[i]
+
+
+class Script:
+    """A logits processor that forces a harmony reply (per row: each row has its own)."""
+
+    def __init__(self, enc, prompt_len: int, text: str):
+        self.P, self.reply = prompt_len, harmony_tokens(enc, text)
+
+    def __call__(self, tokens, logits):
+        k = tokens.size - self.P
+        tok = self.reply[min(k, len(self.reply) - 1)]
+        return mx.where(mx.arange(logits.shape[-1]) == tok, 0.0, -1e9)[None].astype(logits.dtype)
+
+
+def test_released_caches_hold_exactly_prompt_and_completion(tiny):
+    """Each finished row's extracted cache continues like a cold prefill of the same tokens:
+    after a <|return|> (rolled back) and after a length cut, across the sliding window."""
+    model, enc = tiny
+    replies = ["<|channel|>final<|message|>Hello there, friend.<|return|>",
+               "<|channel|>analysis<|message|>Think it over once more.<|end|><|start|>assistant"
+               "<|channel|>final<|message|>Done.<|return|>"]
+    ps = prompts((6, 13, 9))
+    params = [SamplingParams(temperature=0, max_tokens=64,
+                             logits_processors=[Script(enc, len(ps[i]), replies[i])])
+              for i in range(2)] + [GREEDY]
+    jobs = [Job(p, q) for p, q in zip(ps, params)]
+    engine = RecordingEngine(model, enc, prefill_chunk=4)
+    run(Batcher(engine), jobs)
+    assert jobs[0].completion.final == "Hello there, friend."
+    assert jobs[1].completion.analysis == "Think it over once more."
+    assert [j.completion.stop_reason for j in jobs] == ["stop", "stop", "length"]
+    assert len(engine.released) == 3
+    for job, p in zip(jobs, ps):
+        tokens, cache = next((t, c) for t, c in engine.released if t[: len(p)] == p)
+        done = job.completion.tokens
+        held = done[:-1] if job.completion.stop_reason == "stop" else done
+        assert tokens == p + held
+        probe = tokens + [1234]
+        warm = Engine(model, enc)
+        warm._cache, warm._cached = cache, list(tokens)
+        assert warm.logits(probe).tolist() == pytest.approx(
+            Engine(model, enc).logits(probe).tolist(), abs=1e-4)
