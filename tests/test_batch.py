@@ -14,7 +14,7 @@ import threading
 
 import mlx.core as mx
 import pytest
-from scripted import harmony_tokens
+from scripted import ScriptedModel, harmony_tokens
 
 from oss_mlx.batch import Batcher
 from oss_mlx.engine import Engine, SamplingParams
@@ -178,3 +178,201 @@ def test_released_caches_hold_exactly_prompt_and_completion(tiny):
         warm._cache, warm._cached = cache, list(tokens)
         assert warm.logits(probe).tolist() == pytest.approx(
             Engine(model, enc).logits(probe).tolist(), abs=1e-4)
+
+
+# ---- the server path: `serve --max-concurrency` with a scripted model ------------------------
+
+
+class RowScripted(ScriptedModel):
+    """A ScriptedModel for batches: each row replays the reply scripted for the marker its
+    prompt contains, at the position it has reached, both read from the row's own cache (the
+    stand-in keys are the token ids), so rows never see each other's state. `hold`: an Event
+    that each row's first step waits for; `reached[marker]`: the longest completion seen;
+    `widest`: the largest decode batch."""
+
+    def __init__(self, encoding, replies: dict, **kw):
+        super().__init__(encoding=encoding, **kw)
+        self.scripts = {m: harmony_tokens(encoding, r) for m, r in replies.items()}
+        self.head = harmony_tokens(encoding, "<|start|>assistant")
+        self.reached: dict = {}
+        self.widest = 0
+        self.hold = None
+
+    def _row_next(self, history: list[int]) -> int:
+        j = next(i for i in range(len(history)) if history[i : i + 2] == self.head) + 2
+        text = self.encoding.decode(history[:j])
+        marker = next(m for m in self.scripts if m in text)
+        k = len(history) - j
+        self.reached[marker] = max(self.reached.get(marker, 0), k + 1)
+        if k == 0 and self.hold is not None:
+            assert self.hold.wait(30), "the requests were never all sent"
+        reply = self.scripts[marker]
+        return reply[k] if k < len(reply) else self.after
+
+    def _logits(self, cache):
+        full = cache[1]  # an odd layer: KVCache, or BatchKVCache with left padding
+        if hasattr(full, "left_padding"):
+            vals, pads = full.values[:, 0, : full._idx, 0], full.left_padding.tolist()
+        else:
+            vals, pads = full.values[:, 0, : full.offset, 0], [0]
+        rows = [self._row_next([int(t) for t in v[p:].tolist()]) for v, p in zip(vals, pads)]
+        return mx.stack([self._forced(1, 1, t)[0] for t in rows])  # [B, 1, V]
+
+    def __call__(self, tokens, cache=None):
+        self._update(tokens, cache)
+        self.widest = max(self.widest, tokens.shape[0])
+        return self._logits(cache)
+
+    def prefill(self, tokens, cache, chunk_size: int = 512, logits: bool = True):
+        for i in range(0, tokens.shape[1], chunk_size):
+            self._update(tokens[:, i : i + chunk_size], cache)
+        return self._logits(cache)[:, -1, :] if logits else None
+
+
+REPLIES = {
+    "alpha": "<|channel|>analysis<|message|>The user greets me.<|end|><|start|>assistant"
+             "<|channel|>final<|message|>Hello! How can I help?<|return|>",
+    "bravo": "<|channel|>analysis<|message|>Need the weather tool.<|end|><|start|>assistant"
+             "<|channel|>commentary to=functions.get_weather <|constrain|>json"
+             '<|message|>{"city": "Paris"}<|call|>',
+    "charlie": "<|channel|>final<|message|>" + "one two three " * 30 + "<|return|>",
+    "delta": "<|channel|>final<|message|>" + "la " * 300 + "<|return|>",
+}
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather in a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+
+
+class Serving:
+    """create_app on a loopback socket that listens before uvicorn starts (clients simply wait
+    in the backlog: no polling for readiness)."""
+
+    def __init__(self, engine, max_concurrency: int):
+        import socket
+
+        import uvicorn
+
+        from oss_mlx.server import create_app
+
+        app = create_app(engine, "scripted", max_concurrency=max_concurrency)
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/v1"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
+                                       daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+        self.sock.close()
+
+
+def chat_stream(url: str, marker: str, close_after: int | None = None) -> dict:
+    """One streamed chat request through the openai client; what the client saw."""
+    import openai
+
+    client = openai.OpenAI(base_url=url, api_key="x", max_retries=0, timeout=60)
+    stream = client.chat.completions.create(
+        model="scripted", messages=[{"role": "user", "content": f"Say {marker}."}],
+        tools=[WEATHER], stream=True)
+    seen = {"content": "", "reasoning": "", "calls": {}, "finish": [], "chunks": 0}
+    for chunk in stream:
+        seen["chunks"] += 1
+        for choice in chunk.choices:
+            d = choice.delta
+            seen["content"] += d.content or ""
+            seen["reasoning"] += getattr(d, "reasoning_content", None) or ""
+            for call in d.tool_calls or []:
+                name, args = seen["calls"].get(call.index, ("", ""))
+                seen["calls"][call.index] = (name + (call.function.name or ""),
+                                             args + (call.function.arguments or ""))
+            if choice.finish_reason:
+                seen["finish"].append(choice.finish_reason)
+        if close_after is not None and seen["chunks"] >= close_after:
+            stream.close()
+            break
+    return seen
+
+
+def expected(marker: str) -> dict:
+    """What the client must see for each script, written from the scripts themselves."""
+    return {
+        "alpha": {"content": "Hello! How can I help?", "reasoning": "The user greets me.",
+                  "calls": {}, "finish": ["stop"]},
+        "bravo": {"content": "", "reasoning": "Need the weather tool.",
+                  "calls": {0: ("get_weather", '{"city": "Paris"}')}, "finish": ["tool_calls"]},
+        "charlie": {"content": "one two three " * 30, "reasoning": "", "calls": {},
+                    "finish": ["stop"]},
+        "delta": {"content": "la " * 300, "reasoning": "", "calls": {}, "finish": ["stop"]},
+    }[marker]
+
+
+@pytest.fixture(scope="module")
+def encoding(tiny_model):
+    return load_encoding(tiny_model)
+
+
+def concurrent(url: str, markers, close: dict | None = None) -> dict:
+    from concurrent.futures import ThreadPoolExecutor
+
+    close = close or {}
+    with ThreadPoolExecutor(len(markers)) as pool:
+        futures = {m: pool.submit(chat_stream, url, m, close.get(m)) for m in markers}
+        return {m: f.result() for m, f in futures.items()}
+
+
+class CountingEngine(Engine):
+    """Sets `all_sent` once the server has rendered `expect` prompts (it submits each right
+    after rendering it, with no await in between)."""
+
+    def __init__(self, *a, expect: int, **kw):
+        super().__init__(*a, **kw)
+        self.expect, self.rendered, self.all_sent = expect, 0, threading.Event()
+
+    def render(self, conversation):
+        tokens = super().render(conversation)
+        self.rendered += 1
+        if self.rendered >= self.expect:
+            self.all_sent.set()
+        return tokens
+
+
+def serve(encoding, n: int, expect: int):
+    model = RowScripted(encoding, REPLIES, max_context=4096)
+    engine = CountingEngine(model, encoding, prefill_chunk=512, expect=expect)
+    model.hold = engine.all_sent  # each row's first step waits until every request was sent
+    return model, Serving(engine, n)
+
+
+def test_server_batched_streams_equal_serial(encoding):
+    """Four streams (analysis + final, a tool call, two long finals) at once: batched, each
+    client sees exactly its script, and the same as when served one at a time."""
+    results = {}
+    for n in (1, 4):
+        model, srv = serve(encoding, n, expect=len(REPLIES))
+        with srv:
+            results[n] = concurrent(srv.url, list(REPLIES))
+        assert model.widest == (4 if n == 4 else 1)
+    for m in REPLIES:
+        got = {k: results[4][m][k] for k in ("content", "reasoning", "calls", "finish")}
+        assert got == expected(m), m
+        assert {k: results[1][m][k] for k in got} == got
+
+
+def test_server_client_leaving_leaves_the_other_streams_intact(encoding):
+    model, srv = serve(encoding, 4, expect=4)
+    with srv:
+        results = concurrent(srv.url, list(REPLIES), close={"delta": 5})
+    assert results["delta"]["chunks"] == 5 and results["delta"]["finish"] == []
+    for m in ("alpha", "bravo", "charlie"):
+        got = {k: results[m][k] for k in ("content", "reasoning", "calls", "finish")}
+        assert got == expected(m), m
+    # The batch kept stepping for "charlie" (about 90 tokens) after "delta" left; "delta" was
+    # cancelled long before its 300 tokens.
+    assert model.reached["delta"] < len(model.scripts["delta"]) // 2
