@@ -165,8 +165,11 @@ class Batcher:
             self._finish(row, "cancelled" if row.limit else row.limit_reason, row.cache)
             return [row.job]
         with mx.stream(generation_stream):
-            if next(row.steps, None) is not None:
+            next(row.steps, None)
+            if row.cache[0].offset < len(row.prompt) - 1 and not row.job.cancel.is_set():
                 return []
+            for _ in row.steps:  # let prefill_steps finish its bookkeeping (no more chunks)
+                pass
         self._prefilling.popleft()
         if row.job.cancel.is_set():  # prefill_steps stopped early
             self._finish(row, "cancelled", row.cache)

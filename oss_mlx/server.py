@@ -695,6 +695,7 @@ def main(args) -> int:
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((args.host, args.port))
+        sock.listen(128)  # clients that come during the model load wait instead of failing
     except OSError as e:
         raise OssMlxError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
     with contextlib.ExitStack() as stack:

@@ -195,13 +195,17 @@ class RowScripted(ScriptedModel):
         self.scripts = {m: harmony_tokens(encoding, r) for m, r in replies.items()}
         self.head = harmony_tokens(encoding, "<|start|>assistant")
         self.reached: dict = {}
+        self._markers: dict = {}  # prompt tokens -> marker
         self.widest = 0
         self.hold = None
 
     def _row_next(self, history: list[int]) -> int:
         j = next(i for i in range(len(history)) if history[i : i + 2] == self.head) + 2
-        text = self.encoding.decode(history[:j])
-        marker = next(m for m in self.scripts if m in text)
+        prompt = tuple(history[:j])
+        if prompt not in self._markers:
+            text = self.encoding.decode(list(prompt))
+            self._markers[prompt] = next(m for m in self.scripts if m in text)
+        marker = self._markers[prompt]
         k = len(history) - j
         self.reached[marker] = max(self.reached.get(marker, 0), k + 1)
         if k == 0 and self.hold is not None:
@@ -235,8 +239,8 @@ REPLIES = {
     "bravo": "<|channel|>analysis<|message|>Need the weather tool.<|end|><|start|>assistant"
              "<|channel|>commentary to=functions.get_weather <|constrain|>json"
              '<|message|>{"city": "Paris"}<|call|>',
-    "charlie": "<|channel|>final<|message|>" + "one two three " * 30 + "<|return|>",
-    "delta": "<|channel|>final<|message|>" + "la " * 300 + "<|return|>",
+    "charlie": "<|channel|>final<|message|>" + "one two three " * 10 + "<|return|>",
+    "delta": "<|channel|>final<|message|>" + "la " * 120 + "<|return|>",
 }
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Current weather in a city.",
@@ -307,9 +311,9 @@ def expected(marker: str) -> dict:
                   "calls": {}, "finish": ["stop"]},
         "bravo": {"content": "", "reasoning": "Need the weather tool.",
                   "calls": {0: ("get_weather", '{"city": "Paris"}')}, "finish": ["tool_calls"]},
-        "charlie": {"content": "one two three " * 30, "reasoning": "", "calls": {},
+        "charlie": {"content": "one two three " * 10, "reasoning": "", "calls": {},
                     "finish": ["stop"]},
-        "delta": {"content": "la " * 300, "reasoning": "", "calls": {}, "finish": ["stop"]},
+        "delta": {"content": "la " * 120, "reasoning": "", "calls": {}, "finish": ["stop"]},
     }[marker]
 
 
@@ -373,6 +377,6 @@ def test_server_client_leaving_leaves_the_other_streams_intact(encoding):
     for m in ("alpha", "bravo", "charlie"):
         got = {k: results[m][k] for k in ("content", "reasoning", "calls", "finish")}
         assert got == expected(m), m
-    # The batch kept stepping for "charlie" (about 90 tokens) after "delta" left; "delta" was
-    # cancelled long before its 300 tokens.
+    # The batch kept stepping for "charlie" (about 30 tokens) after "delta" left; "delta" was
+    # cancelled long before its 120 tokens.
     assert model.reached["delta"] < len(model.scripts["delta"]) // 2
