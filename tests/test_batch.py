@@ -380,3 +380,16 @@ def test_server_client_leaving_leaves_the_other_streams_intact(encoding):
     # The batch kept stepping for "charlie" (about 30 tokens) after "delta" left; "delta" was
     # cancelled long before its 120 tokens.
     assert model.reached["delta"] < len(model.scripts["delta"]) // 2
+
+
+def test_serve_refuses_a_max_concurrency_below_one():
+    import argparse
+
+    from oss_mlx.errors import OssMlxError
+    from oss_mlx.server import add_arguments, main
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert parser.parse_args([]).max_concurrency == 4
+    with pytest.raises(OssMlxError, match="--max-concurrency 0: must be at least 1"):
+        main(parser.parse_args(["--max-concurrency", "0", "--port", "0"]))
