@@ -207,6 +207,7 @@ class Engine:
         self._cache = None
         self._cached: list[int] = []  # tokens whose K/V the cache holds, in order
         self._snapshots: list[_Snapshot] = []
+        self._pending: list = []  # (tokens, _Snapshot) taken by prefill_steps, for release
         self._stop = set(encoding.stop_tokens_for_assistant_actions())  # <|return|>, <|call|>
         import mlx_lm.generate  # noqa: F401 - slow first import; keep it out of the first TTFT
 
@@ -357,11 +358,19 @@ class Engine:
             self.model.prefill(mx.array(chunk)[None], cache, self.prefill_chunk, logits=False)
             done += len(chunk)
             yield done
+        # As _prefill does: the rotating layers' state before the last prompt token, so that a
+        # later prompt branching there (the next turn) can restore it; `release` keeps it.
+        layers = {i: _copy_cache(c) for i, c in enumerate(cache) if _is_rotating(c)}
+        mx.eval([a for c in layers.values() for a in c.__dict__.values() if isinstance(a, mx.array)])
+        with self._lock:
+            self._pending = (self._pending + [(prompt[:done], _Snapshot(done, layers))])[-8:]
 
     def release(self, tokens: list[int], cache, key: str | None = None):
         """Give back a B=1 cache holding exactly `tokens`: it becomes the prompt cache."""
         with self._lock:
-            self._cache, self._cached, self._snapshots = cache, list(tokens), []
+            mine = [s for t, s in self._pending if tokens[: len(t)] == t and s.pos < len(tokens)]
+            self._pending = [(t, s) for t, s in self._pending if all(s is not m for m in mine)]
+            self._cache, self._cached, self._snapshots = cache, list(tokens), mine[-1:]
             self._snapshot()
 
     # ---- generation ----
