@@ -555,6 +555,8 @@ def add_arguments(p) -> None:
                         "--prompt-tokens long (see oss_mlx.bench_serve)")
     p.add_argument("--serve-requests", type=int, default=3,
                    help="with --serve: requests per client, each continuing its conversation")
+    p.add_argument("--serve-concurrency", type=int, default=None,
+                   help="with --serve: the server's --max-concurrency (default: the largest N)")
 
 
 def _positive_ints(text: str, what: str) -> list[int]:

@@ -1,7 +1,7 @@
 """`oss-mlx bench --serve 1,2,4,8`: the serving benchmark, N concurrent streaming clients.
 
 For each N, the real server (create_app, the scheduler with --max-concurrency set to the largest N
-for every level, so only the number of clients changes; uvicorn) listens on a loopback port and
+for every level (or --serve-concurrency), so only the number of clients changes; uvicorn) listens on a loopback port and
 N client threads each send `--serve-requests` streamed chat requests one
 after the other: the first a distinct prompt of about `--prompt-tokens` tokens, each next one the
 same conversation grown by the previous answer and a new user turn (an agent's pattern, so the
@@ -201,10 +201,11 @@ def main(args, model_ref, levels: list[int], log) -> dict:
     from .engine import Engine
 
     requests, max_tokens = int(args.serve_requests), int(args.gen_tokens)
+    concurrency = args.serve_concurrency or max(levels)
     prompt_words = int(str(args.prompt_tokens).split(",")[0]) // 2  # ~2 tokens per "word "
-    if requests < 1 or max_tokens < 2 or prompt_words < 1:
-        raise OssMlxError("--serve needs --serve-requests >= 1, --gen-tokens >= 2 and a "
-                          "positive --prompt-tokens")
+    if requests < 1 or max_tokens < 2 or prompt_words < 1 or concurrency < 1:
+        raise OssMlxError("--serve needs --serve-requests >= 1, --gen-tokens >= 2, a "
+                          "positive --prompt-tokens and --serve-concurrency")
     log(f"loading {model_ref} ...")
     engine = Engine.load(str(model_ref), dtype=None if args.dtype == "auto" else args.dtype)
     engine.model = Steered(engine.model, engine.encoding)
@@ -212,12 +213,12 @@ def main(args, model_ref, levels: list[int], log) -> dict:
     for n in levels:
         log(f"{n} concurrent client(s) x {requests} request(s), {max_tokens} tokens each ...")
         engine.reset_cache()
-        rows.append(run_level(engine, n, max(levels), requests, prompt_words, max_tokens,
+        rows.append(run_level(engine, n, concurrency, requests, prompt_words, max_tokens,
                               timeout=600))
     console = Console() if sys.stdout.isatty() else Console(width=160)
     render(rows, console)
     return {"format": "oss-mlx-bench-serve", "format_version": 1,
-            "settings": {"levels": levels, "max_concurrency": max(levels),
+            "settings": {"levels": levels, "max_concurrency": concurrency,
                          "requests_per_client": requests,
                          "gen_tokens": max_tokens, "prompt_words": prompt_words},
             "results": rows}
