@@ -3,9 +3,9 @@
 For each N, the real server (create_app; the scheduler with --max-concurrency set to the largest
 N, or --serve-concurrency, for every level, so only the number of clients changes; uvicorn)
 listens on a loopback port and N client threads each send `--serve-requests` streamed chat
-requests one after the other: the first a distinct prompt of about `--prompt-tokens` tokens, each next one the
-same conversation grown by the previous answer and a new user turn (an agent's pattern, so the
-prompt cache has something to reuse). Reported per N: aggregate decode tokens/s (all streams'
+requests one after the other: the first a distinct prompt of about `--prompt-tokens` tokens,
+each next one the same conversation grown by the previous answer and a new user turn (an agent's
+pattern, so the prompt cache has something to reuse). Reported per N: aggregate decode tokens/s (all streams'
 tokens over the wall time, prefill included), per-stream decode tokens/s (median over requests of
 (tokens - 1) / (last - first token)), time to first token p50 / p95 as the client sees it, and
 cache reuse (cached / prompt tokens of the follow-up requests); and the ratio of the aggregate to

@@ -361,7 +361,7 @@ class Engine:
         # As _prefill does: the rotating layers' state before the last prompt token, so that a
         # later prompt branching there (the next turn) can restore it; `release` keeps it.
         layers = {i: _copy_cache(c) for i, c in enumerate(cache) if _is_rotating(c)}
-        mx.eval([a for c in layers.values() for a in c.__dict__.values() if isinstance(a, mx.array)])
+        mx.eval([a for c in layers.values() for a in vars(c).values() if isinstance(a, mx.array)])
         with self._lock:
             self._pending = (self._pending + [(prompt[:done], _Snapshot(done, layers))])[-8:]
 

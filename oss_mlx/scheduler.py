@@ -137,7 +137,7 @@ class Scheduler:
                     continue
                 try:
                     finished = batcher.step()
-                except Exception as e:  # noqa: BLE001 - every request in flight fails, not the server
+                except Exception as e:  # noqa: BLE001 - the requests in flight fail, not the server
                     log.error("batched step failed: %s: %s", type(e).__name__, e)
                     finished = batcher.abort(e)
                 for job in finished:
