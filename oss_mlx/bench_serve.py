@@ -215,6 +215,9 @@ def main(args, model_ref, levels: list[int], log) -> dict:
         engine.reset_cache()
         rows.append(run_level(engine, n, concurrency, requests, prompt_words, max_tokens,
                               timeout=600))
+        r = rows[-1]  # said at once: a run cut short by a time limit keeps its finished levels
+        log(f"  {n} stream(s): {r['aggregate_tps']:.2f} tok/s aggregate, TTFT p50 "
+            f"{r['ttft_p50_s']:.2f} s p95 {r['ttft_p95_s']:.2f} s, wall {r['wall_s']:.1f} s")
     console = Console() if sys.stdout.isatty() else Console(width=160)
     render(rows, console)
     return {"format": "oss-mlx-bench-serve", "format_version": 1,
