@@ -108,6 +108,9 @@ class _Row:
     limit_reason: str
     t0: float
     cache: Optional[list] = None  # the private B=1 caches while prefilling
+    # The list `acquire` gave, once its layers are in the batch: it may carry the prompt cache's
+    # state for this request (e.g. snapshots), so the row's extracted layers go back into it.
+    held: Optional[list] = None
     steps: Any = None  # engine.prefill_steps iterator
     t_prefill: float = 0.0
     t_first: float = 0.0
@@ -180,7 +183,7 @@ class Batcher:
     def _join(self, row: _Row):
         """Merge the row's B=1 caches (all its prompt but the last token) into the batch."""
         merged = [type(c).merge([c]) for c in row.cache]
-        row.cache, row.steps = None, None
+        row.held, row.cache, row.steps = row.cache, None, None
         last = mx.array([row.prompt[-1]], dtype=mx.uint32)
         if self._caches is None:
             self._caches, self._y = merged, last
@@ -256,11 +259,11 @@ class Batcher:
 
     def _extract(self, i: int, row: _Row, reason: str) -> list:
         """Row i's B=1 caches, holding its prompt + completion without a final stop token."""
-        caches = [c.extract(i) for c in self._caches]
+        row.held[:] = [c.extract(i) for c in self._caches]
         if reason in ("stop", "tool_call") and row.out.tokens[-1] in self._stop:
-            for c in caches:
+            for c in row.held:
                 _undo_last_token(c)
-        return caches
+        return row.held
 
     def _keep(self, keep: list[int], nxt):
         self._rows = [self._rows[i] for i in keep]
