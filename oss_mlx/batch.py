@@ -18,8 +18,8 @@ sliding window included) and its last prompt token is fed in the next batched st
 its first token. Each row keeps its own sampler (a per-row PRNG key, so a seed gives the same
 tokens whatever else runs), logits processors, harmony parser (engine._Collector, so consumers
 see the same events as from Engine.stream), token limit and cancel event. When a row ends, its
-B=1 cache is extracted from the batch, rolled back past a final stop token, and handed back with
-`engine.release(prompt + completion)`.
+B=1 cache is extracted from the batch and handed back, without a final stop token, with
+`engine.release(prompt + completion)` (release undoes the stop token it was fed last).
 
 Steps are pipelined as in Engine.stream: the next step is queued before this one's tokens are
 read, so every sampled token is fed once (a finished row's last token included, then dropped).
@@ -41,7 +41,7 @@ import mlx.core as mx
 from mlx_lm.generate import generation_stream
 from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
 
-from .engine import Completion, Event, SamplingParams, Stats, _Collector, _undo_last_token
+from .engine import Completion, Event, SamplingParams, Stats, _Collector
 
 
 def _filters(params: SamplingParams) -> list:
@@ -258,11 +258,8 @@ class Batcher:
         return reason
 
     def _extract(self, i: int, row: _Row, reason: str) -> list:
-        """Row i's B=1 caches, holding its prompt + completion without a final stop token."""
+        """Row i's B=1 caches: its prompt and every token it sampled (the last one included)."""
         row.held[:] = [c.extract(i) for c in self._caches]
-        if reason in ("stop", "tool_call") and row.out.tokens[-1] in self._stop:
-            for c in row.held:
-                _undo_last_token(c)
         return row.held
 
     def _keep(self, keep: list[int], nxt):
@@ -276,10 +273,14 @@ class Batcher:
 
     def _finish(self, row: _Row, reason: str, cache):
         """Hand back the row's cache, then put its last events and the done event."""
-        tokens = row.history
         if cache is not None:
-            held = cache[0].offset if cache else 0
-            self.engine.release(tokens[:held], cache, getattr(row.job, "key", None))
+            # The cache holds prompt + completion; the next turn renders a final stop token
+            # differently (<|return|> -> <|end|>) or identically: hand back the tokens before
+            # it (release undoes the one more token fed last).
+            tokens = row.history[: cache[0].offset if cache else 0]
+            if reason in ("stop", "tool_call") and row.out.tokens[-1] in self._stop:
+                tokens = tokens[:-1]
+            self.engine.release(tokens, cache, getattr(row.job, "key", None))
         s = row.stats
         s.generated_tokens = len(row.out.tokens)
         if s.generated_tokens > 1:

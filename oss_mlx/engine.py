@@ -366,7 +366,11 @@ class Engine:
             self._pending = (self._pending + [(prompt[:done], _Snapshot(done, layers))])[-8:]
 
     def release(self, tokens: list[int], cache, key: str | None = None):
-        """Give back a B=1 cache holding exactly `tokens`: it becomes the prompt cache."""
+        """Give back a B=1 cache holding exactly `tokens` (one more, fed last, is undone): it
+        becomes the prompt cache."""
+        if cache and all(c.offset == len(tokens) + 1 for c in cache):
+            for c in cache:
+                _undo_last_token(c)
         with self._lock:
             mine = [s for t, s in self._pending if tokens[: len(t)] == t and s.pos < len(tokens)]
             self._pending = [(t, s) for t, s in self._pending if all(s is not m for m in mine)]
