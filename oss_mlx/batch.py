@@ -95,6 +95,11 @@ class Sampler:
         return mx.random.categorical(logprobs * (1.0 / self.params.temperature), key=sub)
 
 
+def _key(job) -> Optional[str]:
+    """The prompt-cache hint of a request: the job's, else its SamplingParams' (cache_key)."""
+    return getattr(job, "key", None) or getattr(job.params, "cache_key", None)
+
+
 @dataclass
 class _Row:
     """One request in flight: prefilling (cache, steps set) or decoding (in the batch)."""
@@ -153,7 +158,7 @@ class Batcher:
             limit, reason = max(int(params.max_tokens), 0), "length"
         else:
             limit, reason = room, "context"
-        cache, start = self.engine.acquire(prompt, getattr(job, "key", None))
+        cache, start = self.engine.acquire(prompt, _key(job))
         row = _Row(job, prompt, Sampler(params), _Collector(self.engine.encoding),
                    Stats(prompt_tokens=len(prompt), cached_tokens=start), limit, reason, t0,
                    cache=cache, t_prefill=time.perf_counter())
@@ -280,7 +285,7 @@ class Batcher:
             tokens = row.history[: cache[0].offset if cache else 0]
             if reason in ("stop", "tool_call") and row.out.tokens[-1] in self._stop:
                 tokens = tokens[:-1]
-            self.engine.release(tokens, cache, getattr(row.job, "key", None))
+            self.engine.release(tokens, cache, _key(row.job))
         s = row.stats
         s.generated_tokens = len(row.out.tokens)
         if s.generated_tokens > 1:
