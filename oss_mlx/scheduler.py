@@ -55,14 +55,21 @@ class Scheduler:
         self.max_concurrency = max_concurrency
         self._running: set[Job] = set()
         self._jobs: queue.Queue = queue.Queue()
-        run = self._run_serial if max_concurrency == 1 else self._run_batched
-        self._thread = threading.Thread(target=run, name="oss-mlx-engine", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="oss-mlx-engine", daemon=True)
         self._thread.start()
 
     def submit(self, conversation, params, key: str | None = None) -> Job:
         job = Job(conversation, params, asyncio.get_running_loop(), key)
         self._jobs.put(job)
         return job
+
+    def cancel_all(self):
+        """Cancel the running jobs and every queued one; they end at their next token."""
+        for job in list(self._jobs.queue):
+            if job is not None:
+                job.cancel.set()
+        for job in list(self._running):
+            job.cancel.set()
 
     def close(self):
         """Stop after cancelling the running jobs and every queued one."""
@@ -89,6 +96,12 @@ class Scheduler:
             if job is None or not job.cancel.is_set():
                 return job
             job.put(_END)  # the client left while waiting its turn
+
+    def _run(self):
+        try:
+            self._run_serial() if self.max_concurrency == 1 else self._run_batched()
+        finally:
+            release_streams()
 
     def _run_serial(self):
         while (job := self._next(block=True)) is not None:
@@ -143,6 +156,16 @@ class Scheduler:
                 for job in finished:
                     self._running.discard(job)
                     job.put(_END)
+
+
+def release_streams():
+    """Free the MLX streams of this thread before it ends. MLX no longer cleans up at exit by
+    itself: a thread that ran MLX work and exits without this can abort the process at
+    shutdown ("terminate called without an active exception", exit 134)."""
+    import sys
+
+    if "mlx.core" in sys.modules:
+        sys.modules["mlx.core"].clear_streams()
 
 
 async def events(job: Job):
