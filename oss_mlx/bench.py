@@ -427,8 +427,9 @@ def compute_ratios(results: list[dict], base: str = "mlx-lm") -> list[dict]:
 def _cache_root(cache_dir: str | None) -> Path:
     if cache_dir:
         return Path(cache_dir).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "oss-mlx" / "bench"
+    from .store import home  # $OSS_MLX_HOME moves every cache of oss-mlx
+
+    return home() / "bench"
 
 
 def synth_checkpoint(preset: str, layers: int | None, seed: int, root: Path) -> tuple[Path, Path]:
@@ -515,13 +516,9 @@ def render(report: dict, console) -> None:
 
 def write_json(report: dict, path: Path) -> None:
     """All or nothing: a temporary file beside the target, renamed over it at the end."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps(report, indent=2) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    from .convert.stio import atomic_write
+
+    atomic_write(path, json.dumps(report, indent=2) + "\n")
 
 
 # ---- command -----------------------------------------------------------------------------
@@ -548,7 +545,7 @@ def add_arguments(p) -> None:
     p.add_argument("--json", dest="json_path", metavar="FILE", help="write all results here")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic weights and prompts")
     p.add_argument("--cache-dir", help="where --synth keeps its checkpoints "
-                                       "(default ~/.cache/oss-mlx/bench)")
+                                       "(default $OSS_MLX_HOME/bench, ~/.cache/oss-mlx/bench)")
     p.add_argument("--serve", metavar="N,...",
                    help="serving benchmark instead: N concurrent streaming clients over loopback "
                         "HTTP for each N (e.g. 1,2,4,8), --gen-tokens each, the first "

@@ -279,12 +279,16 @@ def _dense_predicate(modules):
 
 
 def _cast(name, value, dtype):
+    """The dtype rule of each tensor is the `runtime` column of the converter's layout table."""
+    from .convert.layout import runtime_dtype
+
     if not mx.issubdtype(value.dtype, mx.floating):
         return value  # packed weights and e8m0 scales
-    if name.endswith("norm.weight") or ".router." in name:
+    rule = runtime_dtype(name)
+    if rule == "float32":
         return value.astype(mx.float32)
-    if name.startswith("embedding."):
-        return value  # looked up, then cast row by row
+    if rule == "stored":
+        return value  # the embedding: looked up, then cast row by row
     return value.astype(dtype)
 
 

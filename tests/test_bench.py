@@ -157,9 +157,9 @@ def test_bench_compare_needs_a_source(tiny_model, tmp_path, capsys):
     assert capsys.readouterr().err.startswith("oss-mlx: error: --compare mlx-lm needs")
 
 
-def test_plot_script_draws_png(tmp_path):
-    pytest.importorskip("matplotlib")
+def test_plot_script_draws_png(tmp_path, monkeypatch, capsys):
     import importlib.util
+    import sys
     from pathlib import Path
 
     spec = importlib.util.spec_from_file_location(
@@ -177,3 +177,7 @@ def test_plot_script_draws_png(tmp_path):
     src.write_text(json.dumps(report))
     assert plot.main([str(src), "-o", str(tmp_path / "d.png")]) == 0
     assert (tmp_path / "d.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Without matplotlib: one line saying which extra to install, no traceback.
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(SystemExit, match=r"^plot.py: needs matplotlib: pip install 'oss-mlx\[bench\]'"):
+        plot.main([str(src), "-o", str(tmp_path / "e.png")])

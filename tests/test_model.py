@@ -41,8 +41,14 @@ def logits_of(model, ids, cache=None):
     return np.array(model(mx.array(ids)[None], cache=cache).astype(mx.float32))[0]
 
 
-def test_tiny_window_and_length(model32):
-    assert model32.config.sliding_window == 8 and T > 8 * 8
+def test_tiny_window_and_length(tiny_hf, ids, ref_logits):
+    """The window matters at this length, so the reference comparisons below test it: without
+    it the reference's logits are the same for the first 8 positions and differ after."""
+    conf, weights = reference.load_checkpoint(tiny_hf)
+    assert conf["sliding_window"] == 8 < T
+    unwindowed = reference.forward({**conf, "sliding_window": T}, weights, ids)
+    np.testing.assert_allclose(unwindowed[:8], ref_logits[:8], rtol=0, atol=1e-6)
+    assert np.abs(unwindowed[8:] - ref_logits[8:]).max() > 1e-2
 
 
 def test_float32_matches_numpy_reference(model32, ids, ref_logits):
@@ -214,8 +220,14 @@ def test_sliding_layers_see_exactly_the_window(with_cache, chunks):
 # ---- loading ---------------------------------------------------------------------------
 
 
-def test_default_dtype_on_cpu():
-    assert default_dtype() == mx.bfloat16
+def test_default_dtype_on_cpu(tiny_model):
+    """With no dtype a model computes in bfloat16 (default_dtype): its dense weights are held
+    in it and it gives exactly the logits of an explicit bfloat16 load."""
+    x = mx.array([[200006, 173781, 200005, 13225, 2375]])
+    model = load(tiny_model)
+    assert model.layers[0].attention.qkv.weight.dtype == default_dtype() == mx.bfloat16
+    assert mx.array_equal(model(x), load(tiny_model, dtype=mx.bfloat16)(x)).item()
+    assert not mx.array_equal(model(x), load(tiny_model, dtype=mx.float32)(x)).item()
 
 
 def test_loads_lazily_mapped_weights(tiny_model):
