@@ -23,7 +23,9 @@ class Tensor:
     gate rows then up rows). stored: our dtype when it differs (MXFP4 blocks U8 [.., in/32, 16]
     are MLX's U32 [.., in/8], the same bytes). runtime: the dtype the model holds it in,
     "float32" (norm weights and the router: computed in fp32, spec 1.3/1.6), "stored"
-    (the embedding: an exact row lookup, cast row by row) or "compute" (the compute dtype).
+    (the embedding: an exact row lookup, cast row by row), "experts" (the experts' biases: in
+    the experts' activation dtype, so adding them needs no cast kernel) or "compute" (the
+    compute dtype). model.Precision.weight reads it.
     """
 
     ours: str
@@ -86,7 +88,7 @@ LAYER = [
            lambda c: ("scales", _fp4_scale(c.hidden_size)), transform="deinterleave"),
     Tensor("mlp.experts.gate_up.bias", "mlp.mlp1_bias", ("mlp.experts.gate_up_proj_bias",),
            "BF16", lambda c: (c.num_experts, 2 * c.intermediate_size), _normal(0.0, 0.05),
-           transform="deinterleave"),
+           transform="deinterleave", runtime="experts"),
     Tensor("mlp.experts.down.weight", "mlp.mlp2_weight.blocks", ("mlp.experts.down_proj_blocks",),
            "U8", lambda c: (c.num_experts, c.hidden_size, c.intermediate_size // 32, 16),
            lambda c: ("bytes",), stored="U32"),
@@ -94,7 +96,7 @@ LAYER = [
            "U8", lambda c: (c.num_experts, c.hidden_size, c.intermediate_size // 32),
            lambda c: ("scales", _fp4_scale(c.intermediate_size) - 1)),
     Tensor("mlp.experts.down.bias", "mlp.mlp2_bias", ("mlp.experts.down_proj_bias",), "BF16",
-           lambda c: (c.num_experts, c.hidden_size), _normal(0.0, 0.05)),
+           lambda c: (c.num_experts, c.hidden_size), _normal(0.0, 0.05), runtime="experts"),
 ]
 
 GLOBAL_FIRST = [

@@ -75,7 +75,7 @@ class Sealer:
     def unseal(self, sealed: str) -> str | None:
         payload, _, mac = sealed.removeprefix(self.PREFIX).rpartition(".")
         if sealed.startswith(self.PREFIX) and payload and hmac.compare_digest(
-                mac, self._mac(payload.encode())):
+                mac.encode(), self._mac(payload.encode()).encode()):
             try:
                 return base64.urlsafe_b64decode(payload.encode()).decode()
             except ValueError:

@@ -489,11 +489,13 @@ def test_mlx_lm_reads_the_source_the_same_way(tiny_hf, tiny_model):
                 ("post_attention_layernorm.weight", "mlp.norm.weight"),
                 ("mlp.router.weight", "mlp.router.weight"), ("mlp.router.bias", "mlp.router.bias"),
                 ("mlp.experts.down_proj.weight", "mlp.experts.down.weight"),
-                ("mlp.experts.down_proj.scales", "mlp.experts.down.scales"),
-                ("mlp.experts.down_proj.bias", "mlp.experts.down.bias")]:
+                ("mlp.experts.down_proj.scales", "mlp.experts.down.scales")]:
             pairs[p + theirs_name] = mine[q + ours_name]
+        # The loader joins each layer's expert biases into one [E, 2I + H] table: gate_up | down.
+        bias = mine[q + "mlp.experts.bias"]
+        pairs[p + "mlp.experts.down_proj.bias"] = bias[:, 2 * I:]
         for part in ("weight", "scales", "bias"):  # our gate rows first, then the up rows
-            gate_up = mine[q + f"mlp.experts.gate_up.{part}"]
+            gate_up = bias[:, : 2 * I] if part == "bias" else mine[q + f"mlp.experts.gate_up.{part}"]
             pairs[p + f"mlp.experts.gate_proj.{part}"] = gate_up[:, :I]
             pairs[p + f"mlp.experts.up_proj.{part}"] = gate_up[:, I:]
     assert set(pairs) == set(theirs)
@@ -611,9 +613,13 @@ def test_layout_table_gives_each_tensor_its_dtype(tiny_model):
     from oss_mlx.convert.layout import runtime_dtype
     from oss_mlx.model import load
 
-    want = {"float32": mx.float32, "stored": mx.bfloat16, "compute": mx.float16}
+    model = load(tiny_model, dtype="float16", lazy=True)
+    want = {"float32": mx.float32, "stored": mx.bfloat16, "compute": mx.float16,
+            "experts": model.precision.experts}
     seen = set()
-    for name, a in tree_flatten(load(tiny_model, dtype="float16", lazy=True).parameters()):
+    for name, a in tree_flatten(model.parameters()):
+        # The loader joins each layer's gate_up and down biases into one table (one gather).
+        name = name.replace(".experts.bias", ".experts.down.bias")
         if mx.issubdtype(a.dtype, mx.floating):
             rule = runtime_dtype(name)
             seen.add(rule)

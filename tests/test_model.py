@@ -271,3 +271,26 @@ def test_cpu_experts_run_float32_and_prefill_skips_unneeded_work(tiny_model, mod
     # forward's last row.
     last = model32.prefill(mx.array(ids[None, :40]), model32.make_cache(), chunk_size=16)
     np.testing.assert_allclose(np.array(last[0]), ref[-1], atol=1e-4)
+
+
+def test_one_precision_rule_for_weights_and_compute(tiny_model):
+    """Spec 1.3 / OpenAI's Metal reference: float32 residual, norms and router; the embedding
+    as stored; dense weights in the model dtype; experts' activations (and biases) float32 on
+    the CPU backend."""
+    model = load(tiny_model, lazy=True)  # bf16 dense
+    p = model.precision
+    assert (p.dense, p.experts) == (mx.bfloat16, mx.float32)
+    assert p.weight("layers.0.attention.norm.weight") == mx.float32
+    assert p.weight("layers.3.mlp.router.weight") == mx.float32
+    assert p.weight("embedding.weight") is None
+    assert p.weight("layers.0.attention.qkv.weight") == mx.bfloat16
+    assert p.weight("layers.0.mlp.experts.gate_up.bias") == mx.float32
+    # what load did with it
+    a, m = model.layers[0].attention, model.layers[0].mlp
+    assert a.qkv.weight.dtype == a.sinks.dtype == mx.bfloat16 and m.router.weight.dtype == mx.float32
+    assert m.experts.bias.dtype == mx.float32 and model.embedding.weight.dtype == mx.bfloat16
+    assert (a.norm.dtype, m.norm.dtype, m.expert_dtype, model.norm.dtype) == (
+        mx.bfloat16, mx.float32, mx.float32, mx.bfloat16)
+    # the two expert biases became one table: gate_up's 2I then down's H
+    c = model.config
+    assert m.experts.bias.shape == (c.num_experts, 2 * c.intermediate_size + c.hidden_size)

@@ -668,6 +668,7 @@ def test_requests_are_served_in_order(client, srv):
 # ---- the tiny synthetic model, end to end -----------------------------------------------------
 
 
+@pytest.mark.slow
 def test_tiny_model_end_to_end(tiny_model):
     engine = Engine.load(str(tiny_model))
     with ServerThread(create_app(engine, "tiny")) as s:

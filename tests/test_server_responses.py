@@ -287,6 +287,8 @@ def test_encrypted_reasoning_is_restored_exactly(client, srv):
     tampered = reasoning.encrypted_content[:-2] + ("A" if reasoning.encrypted_content[-2] != "A" else "B") \
         + reasoning.encrypted_content[-1]
     assert "Wait for the helper." not in follow_up(tampered)  # not ours: dropped, not trusted
+    for junk in ("oss-mlx.1.\u2603.\u2603", "oss-mlx.1.", "gAAAAB-from-openai", ""):
+        assert "Wait for the helper." not in follow_up(junk)  # never a 500
     # Sealed and plain text both sent: the sealed one is what the model wrote, it wins.
     assert "Wait for the helper." in follow_up(reasoning.encrypted_content, "Edited thought.")
     assert "Edited thought." in follow_up(tampered, "Edited thought.")
@@ -402,6 +404,7 @@ def test_openapi_publishes_request_bodies(srv):
 SERVE = [sys.executable, str(Path(__file__).parent / "serve_scripted.py"), "--port", "0"]
 
 
+@pytest.mark.slow
 def test_serve_stops_cleanly_on_sigterm_and_sigint():
     """Start the real command, serve, stop it (with a stream in flight every other time); again
     and again, bounded. Each stop is exit status 0 with nothing on stderr but our own lines."""
@@ -445,3 +448,38 @@ def test_serve_stops_cleanly_on_sigterm_and_sigint():
         if lines:
             reader.join(30)
             assert lines[-1] == "data: [DONE]" and len(lines) < 5000 * 2  # ended, and early
+
+
+ODD_BODIES = [
+    {"input": [{"type": "reasoning", "encrypted_content": None, "summary": []}]},
+    {"input": [{"type": "function_call", "name": "f"}]},
+    {"input": [{"type": "custom_tool_call_output", "call_id": "nope", "output": "x"}]},
+    {"input": [{"type": "local_shell_call", "call_id": "c", "action": None},
+               {"type": "local_shell_call_output", "call_id": "c", "output": "ok"}]},
+    {"input": [{"type": "message", "role": "user", "content": [{"type": "input_image"}]}]},
+    {"input": "x", "tools": [{"type": "namespace", "name": "n", "description": "d",
+                              "tools": [{"type": "namespace", "name": "m", "tools": []}]}]},
+    {"input": "x", "tools": [{"type": "namespace", "name": "n", "description": "d",
+                              "tools": [PATCH]}]},
+    {"input": "x", "tools": [{"type": "function"}]},
+    {"input": "x", "tools": [{"type": "custom", "name": "c", "format": {"type": "text"}}],
+     "tool_choice": {"type": "custom", "name": "c"}},
+    {"input": "x", "tool_choice": {"type": "web_search_preview"},
+     "tools": [{"type": "web_search_preview"}]},
+    {"input": "x", "tool_choice": {"type": "allowed_tools", "mode": "auto",
+                                   "tools": [{"type": "function", "name": "exec_command"}]},
+     "tools": [EXEC, NAMESPACE]},
+    {"input": "x", "reasoning": {"effort": "ultra"}},
+    {"input": "x", "include": ["reasoning.encrypted_content", "message.output_text.logprobs"],
+     "store": False, "parallel_tool_calls": False, "prompt_cache_key": "k",
+     "client_metadata": {"a": "b"}, "text": {"verbosity": "low"}},
+]
+
+
+@pytest.mark.parametrize("body", ODD_BODIES, ids=range(len(ODD_BODIES)))
+def test_odd_requests_get_an_answer_or_a_4xx(srv, body):
+    srv.model.push(ANSWER)
+    r = srv.http.post("/v1/responses", json={"model": MODEL, **body})
+    assert r.status_code in (200, 400), r.text
+    if r.status_code == 400:
+        assert r.json()["error"]["message"].startswith(("invalid request", "input", "tools"))
