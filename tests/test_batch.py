@@ -369,6 +369,7 @@ def serve(encoding, n: int, expect: int):
     return model, Serving(engine, n)
 
 
+@pytest.mark.slow
 def test_server_batched_streams_equal_serial(encoding):
     """Four streams (analysis + final, a tool call, two long finals) at once: batched, each
     client sees exactly its script, and the same as when served one at a time."""
