@@ -233,7 +233,7 @@ class Batcher:
             row.fresh = False
             (keep if reason is None else done).append((i, row, reason))
         for i, row, reason in done:
-            self._finish(row, reason, self._extract(i, row, reason))
+            self._finish(row, reason, self._extract(i, row))
             finished.append(row.job)
         if done:
             self._keep([i for i, _, _ in keep], nxt)
@@ -262,7 +262,7 @@ class Batcher:
             reason = "cancelled"
         return reason
 
-    def _extract(self, i: int, row: _Row, reason: str) -> list:
+    def _extract(self, i: int, row: _Row) -> list:
         """Row i's B=1 caches: its prompt and every token it sampled (the last one included)."""
         row.held[:] = [c.extract(i) for c in self._caches]
         return row.held
