@@ -121,21 +121,8 @@ def _find_layout(folder: Path) -> tuple[Path, str, ModelConfig]:
 
 def _load_tensors(folder: Path) -> dict[str, stio.TensorInfo]:
     """Every tensor of the checkpoint, via the index file when there is one."""
+    files, weight_map = stio.shard_files(folder)
     index = folder / "model.safetensors.index.json"
-    weight_map = None
-    if index.is_file():
-        weight_map = _read_json(index).get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise OssMlxError(f"{index} has no weight_map")
-        files = sorted(set(weight_map.values()))
-        for f in files:
-            if not (folder / f).is_file():
-                raise OssMlxError(f"missing shard {f} (listed in {index.name}) in {folder}")
-        files = [folder / f for f in files]
-    else:
-        files = sorted(folder.glob("*.safetensors"))
-        if not files:
-            raise OssMlxError(f"{folder} has no .safetensors weights")
     tensors = {}
     for f in files:
         tensors.update(stio.read_header(f))

@@ -85,6 +85,29 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
     return tensors
 
 
+def shard_files(folder: Path, pattern: str = "*.safetensors") -> tuple[list[Path], dict | None]:
+    """The weight files of a checkpoint or model folder, and the index's weight_map if any: the
+    files the index lists (each must exist), else the files matching `pattern`. The one way
+    oss-mlx finds shards (the converter and the model's loader)."""
+    index = folder / "model.safetensors.index.json"
+    if not index.is_file():
+        files = sorted(folder.glob(pattern))
+        if not files:
+            raise OssMlxError(f"{folder} has no {pattern} weights")
+        return files, None
+    try:
+        weight_map = json.loads(index.read_text()).get("weight_map")
+    except (OSError, ValueError, AttributeError) as e:
+        raise OssMlxError(f"cannot read {index}: {e}") from None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise OssMlxError(f"{index} has no weight_map")
+    names = sorted(set(weight_map.values()))
+    for f in names:
+        if not (folder / f).is_file():
+            raise OssMlxError(f"missing shard {f} (listed in {index.name}) in {folder}")
+    return [folder / f for f in names], weight_map
+
+
 def read_bytes(t: TensorInfo, start: int = 0, length: int | None = None) -> bytearray:
     """`length` bytes of a tensor's data from byte `start` (default: all of it)."""
     length = t.nbytes - start if length is None else length

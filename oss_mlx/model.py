@@ -445,19 +445,9 @@ def load(path, dtype=None, lazy: bool = False, expert_dtype=None) -> Model:
             class_predicate=_dense_predicate(set(dense["modules"])),
         )
 
-    shards = sorted(model_dir.glob("model*.safetensors"))
-    index = model_dir / "model.safetensors.index.json"
-    if index.exists():
-        try:
-            names = set(json.loads(index.read_text())["weight_map"].values())
-        except (OSError, json.JSONDecodeError, KeyError) as e:
-            raise OssMlxError(f"{index}: unreadable ({e})") from None
-        missing = sorted(n for n in names if not (model_dir / n).exists())
-        if missing:
-            raise OssMlxError(f"{model_dir}: missing weight file {missing[0]}")
-        shards = [model_dir / n for n in sorted(names)]
-    if not shards:
-        raise OssMlxError(f"{model_dir}: no model*.safetensors files")
+    from .convert.stio import shard_files
+
+    shards, _ = shard_files(model_dir, "model*.safetensors")
     weights = {}
     for shard in shards:
         try:
