@@ -19,7 +19,7 @@ from fastapi import Request
 from .chat_completions import chat_completions
 from .openai_api import APIError, ChatRequest, ResponsesRequest
 from .responses import create_response, delete_response, retrieve_response
-from .server import Scheduler
+from .scheduler import Scheduler
 from .serving import Service
 
 
@@ -30,7 +30,7 @@ from .serving import Service
 @asynccontextmanager
 async def lifespan(app):
     service = app.state.service
-    service.scheduler = Scheduler(service.engine)
+    service.scheduler = Scheduler(service.engine, service.max_concurrency)
     # The grammar library's view of the vocabulary takes a second or so: build it now.
     from . import constrain
 
@@ -139,12 +139,15 @@ def openapi(app) -> dict:
 
 
 def create_app(engine, model_name: str, api_key: str | None = None,
-               default_max_tokens: int | None = None, constrain_tools: bool = True):
+               default_max_tokens: int | None = None, constrain_tools: bool = True,
+               max_concurrency: int = 1):
     """The FastAPI app serving `engine` as model `model_name` (a bearer `api_key` if given).
 
     default_max_tokens: the budget of a request that names none (None: the rest of the context,
     as OpenAI does). constrain_tools: constrain every tool call's arguments to its schema
-    (oss_mlx.constrain); structured outputs (response_format, text.format) are always honoured.
+    (oss_mlx.constrain); structured outputs (response_format, text.format) are always honoured. max_concurrency:
+    how many requests decode at once (batched; see oss_mlx.scheduler); 1 serves them one at a
+    time.
     """
     from fastapi import Depends, FastAPI
     from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -154,7 +157,7 @@ def create_app(engine, model_name: str, api_key: str | None = None,
     app = FastAPI(title="oss-mlx", version=__version__, lifespan=lifespan, docs_url=None,
                   redoc_url=None, openapi_url="/openapi.json")
     app.state.service = Service(engine, model_name, api_key, default_max_tokens,
-                                constrain_tools)
+                                constrain_tools, max_concurrency=max_concurrency)
     app.add_exception_handler(APIError, api_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(Exception, internal_error)

@@ -597,6 +597,14 @@ def add_arguments(p) -> None:
     from . import memory
 
     memory.add_memory_arguments(p)
+    p.add_argument("--serve", metavar="N,...",
+                   help="serving benchmark instead: N concurrent streaming clients over loopback "
+                        "HTTP for each N (e.g. 1,2,4,8), --gen-tokens each, the first "
+                        "--prompt-tokens long (see oss_mlx.bench_serve)")
+    p.add_argument("--serve-requests", type=int, default=3,
+                   help="with --serve: requests per client, each continuing its conversation")
+    p.add_argument("--serve-concurrency", type=int, default=None,
+                   help="with --serve: the server's --max-concurrency (default: the largest N)")
 
 
 def _positive_ints(text: str, what: str) -> list[int]:
@@ -643,6 +651,14 @@ def main(args) -> int:
         raise OssMlxError("say what to benchmark: --model M or --synth 20b|120b")
     if args.compare == "mlx-lm" and not source and model_dir is not None:
         raise OssMlxError("--compare mlx-lm needs the upstream checkpoint: pass --source DIR")
+    if args.serve:
+        from . import bench_serve
+
+        report = bench_serve.main(args, model_ref, _positive_ints(args.serve, "--serve"), log)
+        if args.json_path:
+            write_json({**report, "machine": machine_info(), "model": str(model_ref)},
+                       Path(args.json_path))
+        return 0
 
     machine = machine_info()
     runtimes = []

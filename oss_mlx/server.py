@@ -6,19 +6,21 @@
 Endpoints: GET /v1/models, POST /v1/chat/completions, POST /v1/responses, GET and DELETE
 /v1/responses/{id}, GET /health, GET /openapi.json.
 
-One model, one generation at a time: requests wait in a FIFO queue and a single worker thread
-runs them through the engine (which reuses its KV cache when a conversation grows). Tokens travel
-from the worker to the request's coroutine through an asyncio queue, so streaming never blocks the
-event loop. A client that goes away sets the generation's cancel event; the engine stops at the
-next token.
+Requests wait in a FIFO queue and a worker thread runs them through the engine (which reuses its
+KV cache when a conversation grows): one at a time, or with --max-concurrency N up to N decoding
+together in one batched model step (oss_mlx.scheduler, oss_mlx.batch). Tokens travel from the
+worker to the request's coroutine through an asyncio queue, so streaming never blocks the event
+loop. A client that goes away sets the generation's cancel event; the engine stops at the next
+token.
 
 Harmony in, OpenAI out: the final channel becomes `content` (Chat) or a `message` item
 (Responses), the analysis channel `reasoning_content` or a `reasoning` item, and a message to a
 declared tool a structured tool call with finish_reason "tool_calls". No harmony markup ever
 reaches the client: the engine's parser splits the channels, and we only forward their text.
 
-Where things live: this module holds the command and the job queue (Job, Scheduler, events);
-app.py builds the FastAPI app around a serving.Service; chat_completions.py and responses.py are
+Where things live: this module holds the command; scheduler.py the job queue (Job, Scheduler,
+events: one at a time, or up to --max-concurrency N decoding together in one batched step,
+batch.py); app.py builds the FastAPI app around a serving.Service; chat_completions.py and responses.py are
 the two generation routes; wire.py turns engine events into a client's view of the turn;
 openai_api.py maps the request shapes onto harmony.
 
@@ -48,123 +50,25 @@ Choices worth knowing:
 
 import asyncio
 import logging
-import queue
-import threading
-from dataclasses import dataclass, field
-from typing import Any
 
 
 # --------------------------------------------------------------------------------------------
-# One generation at a time, in arrival order.
+# The generation queue lives in oss_mlx.scheduler: one at a time, or --max-concurrency N
+# decoding together in one batched step (oss_mlx.batch).
 
-_END = object()
+from .scheduler import Job, Scheduler, events, release_streams  # noqa: E402,F401
+
 log = logging.getLogger("oss_mlx.server")
 
 
-@dataclass
-class Job:
-    conversation: Any
-    params: Any
-    loop: asyncio.AbstractEventLoop
-    events: asyncio.Queue = field(default_factory=asyncio.Queue)
-    cancel: threading.Event = field(default_factory=threading.Event)
-
-    def put(self, item):
-        # Called from the worker thread: hand the item to the request's event loop.
-        try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, item)
-        except RuntimeError:  # the loop is gone (server shutting down)
-            self.cancel.set()
-
-
-class Scheduler:
-    """A worker thread that runs queued jobs through the engine, first come first served."""
-
-    def __init__(self, engine):
-        self.engine = engine
-        self.current: Job | None = None
-        self._jobs: queue.Queue = queue.Queue()
-        self._thread = threading.Thread(target=self._run, name="oss-mlx-engine", daemon=True)
-        self._thread.start()
-
-    def submit(self, conversation, params) -> Job:
-        job = Job(conversation, params, asyncio.get_running_loop())
-        self._jobs.put(job)
-        return job
-
-    def cancel_all(self):
-        """Cancel the running job and every queued one; they end at their next token."""
-        for job in list(self._jobs.queue):
-            if job is not None:
-                job.cancel.set()
-        if self.current is not None:
-            self.current.cancel.set()
-
-    def close(self):
-        """Stop after cancelling the running job and every queued one."""
-        while True:
-            try:
-                job = self._jobs.get_nowait()
-            except queue.Empty:
-                break
-            if job is not None:
-                job.cancel.set()
-                job.put(_END)
-        if self.current is not None:
-            self.current.cancel.set()
-        self._jobs.put(None)
-        self._thread.join(timeout=30)
-
-    def _run(self):
-        try:
-            self._serve()
-        finally:
-            release_streams()
-
-    def _serve(self):
-        while (job := self._jobs.get()) is not None:
-            if job.cancel.is_set():  # the client left while waiting its turn
-                job.put(_END)
-                continue
-            self.current = job
-            try:
-                for ev in self.engine.stream(job.conversation, job.params, cancel=job.cancel):
-                    job.put(ev)
-            except Exception as e:  # noqa: BLE001 - reported to that request, the server lives on
-                job.put(e)
-            finally:
-                self.current = None
-            job.put(_END)
-
-
-def release_streams():
-    """Free the MLX streams of this thread before it ends. MLX no longer cleans up at exit by
-    itself: a thread that ran MLX work and exits without this can abort the process at
-    shutdown ("terminate called without an active exception", exit 134)."""
-    import sys
-
-    if "mlx.core" in sys.modules:
-        sys.modules["mlx.core"].clear_streams()
-
-
-async def events(job: Job):
-    """The engine events of `job`; leaving early (client gone, stop string) cancels it."""
-    try:
-        while (ev := await job.events.get()) is not _END:
-            if isinstance(ev, Exception):
-                raise ev
-            yield ev
-    finally:
-        job.cancel.set()
-
-
 def create_app(engine, model_name: str, api_key: str | None = None,
-               default_max_tokens: int | None = None, constrain_tools: bool = True):
+               default_max_tokens: int | None = None, constrain_tools: bool = True,
+               max_concurrency: int = 1):
     """The FastAPI app serving `engine` as `model_name` (see oss_mlx.app.create_app)."""
     from .app import create_app as build
 
     return build(engine, model_name, api_key=api_key, default_max_tokens=default_max_tokens,
-                 constrain_tools=constrain_tools)
+                 constrain_tools=constrain_tools, max_concurrency=max_concurrency)
 
 
 # --------------------------------------------------------------------------------------------
@@ -190,6 +94,9 @@ def add_arguments(parser):
                         help="do not constrain tool-call arguments to each tool's JSON schema "
                              "(on by default: arguments always parse and have their required "
                              "fields)")
+    parser.add_argument("--max-concurrency", type=int, default=4, metavar="N",
+                        help="requests decoded at once in one batched model step; more wait "
+                             "their turn in arrival order (default: 4; 1: one at a time)")
     parser.add_argument("--demo", action="store_true",
                         help="serve a tiny random-weight model made on the spot, as "
                              "'tiny-random' (no download; its output is noise)")
@@ -219,6 +126,8 @@ def main(args, engine_factory=None) -> int:
         raise OssMlxError(f"--port {args.port}: not a port number")
     if args.max_tokens is not None and args.max_tokens < 1:
         raise OssMlxError(f"--max-tokens {args.max_tokens}: must be at least 1")
+    if args.max_concurrency < 1:
+        raise OssMlxError(f"--max-concurrency {args.max_concurrency}: must be at least 1")
     # Bind before loading the model: a taken port is a one-line error, not a wasted load.
     try:
         family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
@@ -242,7 +151,8 @@ def main(args, engine_factory=None) -> int:
                   else memory.load_engine(str(model_dir), args, **cache_options(args)))
         name = args.name or default_name
         app = create_app(engine, name, api_key=args.api_key, default_max_tokens=max_tokens,
-                         constrain_tools=args.constrain_tools)
+                         constrain_tools=args.constrain_tools,
+                         max_concurrency=args.max_concurrency)
         port = sock.getsockname()[1]
         sock.listen(128)  # from here connections queue until uvicorn accepts them
         print(f"oss-mlx: serving {name!r} at http://{args.host}:{port}/v1"

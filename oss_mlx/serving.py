@@ -96,6 +96,7 @@ class Service:
     api_key: str | None = None
     default_max_tokens: int | None = None
     constrain_tools: bool = True  # tool-call arguments follow each tool's schema (constrain.py)
+    max_concurrency: int = 1  # requests decoding at once (oss_mlx.scheduler)
     scheduler: Any = None  # set by the app's lifespan
     thoughts: Memory = field(default_factory=lambda: Memory(4096))  # call id -> reasoning
     responses: Memory = field(default_factory=lambda: Memory(256))  # stored responses
@@ -183,7 +184,7 @@ def failure(e: Exception) -> APIError:
 async def generation(service: Service, job, turn: Turn):
     """The client-facing pieces of each engine event (see Turn.feed); a ("message", None) piece
     marks a harmony message boundary. A stop string cancels the rest."""
-    from .server import events
+    from .scheduler import events
 
     async for ev in events(job):
         pieces = turn.feed(ev)

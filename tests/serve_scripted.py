@@ -63,6 +63,7 @@ def main(argv=None) -> int:
     parser.add_argument("--responsive", action="store_true",
                         help="choose each reply from the prompt")
     args = parser.parse_args(argv)
+    args.max_concurrency = 1  # a ScriptedModel replays one request at a time (no batching)
     args.model = str(vocab_dir(Path(tempfile.mkdtemp(prefix="oss-mlx-scripted-"))))
     args.name = args.name or "scripted-oss"
 
