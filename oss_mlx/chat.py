@@ -858,9 +858,9 @@ def load_engine(model_dir):
 
         module, _, func = hook.partition(":")
         return getattr(importlib.import_module(module), func)(model_dir)
-    from .engine import Engine
+    from .distributed import load_engine  # one rank of an mlx.launch: see oss_mlx.distributed
 
-    return Engine.load(model_dir)
+    return load_engine(model_dir)
 
 
 # --------------------------------------------------------------------------------------------

@@ -53,7 +53,8 @@ _NOTES = {
 def main(args) -> int:
     # Never reach for the network: the model folder has everything.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from .engine import Engine, SamplingParams
+    from .distributed import load_engine
+    from .engine import SamplingParams
     from .errors import OssMlxError
     from .harmony import build_conversation, user_message
 
@@ -62,7 +63,7 @@ def main(args) -> int:
     if args.temperature < 0 or not (0 < args.top_p <= 1):
         raise OssMlxError("--temperature must be >= 0 and --top-p in (0, 1]")
     prompt = _read_prompt(args.prompt)
-    engine = Engine.load(args.model)
+    engine = load_engine(args.model)  # one rank of an mlx.launch: see oss_mlx.distributed
     conv = build_conversation(
         [user_message(prompt)], reasoning=args.reasoning, system=args.system,
         developer_instructions=args.developer,

@@ -750,7 +750,7 @@ def main(args) -> int:
 
     import uvicorn
 
-    from .engine import Engine
+    from .distributed import load_engine
     from .errors import OssMlxError
 
     if not 0 <= args.port < 65536:
@@ -774,7 +774,7 @@ def main(args) -> int:
         else:
             model_dir, default_name = args.model, Path(str(args.model).rstrip("/")).name
             max_tokens = args.max_tokens
-        engine = Engine.load(str(model_dir))
+        engine = load_engine(str(model_dir))  # one rank of an mlx.launch: see oss_mlx.distributed
         name = args.name or default_name
         app = create_app(engine, name, api_key=args.api_key, default_max_tokens=max_tokens)
         port = sock.getsockname()[1]
