@@ -224,6 +224,8 @@ class LeaderEngine:
                 raise
             except OssMlxError:
                 raise  # raised identically on every rank (e.g. the prompt is too long)
+            except KeyboardInterrupt:
+                fatal("rank 0: interrupted; ending the session on every rank")
             except BaseException as e:  # noqa: BLE001 - the ranks would disagree from here on
                 lost(self.link.rank, self.link.size, e)
 
@@ -308,6 +310,7 @@ def load_engine(model, dtype=None):
     rank 0 gets a LeaderEngine back and every other rank follows it, then exits."""
     from .engine import Engine
 
+    dtype = dtype or os.environ.get("OSS_MLX_DTYPE") or None  # e.g. float32 for comparisons
     if not launched():
         return Engine.load(model, dtype=dtype)
     group = init()
