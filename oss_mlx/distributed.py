@@ -284,6 +284,10 @@ def init():
     """The launch's group (its size may be 1)."""
     import mlx.core as mx
 
+    hostfile = os.environ.get("MLX_HOSTFILE")
+    if hostfile and os.path.isfile(hostfile) and not open(hostfile).read().strip():
+        os.environ.pop("MLX_HOSTFILE")  # `mlx.launch -n 1` writes an empty one: one rank alone
+        return mx.distributed.init()
     try:
         return mx.distributed.init(strict=True)
     except RuntimeError as e:

@@ -61,7 +61,8 @@ def share(total: int, parts: int, rank: int, unit: int = 1) -> tuple[int, int]:
 class Comm:
     """The collectives of the sharded layers, counted as the graph is built.
 
-    payload_bytes: bytes handed to collectives (per rank) since `reset`; calls: how many.
+    payload_bytes: bytes handed to collectives (per rank) since `reset`, of which
+    gather_bytes went to all_gather; calls: how many collectives.
     enabled=False turns every collective into the identity (wrong numbers, same compute): the
     benchmark's way to time a token without its communication. `tick` is called on each
     collective built (the watchdog's sign of progress).
@@ -70,6 +71,7 @@ class Comm:
     group: object
     enabled: bool = True
     payload_bytes: int = 0
+    gather_bytes: int = 0
     calls: int = 0
     tick: object = None
 
@@ -78,7 +80,7 @@ class Comm:
         return self.group.size()
 
     def reset(self):
-        self.payload_bytes, self.calls = 0, 0
+        self.payload_bytes, self.gather_bytes, self.calls = 0, 0, 0
 
     def _count(self, x):
         self.payload_bytes += x.nbytes
@@ -93,15 +95,18 @@ class Comm:
     def all_gather(self, x):
         """[n * x.shape[0], ...]: every rank's x, in rank order."""
         self._count(x)
+        self.gather_bytes += x.nbytes
         if not self.enabled:
             return mx.concatenate([x] * self.size)
         return mx.distributed.all_gather(x, group=self.group)
 
-    def wire_bytes(self, payload: int, kind: str = "all_sum") -> float:
-        """Bytes each rank sends for a collective of `payload` bytes per rank on a ring:
-        all_sum = reduce-scatter + all-gather = 2 (n-1)/n payload; all_gather = (n-1) payload."""
+    def wire_bytes(self) -> float:
+        """Bytes each rank sends on a ring for the collectives counted since `reset`: an
+        all_sum is a reduce-scatter and an all-gather, 2 (n-1)/n of its payload; an all_gather
+        forwards the n-1 other ranks' parts, (n-1) times its payload."""
         n = self.size
-        return 2 * (n - 1) / n * payload if kind == "all_sum" else (n - 1) * payload
+        summed = self.payload_bytes - self.gather_bytes
+        return 2 * (n - 1) / n * summed + (n - 1) * self.gather_bytes
 
 
 # ---- the sharded layers ----------------------------------------------------------------------
