@@ -275,3 +275,23 @@ def test_stopped_rank_ends_rank0_within_the_timeout(tiny_model):
             except ProcessLookupError:
                 pass
         p.wait(timeout=30)
+
+
+def test_bench_two_ranks_reports_communication(tiny_model, tmp_path):
+    from oss_mlx.store import read_model_config
+
+    cfg = ModelConfig.from_dict(read_model_config(Path(tiny_model))["model"])
+    out, err = run_launch(2, ["-m", "oss_mlx.cli", "bench", "--model", str(tiny_model),
+                              "--prompt-tokens", "16", "--gen-tokens", "4", "--chunk-size", "8",
+                              "--json", str(tmp_path / "bench.json")])
+    r = json.loads((tmp_path / "bench.json").read_text())
+    assert r["ranks"] == 2 and len(r["per_rank"]) == 2
+    assert r["decode_tps"] > 0 and r["prefill_tps"] > 0 and r["comm_s_per_decoded_token"] >= 0
+    # Per decoded token: two float32 [1, 1, hidden] all_sums per layer (attention, experts) and
+    # one all_gather of this rank's half of the bf16 logits.
+    sums = 2 * cfg.num_hidden_layers * cfg.hidden_size * 4
+    gather = -(-cfg.vocab_size // 2) * 2
+    assert r["payload_bytes_per_decoded_token"] == sums + gather
+    assert r["collectives_per_decoded_token"] == 2 * cfg.num_hidden_layers + 1
+    assert r["wire_bytes_per_decoded_token"] == sums + gather  # n = 2: 2 (n-1)/n = 1, n-1 = 1
+    assert "decode 4 tokens" in out and "ms/token communicating" in out
