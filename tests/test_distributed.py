@@ -63,7 +63,7 @@ def run_launch(n, args, timeout=240, env=None):
     try:
         out, err = p.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        p.kill()
+        end_launch(p)
         raise
     return out, err
 
@@ -221,12 +221,31 @@ def rank_pids(launcher: subprocess.Popen) -> dict[int, int]:
     return ranks
 
 
+def end_launch(launcher: subprocess.Popen, pids: dict | None = None):
+    """Kill what is left of a launch: its ranks first (killing mlx.launch alone orphans them)."""
+    try:
+        pids = {**rank_pids(launcher), **(pids or {})}
+    except OSError:  # the launcher is gone already
+        pids = pids or {}
+    for pid in pids.values():
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    launcher.kill()
+    launcher.wait(timeout=30)
+
+
 def serve_two_ranks(model, env=None):
     port = free_ports(1)
     p = launch(2, ["-m", "oss_mlx.cli", "serve", "--model", str(model), "--port", str(port),
                    "--name", "tiny"], env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     out, err = Output(p.stdout), Output(p.stderr)
-    out.wait_for(r"serving 'tiny' at", 180)
+    try:
+        out.wait_for(r"serving 'tiny' at", 180)
+    except BaseException:
+        end_launch(p)
+        raise
     return p, port, out, err
 
 
@@ -248,7 +267,7 @@ def test_serve_two_ranks_answers_openai_then_ends_when_rank1_dies(tiny_model):
         assert "Traceback" not in err.text, err.text
         assert line.count("\n") == 1
     finally:
-        p.kill()
+        end_launch(p)
 
 
 def test_stopped_rank_ends_rank0_within_the_timeout(tiny_model):
@@ -269,12 +288,7 @@ def test_stopped_rank_ends_rank0_within_the_timeout(tiny_model):
         assert "Traceback" not in err.text
     finally:
         # mlx.launch waits on the stopped rank it was told to end: kill it for the launch to end.
-        for pid in pids.values():
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        p.wait(timeout=30)
+        end_launch(p, pids)
 
 
 def test_bench_two_ranks_reports_communication(tiny_model, tmp_path):
