@@ -86,9 +86,11 @@ def measure(args) -> dict:
     dtype = None if args.dtype == "auto" else args.dtype
     group = init()
     rank, size = group.rank(), group.size()
+    t = time.perf_counter()
     engine, sharding = load_sharded(args.model, dtype, group)
     model, comm = engine.model, sharding.comm
     mx.eval(model.parameters())
+    load_s = time.perf_counter() - t
     weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
     V = model.config.vocab_size
     prompt = mx.array(np.random.default_rng(args.seed).integers(0, V, (1, prompt_len)))
@@ -100,8 +102,8 @@ def measure(args) -> dict:
     without = _timed_run(model, prompt, gen, args.chunk_size, comm)
     comm.enabled = True
     latency = _latency(group, model.config.hidden_size) if size > 1 else 0.0
-    mem = mx.array([weights >> 10, peak >> 10, _rss() >> 10, sharding.bytes_read >> 10],
-                   dtype=mx.int32)  # KiB
+    mem = mx.array([weights >> 10, peak >> 10, _rss() >> 10, sharding.bytes_read >> 10,
+                    int(load_s * 1000)], dtype=mx.int32)  # KiB, and ms
     every = np.array(mx.distributed.all_gather(mem[None], group=group)).tolist() if size > 1 \
         else [np.array(mem).tolist()]
     (pf, dec, payload, wire, calls), (pf0, dec0, *_) = with_comm, without
@@ -117,7 +119,7 @@ def measure(args) -> dict:
         "wire_bytes_per_decoded_token": wire,
         "all_sum_latency_s": latency,
         "per_rank": [{"rank": r, "weights_bytes": m[0] << 10, "peak_bytes": m[1] << 10,
-                      "rss_bytes": m[2] << 10, "bytes_read": m[3] << 10}
+                      "rss_bytes": m[2] << 10, "bytes_read": m[3] << 10, "load_s": m[4] / 1000}
                      for r, m in enumerate(every)],
     }
 
@@ -141,7 +143,7 @@ def main(args) -> int:
     for m in r["per_rank"]:
         print(f"  rank {m['rank']}: weights {m['weights_bytes'] / 2**30:.2f} GiB, peak "
               f"{m['peak_bytes'] / 2**30:.2f} GiB, RSS {m['rss_bytes'] / 2**30:.2f} GiB, read "
-              f"{m['bytes_read'] / 2**30:.2f} GiB")
+              f"{m['bytes_read'] / 2**30:.2f} GiB, loaded in {m['load_s']:.1f} s")
     if getattr(args, "json_path", None):
         Path(args.json_path).write_text(json.dumps(report, indent=2))
     return 0
