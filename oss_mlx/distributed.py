@@ -23,6 +23,7 @@ exits non-zero, which makes mlx.launch stop the remaining ranks.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -108,12 +109,13 @@ class Link:
         self.watchdog = watchdog
         self.lock = threading.Lock()  # one conversation with the ranks at a time (rank 0)
 
-    def _all_sum(self, array):
+    def _all_sum(self, array, stream=None):
+        """all_sum evaluated now; `stream` None is this thread's default stream (a request is
+        sent while nothing else is queued), else the one whose queued work it must follow."""
         import mlx.core as mx
-        from mlx_lm.generate import generation_stream  # the stream the engine decodes on
 
         try:
-            with mx.stream(generation_stream):
+            with mx.stream(stream) if stream is not None else contextlib.nullcontext():
                 out = mx.distributed.all_sum(array, group=self.group)
                 mx.eval(out)
         except Exception as e:  # noqa: BLE001 - a lost peer: end every rank, one line
@@ -146,8 +148,10 @@ class Link:
     def agree(self, flag: bool) -> bool:
         """True on every rank when rank 0 says so (the others pass False)."""
         import mlx.core as mx
+        from mlx_lm.generate import generation_stream  # behind the decode step it queued
 
-        return bool(self._all_sum(mx.array([int(flag) if self.rank == 0 else 0])).item())
+        flag = mx.array([int(flag) if self.rank == 0 else 0])
+        return bool(self._all_sum(flag, generation_stream).item())
 
 
 class SharedCancel:
