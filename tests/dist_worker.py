@@ -35,7 +35,7 @@ def main(folder, out, moe):
         mx.eval(steps[-1])
         steps.append(model(mx.array([[t]]), cache)[0, -1])
     mx.eval(steps)
-    greedy = engine.complete(GREEDY_PROMPT, SamplingParams(temperature=0, max_tokens=24)).tokens
+    greedy = engine.complete(GREEDY_PROMPT, SamplingParams(temperature=0, max_tokens=12)).tokens
     out = Path(out)
     if group.rank() == 0:
         np.savez(out / "logits.npz", full=np.array(full), steps=np.array(mx.stack(steps)))

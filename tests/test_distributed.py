@@ -103,7 +103,7 @@ def single_process(folder):
     steps = [m.prefill(mx.array([TOKENS[:PREFILL]]), cache, chunk_size=5)[0]]
     for t in TOKENS[PREFILL:]:
         steps.append(m(mx.array([[t]]), cache)[0, -1])
-    greedy = engine.complete(GREEDY_PROMPT, SamplingParams(temperature=0, max_tokens=24)).tokens
+    greedy = engine.complete(GREEDY_PROMPT, SamplingParams(temperature=0, max_tokens=12)).tokens
     return np.array(full), np.array(mx.stack(steps)), greedy
 
 
@@ -259,6 +259,18 @@ def test_serve_two_ranks_answers_openai_then_ends_when_rank1_dies(tiny_model):
                                            max_tokens=6, temperature=0)
         assert r.object == "chat.completion"
         assert r.usage.completion_tokens == 6 and r.choices[0].finish_reason == "length"
+        # A client that leaves mid-stream cancels the generation on every rank at the same
+        # token: the next request still runs in lockstep and gives the same answer.
+        with client.chat.completions.create(model="tiny", stream=True, max_tokens=400,
+                                            messages=[{"role": "user", "content": "Go on"}],
+                                            temperature=0) as stream:
+            for i, _ in enumerate(stream):
+                if i == 3:
+                    break
+        again = client.chat.completions.create(model="tiny", temperature=0, max_tokens=6,
+                                               messages=[{"role": "user", "content": "Hi"}])
+        assert again.choices[0].message == r.choices[0].message
+        assert again.usage.completion_tokens == 6
         os.kill(rank_pids(p)[1], signal.SIGKILL)
         t0 = time.monotonic()
         p.wait(timeout=60)
