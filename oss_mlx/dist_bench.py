@@ -128,6 +128,8 @@ def main(args) -> int:
     report = measure(args)
     if report["rank"] != 0:
         return 0
+    if getattr(args, "json_path", None):  # first: the report survives a closed stdout
+        Path(args.json_path).write_text(json.dumps(report, indent=2))
     r = report
     print(f"oss-mlx bench, {r['ranks']} rank(s), {r['model']} (experts {r['moe']}):")
     print(f"  prefill {r['prompt_tokens']} tokens: {r['prefill_tps']:.1f} tok/s "
@@ -144,6 +146,4 @@ def main(args) -> int:
         print(f"  rank {m['rank']}: weights {m['weights_bytes'] / 2**30:.2f} GiB, peak "
               f"{m['peak_bytes'] / 2**30:.2f} GiB, RSS {m['rss_bytes'] / 2**30:.2f} GiB, read "
               f"{m['bytes_read'] / 2**30:.2f} GiB, loaded in {m['load_s']:.1f} s")
-    if getattr(args, "json_path", None):
-        Path(args.json_path).write_text(json.dumps(report, indent=2))
     return 0
