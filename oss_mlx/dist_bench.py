@@ -147,3 +147,49 @@ def main(args) -> int:
               f"{m['peak_bytes'] / 2**30:.2f} GiB, RSS {m['rss_bytes'] / 2**30:.2f} GiB, read "
               f"{m['bytes_read'] / 2**30:.2f} GiB, loaded in {m['load_s']:.1f} s")
     return 0
+
+
+def comm_only(preset: str = "120b", layers: int = 36, prompt: int = 128, reps: int = 20) -> dict:
+    """The collectives of one decoded token and of one prefill chunk of a preset's shapes, run
+    alone (no weights): the loopback cost of the communication, apart from any compute.
+
+        mlx.launch --backend ring -n 2 --hosts 127.0.0.1 -- python -m oss_mlx.dist_bench 120b
+    """
+    import mlx.core as mx
+
+    from .convert.synth import PRESETS
+    from .distributed import init
+
+    cfg, group = PRESETS[preset], init()
+    n = group.size()
+    H, V = cfg.hidden_size, cfg.vocab_size
+
+    def token(T: int, logits: bool):
+        outs = []
+        x = mx.ones((1, T, H))
+        for _ in range(2 * layers):  # attention and experts of each layer, one after the other
+            x = mx.distributed.all_sum(x, group=group) * (1.0 / n)
+        outs.append(x)
+        if logits:
+            outs.append(mx.distributed.all_gather(mx.ones((1, 1, 1, -(-V // n)), dtype=mx.bfloat16),
+                                                  group=group))
+        mx.eval(outs)
+
+    def timed(T, logits):
+        token(T, logits)
+        t = time.perf_counter()
+        for _ in range(reps):
+            token(T, logits)
+        return (time.perf_counter() - t) / reps
+
+    return {"preset": preset, "layers": layers, "ranks": n,
+            "decode_comm_s_per_token": timed(1, True),
+            "prefill_comm_s_per_chunk": timed(prompt, False), "chunk_tokens": prompt}
+
+
+if __name__ == "__main__":
+    import sys
+
+    r = comm_only(*(sys.argv[1:2] or ["120b"]))
+    if r and __import__("mlx.core", fromlist=["distributed"]).distributed.init().rank() == 0:
+        print(json.dumps(r))
