@@ -3,8 +3,8 @@
     python benchmarks/plot.py benchmarks/results/*.json -o benchmarks/results/decode.png
 
 One line per runtime per file (solid for oss-mlx, dashed for mlx-lm); the x axis is the prompt
-length the decode started from (log scale). Needs matplotlib (`pip install matplotlib`), which
-the package itself does not.
+length the decode started from (log scale). Needs matplotlib: `pip install 'oss-mlx[bench]'`
+(the dev extra has it too).
 """
 
 from __future__ import annotations
@@ -34,7 +34,10 @@ def series(report: dict) -> dict[str, tuple[list[int], list[float]]]:
 
 
 def plot(reports: list[dict], out: Path, title: str | None = None) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        sys.exit("plot.py: needs matplotlib: pip install 'oss-mlx[bench]' (or pip install matplotlib)")
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -149,7 +149,7 @@ def main(argv=None) -> int:
     table: dict[str, dict[str, float]] = {}
     totals: dict[str, float] = {}
     raw: dict[str, dict[str, float]] = {}
-    loaders = [(d, lambda d=d: bench.load_ours(model_dir, d)) for d in args.dtype.split(",")]
+    loaders = [(d, lambda d=d: bench.load_ours(model_dir, d, decode="plain")) for d in args.dtype.split(",")]
     if not args.no_mlx_lm:
         loaders.append(("mlx-lm", lambda: bench.load_mlx_lm(source)))
     profilers = []

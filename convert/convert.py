@@ -18,6 +18,7 @@ What it does (the output format is the project contract; spec sections 3-4):
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import sys
@@ -44,11 +45,18 @@ HUB_FILES = ["config.json", "model*.safetensors", "model.safetensors.index.json"
 @dataclass
 class Source:
     folder: Path
-    layout: str  # "hf" | "original"
+    layout: str  # "hf" | "original" | "mlx-lm"
     config: ModelConfig
     tensors: dict[str, stio.TensorInfo]
     origin: str  # what the user passed (path or Hub id)
     revision: str | None = None
+    dense: dict | None = None  # mlx-lm: its dense modules' affine quantization (layout.mlx_lm_dense)
+
+    def parts(self, ours, orig, hf, dtype, shape) -> list[tuple[str, str, tuple[int, ...]]]:
+        """(source name, dtype, shape) of the tensors that hold our tensor `ours`, in order."""
+        if self.layout == "mlx-lm":
+            return L.mlx_lm_parts(self.config, ours, hf, dtype, shape, self.dense)
+        return [(n, dtype, s) for n, s in L.upstream_parts(self.config, self.layout, orig, hf, shape)]
 
 
 # ---- reading the source -----------------------------------------------------------------
@@ -113,21 +121,8 @@ def _find_layout(folder: Path) -> tuple[Path, str, ModelConfig]:
 
 def _load_tensors(folder: Path) -> dict[str, stio.TensorInfo]:
     """Every tensor of the checkpoint, via the index file when there is one."""
+    files, weight_map = stio.shard_files(folder)
     index = folder / "model.safetensors.index.json"
-    weight_map = None
-    if index.is_file():
-        weight_map = _read_json(index).get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise OssMlxError(f"{index} has no weight_map")
-        files = sorted(set(weight_map.values()))
-        for f in files:
-            if not (folder / f).is_file():
-                raise OssMlxError(f"missing shard {f} (listed in {index.name}) in {folder}")
-        files = [folder / f for f in files]
-    else:
-        files = sorted(folder.glob("*.safetensors"))
-        if not files:
-            raise OssMlxError(f"{folder} has no .safetensors weights")
     tensors = {}
     for f in files:
         tensors.update(stio.read_header(f))
@@ -140,7 +135,8 @@ def _load_tensors(folder: Path) -> dict[str, stio.TensorInfo]:
 
 def _check_tensors(src: Source) -> None:
     """Names, dtypes and shapes exactly as the config implies (spec 3.1/3.2)."""
-    expected = L.upstream_tensors(src.config, src.layout)
+    expected = {name: (dtype, shape) for entry in L.entries(src.config)
+                for name, dtype, shape in src.parts(*entry)}
     missing = [n for n in expected if n not in src.tensors]
     if missing:
         hint = ""
@@ -172,13 +168,16 @@ def _normalized(cfg: ModelConfig) -> ModelConfig:
 
 def open_source(src: str | os.PathLike) -> Source:
     """Resolve SRC (local folder or Hub id), detect its layout and check every tensor."""
-    from oss_mlx.store import is_hub_id
+    from oss_mlx.store import is_hub_id, model_arg, read_model_config
 
     s = str(src)
     p = Path(s).expanduser()
     revision = None
     if p.is_dir():
         folder = p.resolve()
+        if read_model_config(folder) is not None:
+            raise OssMlxError(f"{s} is already a converted oss-mlx model: nothing to convert "
+                              f"(use it with --model {model_arg(folder)})")
     elif is_hub_id(s):
         folder, revision = _download(s)
     elif p.exists():
@@ -191,6 +190,12 @@ def open_source(src: str | os.PathLike) -> Source:
         raise OssMlxError(f"unsupported dimensions hidden={cfg.hidden_size} "
                           f"intermediate={cfg.intermediate_size} (need multiples of 32)")
     source = Source(folder, lay, cfg, _load_tensors(folder), s, revision)
+    if lay == "hf" and L.is_mlx_lm(source.tensors):
+        source.layout = "mlx-lm"
+        try:
+            source.dense = L.mlx_lm_dense(cfg, source.tensors)
+        except ValueError as e:
+            raise OssMlxError(f"{folder}: unsupported mlx-lm quantization ({e})") from None
     _check_tensors(source)
     return source
 
@@ -256,37 +261,63 @@ def _quantize_rows(parts: list[stio.TensorInfo], cols: int):
     yield from biases
 
 
+def _per_expert(parts: list[stio.TensorInfo]):
+    """Per expert, the expert's slice of each part in turn (mlx-lm's gate rows, then up rows)."""
+    for e in range(parts[0].shape[0]):
+        for t in parts:
+            per_expert = t.nbytes // t.shape[0]
+            yield stio.read_bytes(t, e * per_expert, per_expert)
+
+
+def _mlx_lm_job(src: Source, entry) -> stio.Job:
+    """One of our tensors from an mlx-lm folder: a pure byte copy (its experts are already MLX
+    mxfp4, its quantized modules already MLX affine), so the conversion is lossless."""
+    ours, shape = entry[0], entry[4]
+    parts = [src.tensors[n] for n, _, _ in src.parts(*entry)]
+    T = stio.TensorInfo
+    lf = L.leaf(ours)
+    if lf in L.MLX_LM_EXPERTS:
+        kind, names = L.MLX_LM_EXPERTS[lf]
+        out_shape = (parts[0].shape[0], sum(t.shape[1] for t in parts)) + parts[0].shape[2:]
+        produce = (lambda p=parts: _per_expert(p)) if len(names) > 1 else (lambda p=parts: _concat_bytes(p))
+        return stio.Job([T(ours, kind, out_shape)], produce)
+    module = L.module_of(ours)
+    if src.dense is not None and module in src.dense["modules"]:
+        stem = ours[: -len(".weight")]
+        n = len(parts) // 3
+        rows = sum(t.shape[0] for t in parts[:n])
+        out = [T(ours, "U32", (rows, parts[0].shape[1])),
+               T(f"{stem}.scales", "BF16", (rows, parts[n].shape[1])),
+               T(f"{stem}.biases", "BF16", (rows, parts[2 * n].shape[1]))]
+        return stio.Job(out, lambda p=parts: _concat_bytes(p))
+    return stio.Job([T(ours, entry[3], shape)], lambda p=parts: _concat_bytes(p))
+
+
 def _jobs(src: Source, dense_bits: int) -> list[stio.Job]:
     cfg = src.config
+    if src.layout == "mlx-lm":
+        return [_mlx_lm_job(src, entry) for entry in L.entries(cfg)]
     quantized = {f"{m}.weight" for m in DENSE_Q8["modules"]} if dense_bits == 8 else set()
     jobs = []
     for ours, orig, hf, dtype, shape in L.entries(cfg):
-        parts = [src.tensors[n] for n, _ in L.upstream_parts(cfg, src.layout, orig, hf, shape)]
-        leaf = L.leaf(ours)
+        parts = [src.tensors[n] for n, _, _ in src.parts(ours, orig, hf, dtype, shape)]
+        spec = L.spec(ours)
         T = stio.TensorInfo
-        if leaf == "mlp.experts.gate_up.weight":
-            e, rows, g, _ = shape
-            out = [T(ours, "U32", (e, rows, g * 4))]
-            produce = (lambda t=parts[0], rb=g * 16: _deinterleave_experts(t, rb))
-        elif leaf == "mlp.experts.gate_up.scales":
-            out = [T(ours, "U8", shape)]
-            produce = (lambda t=parts[0], rb=shape[2]: _deinterleave_experts(t, rb))
-        elif leaf == "mlp.experts.gate_up.bias":
-            out = [T(ours, "BF16", shape)]
-            produce = (lambda t=parts[0], rb=2: _deinterleave_experts(t, rb))
-        elif leaf == "mlp.experts.down.weight":
-            e, rows, g, _ = shape
-            out = [T(ours, "U32", (e, rows, g * 4))]
-            produce = (lambda p=parts: _concat_bytes(p))
-        elif leaf in quantized:
+        if f"{L.leaf(ours)}" in quantized:
             rows, cols = shape
             stem = ours[: -len(".weight")]
             out = [T(ours, "U32", (rows, cols // 4)), T(f"{stem}.scales", "BF16", (rows, cols // 64)),
                    T(f"{stem}.biases", "BF16", (rows, cols // 64))]
             produce = (lambda p=parts, c=cols: _quantize_rows(p, c))
-        else:  # bf16 as stored (HF q/k/v concatenated into the fused qkv rows q | k | v)
-            out = [T(ours, dtype, shape)]
-            produce = (lambda p=parts: _concat_bytes(p))
+        else:
+            # MXFP4 blocks U8 [.., in/32, 16] are MLX's U32 [.., in/8]: the same bytes.
+            out_shape = shape[:-2] + (shape[-2] * shape[-1] // 4,) if spec.stored == "U32" else shape
+            out = [T(ours, spec.stored or dtype, out_shape)]
+            if spec.transform == "deinterleave":
+                row_bytes = math.prod(shape[2:]) * stio.ITEMSIZE[dtype]
+                produce = (lambda t=parts[0], rb=row_bytes: _deinterleave_experts(t, rb))
+            else:  # bytes as stored (HF q/k/v concatenated into the fused qkv rows q | k | v)
+                produce = (lambda p=parts: _concat_bytes(p))
         jobs.append(stio.Job(out, produce))
     return jobs
 
@@ -295,16 +326,32 @@ def _jobs(src: Source, dense_bits: int) -> list[stio.Job]:
 
 
 def _check_out(src: Source, out: Path, force: bool) -> None:
-    from oss_mlx.store import read_model_config
+    from oss_mlx.store import model_arg, read_model_config
 
     s, o = src.folder.resolve(), out.resolve()
     if o == s or o in s.parents or s in o.parents:
         raise OssMlxError(f"output {out} overlaps the source {src.folder}")
     if out.exists():
+        if not force and read_model_config(out) is not None:
+            raise OssMlxError(f"{out} already exists: use it with --model {model_arg(out)} "
+                              f"(or convert again with --force to replace it)")
         if not force:
             raise OssMlxError(f"{out} already exists (use --force to replace it)")
         if read_model_config(out) is None and not (out.is_dir() and not any(out.iterdir())):
             raise OssMlxError(f"{out} exists and is not an oss-mlx model folder; not replacing it")
+
+
+def _mlx_lm_dense_choice(source: Source, dense_bits: int) -> dict | None:
+    """An mlx-lm folder's dense weights are copied as they are: say so, and refuse a
+    --dense-bits that would need a lossy requantization."""
+    d = source.dense
+    have = f"affine {d['bits']}-bit, group {d['group_size']}" if d else "bf16"
+    if dense_bits == 8 and (d is None or (d["bits"], d["group_size"]) != (8, 64)):
+        raise OssMlxError(f"{source.folder} is an mlx-lm folder with {have} dense weights; it is "
+                          f"converted losslessly as it is: leave out --dense-bits 8")
+    print(f"oss-mlx: note: {source.folder} is an mlx-lm gpt_oss folder: converting it losslessly "
+          f"(experts already mxfp4, dense weights kept {have})", file=sys.stderr)
+    return d
 
 
 def convert(src, out=None, dense_bits: int = 16, force: bool = False, vocab_file=None) -> Path:
@@ -316,6 +363,9 @@ def convert(src, out=None, dense_bits: int = 16, force: bool = False, vocab_file
         raise OssMlxError(f"--dense-bits must be 16 or 8, not {dense_bits}")
     source = open_source(src)
     c = source.config
+    dense = dict(DENSE_Q8) if dense_bits == 8 else None
+    if source.layout == "mlx-lm":
+        dense = _mlx_lm_dense_choice(source, dense_bits)
     if dense_bits == 8 and (c.hidden_size % 64 or (c.num_attention_heads * c.head_dim) % 64):
         raise OssMlxError("--dense-bits 8 needs hidden size and attention width divisible by 64")
     out = Path(out).expanduser() if out is not None else store_path_for(src, dense_bits)
@@ -336,7 +386,7 @@ def convert(src, out=None, dense_bits: int = 16, force: bool = False, vocab_file
             "model_type": "gpt_oss", "format": "oss-mlx", "format_version": 1,
             "model": source.config.to_dict(),
             "quantization": {"experts": dict(EXPERTS_MXFP4),
-                             "dense": dict(DENSE_Q8) if dense_bits == 8 else None},
+                             "dense": dense},
             "dtype": "bfloat16",
         }
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -349,7 +399,7 @@ def convert(src, out=None, dense_bits: int = 16, force: bool = False, vocab_file
             "format": "oss-mlx", "format_version": 1,
             "source": source.origin, "source_folder": str(source.folder),
             "source_layout": source.layout, "source_revision": source.revision,
-            "dense_bits": dense_bits,
+            "dense_bits": dense["bits"] if dense else 16,
             "vocabulary": {"file": vocab.O200K_FILE, "from": vocab_from, "sha256": vocab.O200K_SHA256},
             "versions": {"oss-mlx": __version__, "mlx": mx.__version__,
                          "python": platform.python_version()},

@@ -85,6 +85,29 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
     return tensors
 
 
+def shard_files(folder: Path, pattern: str = "*.safetensors") -> tuple[list[Path], dict | None]:
+    """The weight files of a checkpoint or model folder, and the index's weight_map if any: the
+    files the index lists (each must exist), else the files matching `pattern`. The one way
+    oss-mlx finds shards (the converter and the model's loader)."""
+    index = folder / "model.safetensors.index.json"
+    if not index.is_file():
+        files = sorted(folder.glob(pattern))
+        if not files:
+            raise OssMlxError(f"{folder} has no {pattern} weights")
+        return files, None
+    try:
+        weight_map = json.loads(index.read_text()).get("weight_map")
+    except (OSError, ValueError, AttributeError) as e:
+        raise OssMlxError(f"cannot read {index}: {e}") from None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise OssMlxError(f"{index} has no weight_map")
+    names = sorted(set(weight_map.values()))
+    for f in names:
+        if not (folder / f).is_file():
+            raise OssMlxError(f"missing shard {f} (listed in {index.name}) in {folder}")
+    return [folder / f for f in names], weight_map
+
+
 def read_bytes(t: TensorInfo, start: int = 0, length: int | None = None) -> bytearray:
     """`length` bytes of a tensor's data from byte `start` (default: all of it)."""
     length = t.nbytes - start if length is None else length
@@ -205,30 +228,102 @@ def disk_check(folder: Path, need: int) -> None:
                           f"{free / 1e9:.1f} GB free")
 
 
+def atomic_write(path: Path, data: bytes | str) -> Path:
+    """Write a file all or nothing: a temporary file beside it (named by this process, so
+    concurrent writers never share one), flushed, then renamed over it. The one way oss-mlx
+    writes a single file (AtomicFolder does the same for folders)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def remove_stale_partials(folder: Path) -> list[Path]:
+    """Remove the `.NAME.partial-PID` / `.NAME.old-PID` folders that AtomicFolder left beside
+    its outputs in `folder` when its process died (killed hard, power loss); returns them."""
+    import re
+    import shutil
+
+    removed = []
+    if not folder.is_dir():
+        return removed
+    for p in folder.iterdir():
+        m = re.fullmatch(r"\.(.+)\.(partial|old)-(\d+)", p.name)
+        if not m or not p.is_dir() or int(m.group(3)) == os.getpid() or _alive(int(m.group(3))):
+            continue
+        name = folder / m.group(1)
+        if m.group(2) == "old" and not name.exists():
+            os.rename(p, name)  # died between its two renames: the old output is the only copy
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p)
+    return removed
+
+
 class AtomicFolder:
     """Write into a temporary folder beside `out`; rename it to `out` only on success.
 
-    On any failure (or Ctrl-C) the temporary folder is removed, so a half-written output never
-    appears under the final name. With `replace`, an existing `out` is swapped out at the end.
+    On any failure (or Ctrl-C, or SIGTERM) the temporary folder is removed, so a half-written
+    output never appears under the final name. With `replace`, an existing `out` is swapped out
+    at the end. Entering also removes the temporary folders of dead processes
+    (remove_stale_partials).
     """
 
     def __init__(self, out: Path, replace: bool = False):
         self.out = out
         self.replace = replace
         self.tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+        self._sigterm = None
 
     def __enter__(self) -> Path:
         import shutil
 
         self.out.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_partials(self.out.parent)
         if self.tmp.exists():
             shutil.rmtree(self.tmp)
         self.tmp.mkdir()
+        self._trap_sigterm()
         return self.tmp
+
+    def _trap_sigterm(self) -> None:
+        """SIGTERM unwinds like Ctrl-C (so __exit__ cleans up) and exits with 128 + 15."""
+        import signal
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def on_sigterm(signum, frame):
+            raise SystemExit(128 + signum)
+
+        self._sigterm = signal.signal(signal.SIGTERM, on_sigterm)
 
     def __exit__(self, exc_type, exc, tb):
         import shutil
+        import signal
 
+        if self._sigterm is not None:
+            signal.signal(signal.SIGTERM, self._sigterm)
+            self._sigterm = None
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return False

@@ -207,10 +207,9 @@ def tokenizer_json() -> Path:
     if not cache.is_file():
         data, _ = load_o200k()
         text = json.dumps(build_tokenizer_json(parse_tiktoken(data)), ensure_ascii=False)
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, cache)  # atomic: a concurrent builder never sees half a file
+        from .stio import atomic_write
+
+        atomic_write(cache, text)  # a concurrent builder never sees half a file
     return cache
 
 

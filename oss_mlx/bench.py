@@ -35,8 +35,8 @@ from .store import read_model_config
 DTYPE_POLICY = (
     "oss-mlx 'auto' is oss_mlx.model.default_dtype(), bfloat16 dense weights; on MLX's CPU "
     "backend oss-mlx feeds its mxfp4 experts float32 activations (~10x faster there than bf16 "
-    "ones, same 4-bit weights). mlx-lm runs as it comes (bfloat16). --dtype float32 times ours "
-    "with float32 dense weights as well."
+    "ones, same 4-bit weights). mlx-lm runs as it comes (bfloat16) unless --mlx-lm-dtype / "
+    "--mlx-lm-dense-bits say otherwise. --dtype float32 times ours with float32 dense weights."
 )
 
 # Apple's memory bandwidth in GB/s (10^9 B/s), from shared/reference/performance-anchors.md.
@@ -61,7 +61,7 @@ APPLE_BANDWIDTH_GBPS: dict[tuple[str, int | None], float] = {
     ("M3 Ultra", None): 819.0,
 }
 
-SYNTH_PRESETS = ("20b", "120b")
+SYNTH_PRESETS = ("20b", "120b", "narrow")
 WARMUP_PROMPT = 32  # tokens of the prompt a warm-up run prefills
 
 
@@ -217,7 +217,10 @@ def _dtype_name(d) -> str:
     return str(d).split(".")[-1]
 
 
-def load_ours(path, dtype: str = "auto") -> Runtime:
+def load_ours(path, dtype: str = "auto", expert_dtype: str | None = None,
+              decode: str = "compiled") -> Runtime:
+    """Our model; `decode` "compiled" times the compiled step (model.decoder()) on its own
+    caches, "plain" the uncompiled forward on model.make_cache()'s."""
     import mlx.core as mx
 
     from .model import default_dtype, load
@@ -228,24 +231,41 @@ def load_ours(path, dtype: str = "auto") -> Runtime:
     else:
         dt = getattr(mx, dtype)
         label = f"oss-mlx {dtype}"
-    model = load(path, dtype=dt)
+    model = load(path, dtype=dt, expert_dtype=getattr(mx, expert_dtype) if expert_dtype else None)
     params = _flat_params(model)
     mx.eval(list(params.values()))
+    return _our_runtime(model, label, _dtype_name(dt), params, decode)
 
-    def step(tokens, cache):
-        return model(tokens, cache=cache)[:, -1, :]
 
+def _our_runtime(model, label, dtype, params, decode: str) -> Runtime:
+    if decode == "compiled":
+        make_cache, step = model.decoder().make_cache, model.decoder()
+    elif decode == "plain":
+        label += " plain"
+        make_cache = model.make_cache
+
+        def step(tokens, cache):
+            return model(tokens, cache=cache)[:, -1, :]
+    else:
+        raise OssMlxError(f"--decode must be compiled, plain or both, got {decode!r}")
     return Runtime(
-        name="oss-mlx", label=label, dtype=_dtype_name(dt), config=model.config,
-        make_cache=model.make_cache,
+        name="oss-mlx", label=label, dtype=dtype, config=model.config, make_cache=make_cache,
         prefill=lambda tokens, cache, chunk_size: model.prefill(tokens, cache, chunk_size=chunk_size),
         step=step, params=params, model=model,
         weights_bytes=sum(a.nbytes for a in params.values()),
     )
 
 
-def load_mlx_lm(src) -> Runtime:
-    """mlx-lm's gpt_oss model on the upstream (HF layout) checkpoint, with its own caches."""
+def plain_variant(rt: Runtime) -> Runtime:
+    """The same loaded model timed on the plain (uncompiled) decode path."""
+    return _our_runtime(rt.model, rt.label, rt.dtype, rt.params, "plain")
+
+
+def load_mlx_lm(src, dtype: str = "auto", dense_bits: int = 16) -> Runtime:
+    """mlx-lm's gpt_oss model on the upstream (HF layout) checkpoint, with its own caches;
+    `dtype` "float32" casts its float parameters (not the packed experts) to float32;
+    `dense_bits` 8 quantizes its dense matrices (embedding, q/k/v/o, lm_head; not the router)
+    8-bit affine, group 64, as `oss-mlx convert --dense-bits 8` does ours (MXFP4-Q8)."""
     import mlx.core as mx
 
     try:
@@ -260,6 +280,13 @@ def load_mlx_lm(src) -> Runtime:
         model, config = load_model(src)
     except (ValueError, FileNotFoundError, KeyError) as e:
         raise OssMlxError(f"mlx-lm cannot load {src}: {e}") from None
+    if dtype not in ("auto", None):
+        model.set_dtype(getattr(mx, dtype))
+    if dense_bits == 8:
+        import mlx.nn as nn
+
+        nn.quantize(model, 64, 8, class_predicate=lambda path, m: (
+            isinstance(m, (nn.Linear, nn.Embedding)) and "router" not in path))
     params = _flat_params(model)
     mx.eval(list(params.values()))
     dtypes = {a.dtype for n, a in params.items() if n.endswith("q_proj.weight")}
@@ -280,7 +307,7 @@ def load_mlx_lm(src) -> Runtime:
 
     dt = _dtype_name(next(iter(dtypes))) if dtypes else "?"
     return Runtime(
-        name="mlx-lm", label=f"mlx-lm {dt}", dtype=dt, config=ModelConfig.from_hf(config),
+        name="mlx-lm", label=f"mlx-lm {dt}" + (" q8 dense" if dense_bits == 8 else ""), dtype=dt, config=ModelConfig.from_hf(config),
         make_cache=lambda: make_prompt_cache(model), prefill=prefill, step=step,
         params=params, model=model, weights_bytes=sum(a.nbytes for a in params.values()),
     )
@@ -427,8 +454,9 @@ def compute_ratios(results: list[dict], base: str = "mlx-lm") -> list[dict]:
 def _cache_root(cache_dir: str | None) -> Path:
     if cache_dir:
         return Path(cache_dir).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "oss-mlx" / "bench"
+    from .store import home  # $OSS_MLX_HOME moves every cache of oss-mlx
+
+    return home() / "bench"
 
 
 def synth_checkpoint(preset: str, layers: int | None, seed: int, root: Path) -> tuple[Path, Path]:
@@ -510,18 +538,24 @@ def render(report: dict, console) -> None:
                       _ratio(q["ttft_s"]), _ratio(q["decode_tps"]), _ratio(q["peak_memory_bytes"]),
                       "yes" if q.get("same_tokens") else "no")
         console.print(t)
+    if report.get("kernels"):
+        t = Table(title="kernels per decode token (views excluded, each mx.fast call and each "
+                        "fused compiled region once: oss_mlx/opcount.py)")
+        for col in ("runtime", "per layer", "outside layers", "total", "a layer's kernels"):
+            t.add_column(col, justify="left" if col in ("runtime", "a layer's kernels") else "right")
+        for k in report["kernels"]:
+            kinds = ", ".join(f"{n} {v:g}" for n, v in k["per_layer_kinds"].items())
+            t.add_row(k["runtime"], f"{k['per_layer']:g}", f"{k['outside_layers']:g}",
+                      str(k["total"]), kinds)
+        console.print(t)
     console.print(f"[dim]dtype: {report['dtype_policy']}[/]")
 
 
 def write_json(report: dict, path: Path) -> None:
     """All or nothing: a temporary file beside the target, renamed over it at the end."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps(report, indent=2) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    from .convert.stio import atomic_write
+
+    atomic_write(path, json.dumps(report, indent=2) + "\n")
 
 
 # ---- command -----------------------------------------------------------------------------
@@ -542,13 +576,24 @@ def add_arguments(p) -> None:
     p.add_argument("--warmup", type=int, default=1, help="untimed runs per runtime and length")
     p.add_argument("--chunk-size", type=int, default=512, help="prefill chunk, the same for all runtimes")
     p.add_argument("--compare", choices=["mlx-lm"], help="also time mlx-lm on the same checkpoint")
+    p.add_argument("--mlx-lm-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="mlx-lm's dtype: auto (as stored) or its float parameters cast to this")
     p.add_argument("--dtype", default="auto",
                    help="oss-mlx compute dtype: auto|bfloat16|float16|float32, or several "
                         "comma-separated (e.g. auto,float32) to time each")
+    p.add_argument("--mlx-lm-dense-bits", type=int, default=16, choices=[16, 8],
+                   help="8: quantize mlx-lm's dense matrices 8-bit group 64 (compare with a "
+                        "--dense-bits 8 model of ours)")
+    p.add_argument("--decode", default="compiled", choices=["compiled", "plain", "both"],
+                   help="oss-mlx decode path: the compiled step (default), the plain forward, "
+                        "or both side by side")
+    p.add_argument("--ops", action="store_true",
+                   help="also count the kernels one decode token launches, per layer and in "
+                        "total, for each runtime (oss_mlx/opcount.py says how)")
     p.add_argument("--json", dest="json_path", metavar="FILE", help="write all results here")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic weights and prompts")
     p.add_argument("--cache-dir", help="where --synth keeps its checkpoints "
-                                       "(default ~/.cache/oss-mlx/bench)")
+                                       "(default $OSS_MLX_HOME/bench, ~/.cache/oss-mlx/bench)")
 
 
 def _positive_ints(text: str, what: str) -> list[int]:
@@ -606,7 +651,10 @@ def main(args) -> int:
     runtimes = []
     for d in dtypes:
         log(f"loading oss-mlx ({d}) ...")
-        runtimes.append(load_ours(model_ref, d))
+        rt = load_ours(model_ref, d, decode="plain" if args.decode == "plain" else "compiled")
+        runtimes.append(rt)
+        if args.decode == "both":
+            runtimes.append(plain_variant(rt))
     if model_dir is None:  # a store name: the model knows its folder
         model_dir = getattr(runtimes[0].model, "model_dir", None)
         source = source or (model_dir and _source_of(Path(model_dir)))
@@ -614,11 +662,20 @@ def main(args) -> int:
         raise OssMlxError("--compare mlx-lm needs the upstream checkpoint: pass --source DIR")
     if args.compare == "mlx-lm":
         log("loading mlx-lm ...")
-        runtimes.append(load_mlx_lm(source))
+        runtimes.append(load_mlx_lm(source, args.mlx_lm_dtype, args.mlx_lm_dense_bits))
     cfg = runtimes[0].config
     if max(prompt_lengths) + gen_tokens > cfg.max_context:
         raise OssMlxError(f"prompt + generated tokens exceed the model's context of {cfg.max_context}")
 
+    kernels = None
+    if args.ops:
+        from .opcount import count_in_subprocess
+
+        log("counting the kernels of one decode step (in a subprocess) ...")
+        kernels = count_in_subprocess(
+            model_dir or model_ref, dtypes, source if args.compare == "mlx-lm" else None,
+            decode=args.decode, mlx_lm_dtype=args.mlx_lm_dtype,
+        )
     results = run_benchmark(runtimes, prompt_lengths, gen_tokens, repeat, warmup, chunk_size,
                             seed=args.seed, log=log)
     # Other processes' load changes the figures; alternating runs spreads it, this records it.
@@ -636,13 +693,16 @@ def main(args) -> int:
                   "layers": cfg.num_hidden_layers, "config": cfg.to_dict(), "quantization": quant},
         "settings": {"prompt_tokens": prompt_lengths, "gen_tokens": gen_tokens, "repeat": repeat,
                      "warmup": warmup, "chunk_size": chunk_size, "seed": args.seed,
-                     "dtypes": dtypes, "compare": args.compare, "sampler": "greedy (argmax)"},
+                     "dtypes": dtypes, "compare": args.compare, "sampler": "greedy (argmax)",
+                     "decode": args.decode, "mlx_lm_dtype": args.mlx_lm_dtype,
+                     "mlx_lm_dense_bits": args.mlx_lm_dense_bits},
         "dtype_policy": DTYPE_POLICY,
         "runtimes": [{"name": rt.name, "label": rt.label, "dtype": rt.dtype,
                       "weights_bytes": rt.weights_bytes, "kv_itemsize": rt.kv_itemsize}
                      for rt in runtimes],
         "results": results,
         "ratios": compute_ratios(results),
+        "kernels": kernels,
     }
     render(report, console)
     if args.json_path:

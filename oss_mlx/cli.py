@@ -25,6 +25,16 @@ COMMANDS = {
 }
 
 
+def check_sampling(args) -> None:
+    """The one rule for the sampling options that generate and chat share: --max-tokens, when
+    given, is at least 1 (0 is refused, never read as "the default"); temperature >= 0; top-p in
+    (0, 1]."""
+    if args.max_tokens is not None and args.max_tokens < 1:
+        raise OssMlxError("--max-tokens must be at least 1 (leave it out for the default)")
+    if args.temperature < 0 or not (0 < args.top_p <= 1):
+        raise OssMlxError("--temperature must be >= 0 and --top-p in (0, 1]")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -39,13 +49,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, load_engine=None) -> int:
+    """`load_engine(model)`: how generate and chat build their engine (default Engine.load);
+    tests pass one that replays scripted harmony streams (tests/scripted.py)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "_main", None):
         parser.print_help()
         return 2
     try:
+        if load_engine is not None:
+            return int(args._main(args, load_engine=load_engine) or 0)
         return int(args._main(args) or 0)
     except OssMlxError as e:
         print(f"oss-mlx: error: {e}", file=sys.stderr)

@@ -13,6 +13,10 @@ from dataclasses import dataclass
 
 from .errors import OssMlxError
 
+# Reasoning efforts of the harmony system message (spec 5.3), in order; the one list every
+# command, the chat REPL and the server read (oss_mlx.harmony re-exports it).
+EFFORTS = ("low", "medium", "high")
+
 
 @dataclass
 class ModelConfig:

@@ -500,7 +500,7 @@ class _Collector:
                 return "stop"
             if not self._process(tok) or not self._close():
                 return "malformed"
-            return "tool_call" if tok == harmony.CALL and self.done[-1].recipient else "stop"
+            return "tool_call" if tok == harmony.CALL and harmony.is_tool_call(self.done[-1].recipient) else "stop"
         if state == StreamState.EXPECT_START:
             if tok == harmony.END:
                 return None  # a doubled <|end|>: nothing to close
@@ -560,10 +560,10 @@ class _Collector:
             if m.author.role != Role.ASSISTANT:
                 continue
             text = harmony.message_text(m)
-            if m.recipient and m.recipient != "all":
+            if harmony.is_tool_call(m.recipient):
                 if m is not partial:
                     calls.append({
-                        "name": m.recipient.removeprefix("functions."),
+                        "name": harmony.function_name(m.recipient) or m.recipient,
                         "recipient": m.recipient,
                         "arguments": text,
                         "channel": m.channel,
@@ -573,7 +573,7 @@ class _Collector:
                 texts["final"].append(text)
             elif m.channel in texts:
                 texts[m.channel].append(text)
-        if partial is not None and partial.channel in (None, "final") and not partial.recipient:
+        if partial is not None and partial.channel in (None, "final") and not harmony.is_tool_call(partial.recipient):
             messages.append(partial.with_channel("final"))
         return Completion(
             analysis="\n".join(texts["analysis"]),

@@ -64,15 +64,16 @@ from openai_harmony import (
     load_harmony_encoding,
 )
 
+from .config import EFFORTS  # noqa: F401 - re-exported: harmony's reasoning efforts
+from .convert.vocab import O200K_FILE as VOCAB_FILE, O200K_SHA256 as VOCAB_SHA256, SPECIAL_TOKENS
 from .errors import OssMlxError
 
-VOCAB_FILE = "o200k_base.tiktoken"
-VOCAB_SHA256 = "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d"
-EFFORTS = ("low", "medium", "high")
-
-# Special token ids (spec 5.1); fixed by the format, used where a set lookup is cheaper than a call.
-START, END, MESSAGE, CHANNEL = 200006, 200007, 200008, 200005
-RETURN, CALL, CONSTRAIN, ENDOFTEXT = 200002, 200012, 200003, 199999
+# Special token ids (spec 5.1), from the vocabulary's one table; used where a set lookup is
+# cheaper than a call.
+_ID = {name: i for i, name in SPECIAL_TOKENS.items()}
+START, END, MESSAGE, CHANNEL = _ID["<|start|>"], _ID["<|end|>"], _ID["<|message|>"], _ID["<|channel|>"]
+RETURN, CALL, CONSTRAIN, ENDOFTEXT = (_ID["<|return|>"], _ID["<|call|>"], _ID["<|constrain|>"],
+                                      _ID["<|endoftext|>"])
 
 _env_lock = threading.Lock()
 
@@ -191,6 +192,21 @@ def user_message(text: str) -> Message:
 def assistant_message(text: str, channel: str = "final") -> Message:
     """A past assistant message on `channel` ("final", "analysis" or "commentary")."""
     return Message.from_role_and_content(Role.ASSISTANT, text).with_channel(channel)
+
+
+def is_tool_call(recipient: str | None) -> bool:
+    """The one rule for which messages are tool calls: those addressed to a tool, i.e. to a
+    recipient other than "all" (spec 5.2: `to=` is left out when the recipient is absent or
+    "all") and other than the conversation's roles ("assistant" is where a tool result goes)."""
+    return bool(recipient) and recipient not in ("all", "assistant", "user")
+
+
+def function_name(recipient: str | None) -> str | None:
+    """`functions.get_weather` -> `get_weather`: a call to a client-declared function; None for
+    other recipients (python, browser.*, none)."""
+    if recipient and recipient.startswith("functions."):
+        return recipient[len("functions."):]
+    return None
 
 
 def _tool_name(name: str) -> str:

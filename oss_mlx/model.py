@@ -13,19 +13,24 @@ learned sinks, sliding window on even layers), Experts/MLP (router, top-4, one f
     logits = model.prefill(tokens, cache, chunk_size=512)   # [B, V], last position only
     model.prefill(tokens, cache, logits=False)              # only fill the cache
 
-Precision: norms (compute and weight), the router and the residual stream are float32 whatever
-`dtype` is (cheap, and keeps a bf16 run close to float32); the embedding table stays in its
-stored dtype and only the looked-up rows are cast. Everything else runs in `dtype`.
+Precision: one rule, `Precision` (float32 residual stream, norms and router; the embedding as
+stored; dense weights in `dtype`; the experts' activations float32 on the CPU backend).
+
+Kernels: a decode layer launches 19 (float32) to 21 (bf16 dense and experts) kernels, views
+excluded (`oss-mlx bench --ops`, oss_mlx/opcount.py); each is named where it is built.
 """
 
 from __future__ import annotations
 
 import json
+import math
+from dataclasses import dataclass
 from functools import lru_cache, partial
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.cache import KVCache, RotatingKVCache
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, _gather_sort, _scatter_unsort
@@ -42,31 +47,75 @@ def _on_cpu() -> bool:
 def default_dtype() -> mx.Dtype:
     """bfloat16, the checkpoint's dtype, on every backend. On the CPU backend float32 used to
     pay only through the mxfp4 expert matmuls, and those take float32 activations there anyway
-    (see Model); with that, bf16 dense weights prefill and decode faster than float32 ones on
-    the CPU too, in half the memory (benchmarks/results/cpu-20b-L2.txt)."""
+    (see Precision); with that, bf16 dense weights prefill and decode faster than float32 ones
+    on the CPU too, in half the memory (benchmarks/results/cpu-20b-L2.txt)."""
     return mx.bfloat16
 
 
-@lru_cache
-def _rms_norm(dtype):
-    # The reference normalises AND multiplies by the weight in float32, then casts (spec 1.3);
-    # mx.fast.rms_norm on a bf16 input would cast before the multiply.
-    @partial(mx.compile, shapeless=True)
-    def norm(x, weight, eps):
-        return mx.fast.rms_norm(x.astype(mx.float32), weight, eps).astype(dtype)
+@dataclass(frozen=True)
+class Precision:
+    """THE precision rule of the model, in one place: what each weight is stored in and what
+    each computation runs in.
 
-    return norm
+    - The residual stream, every norm (compute and weight) and the router are float32 whatever
+      `dense` is (cheap, and keeps a bf16 run close to float32): near-ties between experts
+      resolve as in a float32 run instead of flipping on bf16 rounding.
+    - The embedding table stays in its stored dtype (an exact row lookup); rows are cast.
+    - Dense weights (attention, unembedding, sinks, their biases) and the matmuls they feed:
+      `dense`; the attention norm and the final norm cast their output to it.
+    - The experts' activations and biases: `experts`. Their weights are the same 4-bit codes
+      either way; MLX's CPU backend runs mxfp4 matmuls with bf16 activations ~10x slower than
+      with float32 ones, so by default the experts get float32 there and `dense` elsewhere.
+      (The biases follow so that adding them needs no cast kernel; a few KB a token.)
+
+    `weight(name)` says what a stored tensor is loaded in (load's `_cast`); Model.__init__
+    sets the norms' output dtypes and the experts' input dtype from the same fields.
+    """
+
+    dense: mx.Dtype = mx.bfloat16
+    experts: mx.Dtype = mx.bfloat16
+
+    @classmethod
+    def of(cls, dense, experts=None) -> "Precision":
+        if experts is None:
+            experts = mx.float32 if _on_cpu() else dense
+        return cls(dense, experts)
+
+    def weight(self, name: str) -> mx.Dtype | None:
+        """The dtype a stored floating tensor is loaded in; None keeps the stored one. Which
+        rule applies to which tensor is the `runtime` column of the converter's layout table."""
+        from .convert.layout import runtime_dtype
+
+        return {"float32": mx.float32, "stored": None, "experts": self.experts}.get(
+            runtime_dtype(name), self.dense)
+
+
+def _norm_out(x: mx.array, weight: mx.array, eps: float, dtype) -> mx.array:
+    # The reference normalises AND multiplies by the weight in float32, then casts (spec 1.3):
+    # the residual x and the weight are float32, so rms_norm runs in float32; the cast is a
+    # second kernel only when the next matmul wants another dtype.
+    y = mx.fast.rms_norm(x, weight, eps)
+    return y if y.dtype == dtype else y.astype(dtype)
 
 
 class RMSNorm(nn.Module):
     def __init__(self, dims: int, eps: float, dtype=mx.float32):
         super().__init__()
-        self.weight = mx.ones((dims,))  # kept in float32 whatever the model dtype
+        self.weight = mx.ones((dims,))  # float32 (Precision.weight)
         self.eps = eps
         self.dtype = dtype  # of the output, i.e. of the matmuls that follow
 
     def __call__(self, x):
-        return _rms_norm(self.dtype)(x, self.weight, self.eps)
+        return _norm_out(x, self.weight, self.eps, self.dtype)
+
+
+@partial(mx.compile, shapeless=True)
+def _residual(x, y):
+    return x + y.astype(x.dtype)  # one kernel, the cast fused
+
+
+def add_residual(x, y):
+    return x + y if x.dtype == y.dtype else _residual(x, y)
 
 
 class Attention(nn.Module):
@@ -83,81 +132,131 @@ class Attention(nn.Module):
         # so it folds exactly into the softmax scale (one multiply fewer per layer).
         self.scale = config.head_dim**-0.5 * config.yarn_concentration**2
 
-    def __call__(self, x, mask, cache, periods):
+    def qkv_rope(self, x, offset, periods):
+        """q [B, n_q, T, D], k and v [B, n_kv, T, D], RoPE at positions offset.. (an int or a
+        scalar array): views of one qkv matmul and one rope call, no copies."""
         B, T, _ = x.shape
         D, n_q, n_kv = self.head_dim, self.n_q, self.n_kv
         qkv = self.qkv(self.norm(x)).reshape(B, T, -1, D).transpose(0, 2, 1, 3)
-        offset = cache.offset if cache is not None else 0
-        # One rope call for q and k together (same positions, same frequencies).
         qk = mx.fast.rope(
             qkv[:, : n_q + n_kv], D, traditional=False, base=None, scale=1.0,
             offset=offset, freqs=periods,
         )
-        q, k, v = qk[:, :n_q], qk[:, n_q:], qkv[:, n_q + n_kv :]
-        if cache is not None:
-            k, v = cache.update_and_fetch(k, v)
+        return qk[:, :n_q], qk[:, n_q:], qkv[:, n_q + n_kv :]
+
+    def attend(self, x, q, k, v, mask):
+        B, _, T, _ = q.shape
         o = mx.fast.scaled_dot_product_attention(
             q, k, v, scale=self.scale, mask=mask, sinks=self.sinks
         )
-        return x + self.out(o.transpose(0, 2, 1, 3).reshape(B, T, -1))
+        return add_residual(x, self.out(o.transpose(0, 2, 1, 3).reshape(B, T, -1)))
+
+    def __call__(self, x, mask, cache, periods):
+        offset = cache.offset if cache is not None else 0
+        q, k, v = self.qkv_rope(x, offset, periods)
+        if cache is not None:
+            k, v = cache.update_and_fetch(k, v)
+        return self.attend(x, q, k, v, mask)
 
 
 @partial(mx.compile, shapeless=True)
-def _swiglu(gate, up, alpha, limit):
-    # Clamp the gate from above only, the linear part on both sides, and add 1 (spec 1.6).
-    gate = mx.minimum(gate, limit)
-    up = mx.clip(up, -limit, limit)
+def _swiglu_biased(gate, up, gate_bias, up_bias, alpha, limit):
+    # gate_up's bias, then: clamp the gate from above only, the linear part on both sides,
+    # and add 1 (spec 1.6). One kernel.
+    dtype = gate.dtype
+    gate = mx.minimum(gate + gate_bias.astype(dtype), limit)
+    up = mx.clip(up + up_bias.astype(dtype), -limit, limit)
     return (up + 1) * (gate * mx.sigmoid(alpha * gate))
+
+
+def _swiglu(h, bias, alpha, limit):
+    """h [..., 2I] (gate | up) and its bias [..., 2I]: the halves are views."""
+    I = h.shape[-1] // 2
+    return _swiglu_biased(h[..., :I], h[..., I:], bias[..., :I], bias[..., I:], alpha, limit)
+
+
+@partial(mx.compile, shapeless=True)
+def _down_bias(y, bias):
+    return y.astype(mx.float32) + bias.astype(mx.float32)  # one kernel
+
+
+@lru_cache(maxsize=64)
+def _lhs_indices(n: int) -> mx.array:
+    return mx.array(np.arange(n, dtype=np.uint32))  # materialised: no kernel
 
 
 class Experts(nn.Module):
     """All experts of a layer: gate_up rows 0..I-1 gate, I..2I-1 up (de-interleaved by the
-    converter), so ONE gather_qmm computes both; then down. Weights mxfp4, biases dense."""
+    converter), so ONE gather_qmm computes both; then down. Weights mxfp4; the two biases are
+    one [E, 2I + H] table (`bias`: gate_up's then down's, joined at load), read by ONE gather.
+
+    Kernels per token (decode): the bias gather, gate_up, swiglu with gate_up's bias, down,
+    down's bias, and one addmm for the routing weights, the sum over the k experts and the
+    residual add: x + w @ (y + b) (the down bias is inside each expert's output, so it is
+    weighted too, spec 1.6)."""
 
     def __init__(self, config: ModelConfig, group_size=32, bits=4, mode="mxfp4"):
         super().__init__()
         H, I, E = config.hidden_size, config.intermediate_size, config.num_experts
-        q = dict(bias=True, group_size=group_size, bits=bits, mode=mode)
+        q = dict(bias=False, group_size=group_size, bits=bits, mode=mode)
         self.gate_up = QuantizedSwitchLinear(H, 2 * I, E, **q)
         self.down = QuantizedSwitchLinear(I, H, E, **q)
+        self.bias = mx.zeros((E, 2 * I + H))
         self.intermediate = I
         self.alpha = config.swiglu_alpha
         self.limit = config.swiglu_limit
 
-    def __call__(self, x, indices, weights):
-        x = mx.expand_dims(x, (-2, -3))
-        # Many tokens: sort them by expert so each expert's weights are read once (as mlx-lm).
-        sort = indices.size >= 64
-        idx, inv_order = indices, None
-        if sort:
-            x, idx, inv_order = _gather_sort(x, indices)
-        h = self.gate_up(x, idx, sorted_indices=sort)
+    def _matmul(self, lin, x, idx, sort):
+        # gather_qmm's default lhs indices (one per row of x's batch) are an arange it builds,
+        # one more kernel, at every call: pass a constant instead.
+        lhs = None
+        if not sort:
+            batch = x.shape[:-2]
+            lhs = _lhs_indices(math.prod(batch)).reshape(batch)
+        return mx.gather_qmm(
+            x, lin["weight"], lin["scales"], None, lhs_indices=lhs, rhs_indices=idx,
+            transpose=True, group_size=lin.group_size, bits=lin.bits, mode=lin.mode,
+            sorted_indices=sort,
+        )
+
+    def __call__(self, t, x, indices, weights):
+        """t [B, T, H] the normed input (experts' dtype), x [B, T, H] the residual (float32),
+        indices/weights [B, T, k]: returns x + the weighted sum of the k experts."""
         I = self.intermediate
-        h = _swiglu(h[..., :I], h[..., I:], self.alpha, self.limit)
-        y = self.down(h, idx, sorted_indices=sort)
-        if sort:
-            y = _scatter_unsort(y, inv_order, indices.shape)
-        # The down bias is inside each expert's output, so it is weighted too (spec 1.6).
-        return (y.squeeze(-2) * weights[..., None]).sum(axis=-2)
+        bias = self.bias[indices]  # [B, T, k, 2I + H]
+        h = mx.expand_dims(t, (-2, -3))
+        # Many tokens: sort them by expert so each expert's weights are read once (as mlx-lm).
+        if indices.size >= 64:
+            h, idx, inv_order = _gather_sort(h, indices)
+            h = self._matmul(self.gate_up, h, idx, True)
+            h = _swiglu(h, self.bias[idx][:, None, : 2 * I], self.alpha, self.limit)
+            y = _scatter_unsort(self._matmul(self.down, h, idx, True), inv_order, indices.shape)
+        else:
+            idx = indices
+            h = self._matmul(self.gate_up, h, idx, False)
+            h = _swiglu(h, bias[..., None, : 2 * I], self.alpha, self.limit)
+            y = self._matmul(self.down, h, idx, False)
+        y = _down_bias(y.squeeze(-2), bias[..., 2 * I :])  # [B, T, k, H] float32
+        out = mx.addmm(x[..., None, :], weights[..., None, :].astype(mx.float32), y)
+        return out.squeeze(-2)
 
 
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig, **experts_quantization):
         super().__init__()
         self.k = config.experts_per_token
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)  # float32: the router's input
         self.router = nn.Linear(config.hidden_size, config.num_experts)
         self.experts = Experts(config, **experts_quantization)
+        self.expert_dtype = mx.float32
 
     def __call__(self, x):
         t = self.norm(x)
-        # Router in float32 (its weights are tiny): near-ties between experts resolve as in a
-        # float32 run instead of flipping on bf16 rounding.
-        g = self.router(t.astype(mx.float32))
+        g = self.router(t)  # float32 (Precision)
         # top-k without a full sort; the order among the k does not matter for the sum.
         indices = mx.argpartition(g, kth=-self.k, axis=-1)[..., -self.k :]
         weights = mx.softmax(mx.take_along_axis(g, indices, axis=-1), axis=-1, precise=True)
-        return x + self.experts(t, indices, weights)
+        return self.experts(t.astype(self.expert_dtype), x, indices, weights)
 
 
 class Block(nn.Module):
@@ -175,24 +274,19 @@ class Model(nn.Module):
                  **experts_quantization):
         super().__init__()
         self.config = config
+        self.precision = Precision.of(dtype, expert_dtype)
         self.dtype = dtype
         self.model_dir = None
         self.embedding = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = [Block(config, **experts_quantization) for _ in range(config.num_hidden_layers)]
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.unembedding = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        # The residual stream stays float32 (as in OpenAI's Metal reference): each norm casts
-        # its output to the model dtype for the matmuls that follow.
-        for _, m in self.named_modules():
-            if isinstance(m, RMSNorm):
-                m.dtype = dtype
-        # The experts' input dtype is free (their weights are the same 4-bit codes either way);
-        # MLX's CPU backend runs mxfp4 matmuls with bf16 activations ~10x slower than with
-        # float32 ones, so there the experts always get float32.
-        if expert_dtype is None:
-            expert_dtype = mx.float32 if _on_cpu() else dtype
+        # The residual stream stays float32 (as in OpenAI's Metal reference): the attention
+        # norm casts to the dense dtype for qkv; the MLP norm stays float32 for the router and
+        # the experts take Precision.experts.
         for layer in self.layers:
-            layer.mlp.norm.dtype = expert_dtype
+            layer.attention.norm.dtype = dtype
+            layer.mlp.expert_dtype = self.precision.experts
         # mx.fast.rope takes periods (1 / inv_freq) when base is None.
         self._periods = mx.array(1.0 / yarn(config).inv_freq)
         sliding = [config.is_sliding(i) for i in range(config.num_hidden_layers)]
@@ -200,6 +294,18 @@ class Model(nn.Module):
         # One representative cache of each kind builds the masks for all layers of that kind.
         self._first_sliding = sliding.index(True) if True in sliding else None
         self._first_full = sliding.index(False) if False in sliding else None
+        self._decoder = None
+
+    def decoder(self):
+        """The compiled single-token step, built once and reused (oss_mlx.decode.Decoder):
+        `cache = model.decoder().make_cache()`, `model.prefill(prompt, cache)`, then
+        `logits = model.decoder()(tokens [B, 1], cache)` per token. The plain path
+        (`model(tokens, cache)`) stays for batched decode and works on the same caches."""
+        if self._decoder is None:
+            from .decode import Decoder
+
+            self._decoder = Decoder(self)
+        return self._decoder
 
     def make_cache(self):
         W = self.config.sliding_window
@@ -278,14 +384,23 @@ def _dense_predicate(modules):
     return predicate
 
 
-def _cast(name, value, dtype):
+def _cast(name, value, precision: Precision):
     if not mx.issubdtype(value.dtype, mx.floating):
         return value  # packed weights and e8m0 scales
-    if name.endswith("norm.weight") or ".router." in name:
-        return value.astype(mx.float32)
-    if name.startswith("embedding."):
-        return value  # looked up, then cast row by row
-    return value.astype(dtype)
+    dtype = precision.weight(name)
+    return value if dtype is None else value.astype(dtype)
+
+
+def _join_expert_biases(weights: dict) -> dict:
+    """`layers.N.mlp.experts.{gate_up,down}.bias` -> one `layers.N.mlp.experts.bias` table
+    [E, 2I + H] (Experts reads both with one gather)."""
+    for name in [n for n in weights if n.endswith(".experts.gate_up.bias")]:
+        prefix = name[: -len("gate_up.bias")]
+        down = weights.pop(prefix + "down.bias", None)
+        if down is None:
+            continue  # load_weights reports the missing tensor
+        weights[prefix + "bias"] = mx.concatenate([weights.pop(name), down], axis=-1)
+    return weights
 
 
 def load(path, dtype=None, lazy: bool = False, expert_dtype=None, shard=None) -> Model:
@@ -332,26 +447,17 @@ def load(path, dtype=None, lazy: bool = False, expert_dtype=None, shard=None) ->
             class_predicate=_dense_predicate(set(dense["modules"])),
         )
 
-    shards = sorted(model_dir.glob("model*.safetensors"))
-    index = model_dir / "model.safetensors.index.json"
-    if index.exists():
-        try:
-            names = set(json.loads(index.read_text())["weight_map"].values())
-        except (OSError, json.JSONDecodeError, KeyError) as e:
-            raise OssMlxError(f"{index}: unreadable ({e})") from None
-        missing = sorted(n for n in names if not (model_dir / n).exists())
-        if missing:
-            raise OssMlxError(f"{model_dir}: missing weight file {missing[0]}")
-        shards = [model_dir / n for n in sorted(names)]
-    if not shards:
-        raise OssMlxError(f"{model_dir}: no model*.safetensors files")
+    from .convert.stio import shard_files
+
+    shards, _ = shard_files(model_dir, "model*.safetensors")
     weights = {}
     for shard in shards:
         try:
             weights.update((sharding.read if sharding is not None else mx.load)(str(shard)))
         except (RuntimeError, ValueError, OSError) as e:
             raise OssMlxError(f"{shard}: unreadable safetensors file ({e})") from None
-    weights = [(k, _cast(k, v, dtype)) for k, v in weights.items()]
+    weights = _join_expert_biases({k: _cast(k, v, model.precision) for k, v in weights.items()})
+    weights = list(weights.items())
     try:
         model.load_weights(weights, strict=True)
     except ValueError as e:

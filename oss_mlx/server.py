@@ -3,7 +3,8 @@
     oss-mlx serve --model gpt-oss-20b                       # http://127.0.0.1:8000/v1
     oss-mlx serve --model ./my-model --port 9000 --api-key sk-local
 
-Endpoints: GET /v1/models, POST /v1/chat/completions, POST /v1/responses, GET /health.
+Endpoints: GET /v1/models, POST /v1/chat/completions, POST /v1/responses, GET and DELETE
+/v1/responses/{id}, GET /health, GET /openapi.json.
 
 One model, one generation at a time: requests wait in a FIFO queue and a single worker thread
 runs them through the engine (which reuses its KV cache when a conversation grows). Tokens travel
@@ -12,75 +13,41 @@ event loop. A client that goes away sets the generation's cancel event; the engi
 next token.
 
 Harmony in, OpenAI out: the final channel becomes `content` (Chat) or a `message` item
-(Responses), the analysis channel `reasoning_content` or a `reasoning` item, and a message to
-`functions.NAME` a structured tool call with finish_reason "tool_calls". No harmony markup ever
+(Responses), the analysis channel `reasoning_content` or a `reasoning` item, and a message to a
+declared tool a structured tool call with finish_reason "tool_calls". No harmony markup ever
 reaches the client: the engine's parser splits the channels, and we only forward their text.
+
+Where things live: this module holds the command and the job queue (Job, Scheduler, events);
+app.py builds the FastAPI app around a serving.Service; chat_completions.py and responses.py are
+the two generation routes; wire.py turns engine events into a client's view of the turn;
+openai_api.py maps the request shapes onto harmony.
 
 Choices worth knowing:
 - tool_choice "none" renders no tools; "auto" and "required" render them all (harmony cannot
-  force a call, so "required" is a request, not a guarantee); a named function renders that one
+  force a call, so "required" is a request, not a guarantee); a named tool renders that one
   tool alone.
+- Responses tools: `function`; `namespace` (its tools become a harmony namespace, calls come back
+  with `namespace`); `custom` (freeform: declared as one string argument, the grammar in its
+  description); `local_shell`; hosted tools (`web_search`, ...) have no backend here: they are
+  left out of the prompt and logged once.
 - `stop` strings cut the user-visible text (not the reasoning) and end the generation.
-- A turn the model breaks (a stray control token) ends with what was parsed and
-  finish_reason "stop"; max_tokens or a full context give "length" (Responses: "incomplete").
+- max_tokens or a full context give "length" (Responses: incomplete, max_output_tokens); a turn
+  the model breaks (a stray control token) keeps what was parsed and ends as "content_filter"
+  (Responses: incomplete, content_filter), so a client can tell it from a clean answer.
 - The server remembers the reasoning before each tool call it made, and puts it back when a
-  client returns the call without it (harmony keeps a tool chain's analysis; spec 5.7).
-- The Responses API is stateless: `previous_response_id` is refused; send the items back.
+  client returns the call without it (harmony keeps a tool chain's analysis; spec 5.7); with
+  `include: ["reasoning.encrypted_content"]` the reasoning also travels sealed in the item.
+- `store` keeps the last 256 responses in memory for `previous_response_id`.
+- `seed`: 0..2**64-1, or -1 meaning random (as no seed); others are a 400. A `top_p` that is 0
+  in float32 samples greedily.
 """
 
-# No `from __future__ import annotations`: FastAPI reads the route annotations at run time.
-
 import asyncio
-import copy
-import hmac
-import json
 import logging
 import queue
 import threading
-import time
-import uuid
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
-
-
-# --------------------------------------------------------------------------------------------
-# Small pieces of the OpenAI wire format.
-
-
-def new_id(prefix: str) -> str:
-    return f"{prefix}{uuid.uuid4().hex[:24]}"
-
-
-def now() -> int:
-    return int(time.time())
-
-
-def sse(data: Any, event: str | None = None) -> str:
-    head = f"event: {event}\n" if event else ""
-    body = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
-    return f"{head}data: {body}\n\n"
-
-
-def chat_usage(prompt: int, completion: int, cached: int, reasoning: int) -> dict:
-    return {"prompt_tokens": prompt, "completion_tokens": completion,
-            "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": cached},
-            "completion_tokens_details": {"reasoning_tokens": reasoning}}
-
-
-def responses_usage(prompt: int, completion: int, cached: int, reasoning: int) -> dict:
-    return {"input_tokens": prompt, "output_tokens": completion,
-            "total_tokens": prompt + completion,
-            "input_tokens_details": {"cached_tokens": cached},
-            "output_tokens_details": {"reasoning_tokens": reasoning}}
-
-
-def tool_name(recipient: str | None) -> str | None:
-    """`functions.get_weather` -> `get_weather`; other recipients are not client tools."""
-    if recipient and recipient.startswith("functions."):
-        return recipient[len("functions."):]
-    return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -121,6 +88,14 @@ class Scheduler:
         self._jobs.put(job)
         return job
 
+    def cancel_all(self):
+        """Cancel the running job and every queued one; they end at their next token."""
+        for job in list(self._jobs.queue):
+            if job is not None:
+                job.cancel.set()
+        if self.current is not None:
+            self.current.cancel.set()
+
     def close(self):
         """Stop after cancelling the running job and every queued one."""
         while True:
@@ -137,6 +112,12 @@ class Scheduler:
         self._thread.join(timeout=30)
 
     def _run(self):
+        try:
+            self._serve()
+        finally:
+            release_streams()
+
+    def _serve(self):
         while (job := self._jobs.get()) is not None:
             if job.cancel.is_set():  # the client left while waiting its turn
                 job.put(_END)
@@ -152,6 +133,16 @@ class Scheduler:
             job.put(_END)
 
 
+def release_streams():
+    """Free the MLX streams of this thread before it ends. MLX no longer cleans up at exit by
+    itself: a thread that ran MLX work and exits without this can abort the process at
+    shutdown ("terminate called without an active exception", exit 134)."""
+    import sys
+
+    if "mlx.core" in sys.modules:
+        sys.modules["mlx.core"].clear_streams()
+
+
 async def events(job: Job):
     """The engine events of `job`; leaving early (client gone, stop string) cancels it."""
     try:
@@ -163,558 +154,12 @@ async def events(job: Job):
         job.cancel.set()
 
 
-# --------------------------------------------------------------------------------------------
-# From engine events to what a client sees.
-
-
-class StopFilter:
-    """Cuts text at the first `stop` string, holding back a tail that may begin one."""
-
-    def __init__(self, stops: list[str]):
-        self.stops, self.buf, self.hit = stops, "", False
-
-    def feed(self, text: str) -> str:
-        if self.hit:
-            return ""
-        if not self.stops:
-            return text
-        self.buf += text
-        cuts = [i for i in (self.buf.find(s) for s in self.stops) if i >= 0]
-        if cuts:
-            out, self.buf, self.hit = self.buf[: min(cuts)], "", True
-            return out
-        hold = 0
-        for s in self.stops:
-            for k in range(min(len(s) - 1, len(self.buf)), hold, -1):
-                if self.buf.endswith(s[:k]):
-                    hold = k
-                    break
-        out, self.buf = self.buf[: len(self.buf) - hold], self.buf[len(self.buf) - hold:]
-        return out
-
-    def flush(self) -> str:
-        out, self.buf = ("" if self.hit else self.buf), ""
-        return out
-
-
-@dataclass
-class ToolCall:
-    id: str
-    name: str
-    arguments: str = ""
-    done: bool = False  # its harmony message closed (<|call|>); False when cut off
-
-
-@dataclass
-class Turn:
-    """One assistant turn as the client sees it, built from engine deltas.
-
-    `feed` returns the pieces to stream: ("reasoning", text), ("content", text),
-    ("tool_call", ToolCall) when a call starts, ("arguments", text) as its JSON arrives.
-    """
-
-    stops: list[str] = field(default_factory=list)
-    reasoning: str = ""
-    content: str = ""
-    tool_calls: list[ToolCall] = field(default_factory=list)
-    reasoning_tokens: int = 0
-    completion: Any = None
-    _filter: StopFilter = None
-    _open_call: bool = False
-
-    def __post_init__(self):
-        self._filter = StopFilter(self.stops)
-
-    @property
-    def stopped(self) -> bool:
-        return self._filter.hit
-
-    def feed(self, ev) -> list[tuple[str, Any]]:
-        out: list[tuple[str, Any]] = []
-        if ev.type == "delta":
-            name = tool_name(ev.recipient)
-            if ev.recipient and name is None and ev.recipient not in ("assistant", "all", "user"):
-                name = ev.recipient  # a call to a tool we did not declare: still a call, not text
-            if name is not None:
-                if not self._open_call:
-                    call = ToolCall(new_id("call_"), name)
-                    self.tool_calls.append(call)
-                    self._open_call = True
-                    out.append(("tool_call", call))
-                self.tool_calls[-1].arguments += ev.text
-                out.append(("arguments", ev.text))
-            elif ev.channel == "analysis":
-                self.reasoning_tokens += 1
-                self.reasoning += ev.text
-                out.append(("reasoning", ev.text))
-            else:  # final, or a commentary preamble: both are for the user
-                text = self._filter.feed(ev.text)
-                if text:
-                    self.content += text
-                    out.append(("content", text))
-        elif ev.type == "message":
-            if self._open_call:
-                self.tool_calls[-1].done = True
-            self._open_call = False
-        elif ev.type == "done":
-            self.completion = ev.completion
-            text = self._filter.flush()
-            if text:
-                self.content += text
-                out.append(("content", text))
-        return out
-
-    @property
-    def calls(self) -> list[ToolCall]:
-        """The tool calls the model finished (one cut off by max_tokens is not a call)."""
-        return [c for c in self.tool_calls if c.done]
-
-    @property
-    def finish_reason(self) -> str:
-        reason = self.completion.stop_reason if self.completion else "stop"
-        if self.calls:
-            return "tool_calls"
-        if reason in ("length", "context") and not self.stopped:
-            return "length"
-        return "stop"
-
-    def usage(self, fmt):
-        s = self.completion.stats
-        return fmt(s.prompt_tokens, s.generated_tokens, s.cached_tokens, self.reasoning_tokens)
-
-
-# --------------------------------------------------------------------------------------------
-# The app.
-
-
 def create_app(engine, model_name: str, api_key: str | None = None,
                default_max_tokens: int | None = None):
-    """The FastAPI app serving `engine` as model `model_name` (a bearer `api_key` if given).
+    """The FastAPI app serving `engine` as `model_name` (see oss_mlx.app.create_app)."""
+    from .app import create_app as build
 
-    default_max_tokens: the budget of a request that names none (None: the rest of the context,
-    as OpenAI does).
-    """
-    from contextlib import asynccontextmanager
-
-    from fastapi import Depends, FastAPI, Request
-    from fastapi.responses import JSONResponse, StreamingResponse
-    from starlette.background import BackgroundTask
-    from starlette.exceptions import HTTPException as StarletteHTTPException
-
-    from .engine import SamplingParams
-    from .errors import OssMlxError
-    from .openai_api import (
-        APIError,
-        ChatRequest,
-        ResponsesRequest,
-        build_conversation,
-        chat_items,
-        chat_tools,
-        parse_request,
-        responses_items,
-        responses_tools,
-        restore_reasoning,
-        select_tools,
-    )
-
-    state: dict[str, Scheduler] = {}
-    thoughts: OrderedDict[str, str] = OrderedDict()  # tool call id -> the reasoning before it
-
-    def remember(turn: "Turn"):
-        for call in turn.calls if turn.reasoning else []:
-            thoughts[call.id] = turn.reasoning
-            while len(thoughts) > 4096:
-                thoughts.popitem(last=False)
-
-    @asynccontextmanager
-    async def lifespan(app):
-        state["scheduler"] = Scheduler(engine)
-        yield
-        state.pop("scheduler").close()
-
-    async def authorize(request: Request):
-        # A dependency, not an HTTP middleware: Starlette's BaseHTTPMiddleware would hide the
-        # client's disconnect from the routes, and disconnects cancel generations.
-        if api_key:
-            scheme, _, token = request.headers.get("authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(),
-                                                                     api_key.encode()):
-                raise APIError(401, "invalid or missing API key: send "
-                                    "`Authorization: Bearer <key>`", code="invalid_api_key")
-
-    app = FastAPI(title="oss-mlx", lifespan=lifespan, docs_url=None, redoc_url=None,
-                  openapi_url=None)
-    v1 = {"dependencies": [Depends(authorize)]}  # /health stays open
-    created = now()
-
-    def error(e: APIError) -> JSONResponse:
-        return JSONResponse(e.body(), status_code=e.status)
-
-    @app.exception_handler(APIError)
-    async def _api_error(request, e: APIError):
-        return error(e)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request, e):
-        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
-        return error(APIError(e.status_code, f"{request.method} {request.url.path}: {e.detail}",
-                              code=code))
-
-    @app.exception_handler(Exception)
-    async def _internal(request, e):  # a bug of ours: say so, keep serving
-        return error(APIError(500, f"internal error: {type(e).__name__}: {e}", type="server_error"))
-
-    async def body(request: Request) -> Any:
-        raw = await request.body()
-        try:
-            return json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise APIError(400, f"the request body is not valid JSON: {e}") from None
-
-    def check_model(name: str):
-        if name != model_name:
-            raise APIError(404, f"model {name!r} does not exist: this server serves "
-                                f"{model_name!r}", code="model_not_found", param="model")
-
-    def prompt_tokens(conversation) -> list[int]:
-        """The rendered prompt; a 400 (context_length_exceeded) when it leaves no room."""
-        try:
-            tokens = engine.render(conversation)
-        except OssMlxError as e:
-            raise APIError(400, str(e)) from None
-        n = len(tokens)
-        if n >= engine.max_context:
-            raise APIError(400, f"this request needs {n} prompt tokens, but the model's context "
-                                f"is {engine.max_context} tokens: shorten the messages",
-                           code="context_length_exceeded", param="messages")
-        return tokens
-
-    def sampling(req, max_tokens) -> SamplingParams:
-        kw = {"max_tokens": max_tokens or default_max_tokens}
-        if req.temperature is not None:
-            kw["temperature"] = req.temperature
-        if req.top_p is not None:
-            kw["top_p"] = req.top_p
-        if req.seed is not None:
-            kw["seed"] = req.seed
-        return SamplingParams(**kw)
-
-    def sse_response(stream, job: Job) -> StreamingResponse:
-        # The background task runs however the response ends, a client that left included, so
-        # a job still queued or running is always cancelled.
-        return StreamingResponse(stream, media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache"},
-                                 background=BackgroundTask(job.cancel.set))
-
-    def failure(e: Exception) -> APIError:
-        msg = str(e) if isinstance(e, OssMlxError) else f"{type(e).__name__}: {e}"
-        log.error("generation failed: %s", msg)
-        return APIError(500, f"generation failed: {msg}", type="server_error",
-                        code="server_error")
-
-    async def generation(job: Job, turn: Turn):
-        """The client-facing pieces of each engine event (see Turn.feed); a ("message", None)
-        piece marks a harmony message boundary. A stop string cancels the rest."""
-        async for ev in events(job):
-            pieces = turn.feed(ev)
-            if ev.type == "message":
-                pieces.append(("message", None))
-            elif ev.type == "done":
-                remember(turn)
-            yield pieces
-            if turn.stopped:
-                job.cancel.set()
-
-    async def run(job: Job, request: Request, turn: Turn) -> Turn:
-        """Drive a non-streaming job to its end, cancelling it if the client goes away."""
-
-        async def watch():
-            while not job.cancel.is_set():
-                await asyncio.sleep(0.25)
-                if await request.is_disconnected():
-                    job.cancel.set()
-
-        watcher = asyncio.create_task(watch())
-        try:
-            async for _ in generation(job, turn):
-                pass
-        except Exception as e:  # noqa: BLE001 - an OpenAI error object, and keep serving
-            raise failure(e) from None
-        finally:
-            watcher.cancel()
-        return turn
-
-    # ---- routes ---------------------------------------------------------------------------
-
-    @app.get("/health")
-    async def health():
-        return {"status": "ok", "model": model_name}
-
-    def model_card():
-        return {"id": model_name, "object": "model", "created": created, "owned_by": "oss-mlx"}
-
-    @app.get("/v1/models", **v1)
-    async def models():
-        return {"object": "list", "data": [model_card()]}
-
-    @app.get("/v1/models/{name:path}", **v1)
-    async def model(name: str):
-        check_model(name)
-        return model_card()
-
-    @app.post("/v1/chat/completions", **v1)
-    async def chat_completions(request: Request):
-        req: ChatRequest = parse_request(ChatRequest, await body(request))
-        check_model(req.model)
-        conversation = build_conversation(
-            restore_reasoning(chat_items(req), thoughts.get),
-            select_tools(chat_tools(req), req.tool_choice), req.reasoning_effort)
-        prompt = prompt_tokens(conversation)
-        params = sampling(req, req.max_completion_tokens or req.max_tokens)
-        job = state["scheduler"].submit(prompt, params)
-        turn = Turn(stops=req.stop)
-        cid, created_at = new_id("chatcmpl-"), now()
-
-        def chunk(delta: dict, finish=None, usage=None, choices=True) -> str:
-            out = {"id": cid, "object": "chat.completion.chunk", "created": created_at,
-                   "model": model_name,
-                   "choices": [{"index": 0, "delta": delta, "logprobs": None,
-                                "finish_reason": finish}] if choices else []}
-            if usage is not None:
-                out["usage"] = usage
-            return sse(out)
-
-        if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-
-            async def stream():
-                yield chunk({"role": "assistant", "content": ""})
-                try:
-                    async for pieces in generation(job, turn):
-                        for kind, value in pieces:
-                            if kind == "reasoning":
-                                yield chunk({"reasoning_content": value})
-                            elif kind == "content":
-                                yield chunk({"content": value})
-                            elif kind == "tool_call":
-                                yield chunk({"tool_calls": [{
-                                    "index": len(turn.tool_calls) - 1, "id": value.id,
-                                    "type": "function",
-                                    "function": {"name": value.name, "arguments": ""}}]})
-                            elif kind == "arguments" and value:
-                                yield chunk({"tool_calls": [{
-                                    "index": len(turn.tool_calls) - 1,
-                                    "function": {"arguments": value}}]})
-                except Exception as e:  # noqa: BLE001 - the status line is sent: say it in-band
-                    yield sse(failure(e).body())
-                    yield sse("[DONE]")
-                    return
-                if turn.completion is None:  # cancelled before it ran
-                    return
-                yield chunk({}, finish=turn.finish_reason)
-                if include_usage:
-                    yield chunk({}, usage=turn.usage(chat_usage), choices=False)
-                yield sse("[DONE]")
-
-            return sse_response(stream(), job)
-
-        await run(job, request, turn)
-        message: dict[str, Any] = {"role": "assistant",
-                                   "content": turn.content if turn.content or not turn.calls
-                                   else None}
-        message["reasoning_content"] = turn.reasoning or None
-        if turn.calls:
-            message["tool_calls"] = [
-                {"id": c.id, "type": "function",
-                 "function": {"name": c.name, "arguments": c.arguments}} for c in turn.calls]
-        return {"id": cid, "object": "chat.completion", "created": created_at,
-                "model": model_name,
-                "choices": [{"index": 0, "message": message, "logprobs": None,
-                             "finish_reason": turn.finish_reason}],
-                "usage": turn.usage(chat_usage)}
-
-    @app.post("/v1/responses", **v1)
-    async def responses(request: Request):
-        req: ResponsesRequest = parse_request(ResponsesRequest, await body(request))
-        check_model(req.model)
-        if req.previous_response_id:
-            raise APIError(400, "previous_response_id is not supported: this server keeps no "
-                                "state; send the whole conversation as `input` items",
-                           param="previous_response_id")
-        effort = req.reasoning.effort if req.reasoning else None
-        tools = responses_tools(req)
-        conversation = build_conversation(
-            restore_reasoning(responses_items(req), thoughts.get),
-            select_tools(tools, req.tool_choice), effort)
-        prompt = prompt_tokens(conversation)
-        job = state["scheduler"].submit(prompt, sampling(req, req.max_output_tokens))
-        turn = Turn()
-        rid, created_at = new_id("resp_"), now()
-        skeleton = {
-            "id": rid, "object": "response", "created_at": created_at, "model": model_name,
-            "status": "in_progress", "error": None, "incomplete_details": None,
-            "instructions": req.instructions, "max_output_tokens": req.max_output_tokens,
-            "parallel_tool_calls": False, "previous_response_id": None,
-            "reasoning": {"effort": effort, "summary": None},
-            "temperature": req.temperature, "top_p": req.top_p,
-            "text": {"format": {"type": "text"}},
-            "tool_choice": req.tool_choice or "auto",
-            "tools": [{"type": "function", "name": t.name, "description": t.description,
-                       "parameters": t.parameters, "strict": False} for t in tools],
-            "truncation": "disabled", "metadata": {}, "output": [], "usage": None,
-        }
-
-        def finished() -> dict:
-            status = last_status(turn)
-            return {**skeleton, "status": status, "output": items.done(),
-                    "incomplete_details": {"reason": "max_output_tokens"}
-                    if status == "incomplete" else None,
-                    "usage": turn.usage(responses_usage)}
-
-        items = OutputItems()
-        if req.stream:
-            async def stream():
-                seq = 0
-
-                def event(type_: str, **data) -> str:
-                    nonlocal seq
-                    seq += 1
-                    return sse({"type": type_, "sequence_number": seq - 1, **data}, event=type_)
-
-                yield event("response.created", response=skeleton)
-                yield event("response.in_progress", response=skeleton)
-                try:
-                    async for pieces in generation(job, turn):
-                        for kind, value in pieces:
-                            if kind == "message":
-                                out = items.close()
-                            else:
-                                out = items.feed(kind, value)
-                            for type_, data in out:
-                                yield event(type_, **data)
-                except Exception as e:  # noqa: BLE001 - the status line is sent: say it in-band
-                    err = failure(e)
-                    yield event("error", code=err.code, message=err.message, param=None)
-                    yield event("response.failed", response={
-                        **skeleton, "status": "failed",
-                        "error": {"code": "server_error", "message": err.message}})
-                    return
-                if turn.completion is None:
-                    return
-                for type_, data in items.close(last_status(turn)):
-                    yield event(type_, **data)
-                final = finished()
-                yield event("response.incomplete" if final["status"] == "incomplete"
-                            else "response.completed", response=final)
-
-            return sse_response(stream(), job)
-
-        await run(job, request, turn)
-        for kind, value in _replay(turn):
-            items.feed(kind, value)
-        items.close(last_status(turn))
-        return finished()
-
-    return app
-
-
-def last_status(turn: Turn) -> str:
-    """The status of the item open when the turn ended: "incomplete" if max tokens cut it."""
-    return "incomplete" if turn.finish_reason == "length" else "completed"
-
-
-def _replay(turn: Turn):
-    """The pieces of a finished turn in output order, for building Responses items at once."""
-    if turn.reasoning:
-        yield "reasoning", turn.reasoning
-    if turn.content:
-        yield "content", turn.content
-    for call in turn.calls:
-        yield "tool_call", call
-        yield "arguments", call.arguments
-
-
-class OutputItems:
-    """Responses API output items (reasoning, message, function_call) and their stream events."""
-
-    def __init__(self):
-        self.items: list[dict] = []
-        self.open: dict | None = None
-
-    def done(self) -> list[dict]:
-        return self.items
-
-    def _start(self, item: dict) -> list[tuple[str, dict]]:
-        events = self.close()
-        self.items.append(item)
-        self.open = item
-        idx = len(self.items) - 1
-        events.append(("response.output_item.added", {"output_index": idx,
-                                                      "item": copy.deepcopy(item)}))
-        if item["type"] == "message":
-            events.append(("response.content_part.added", {
-                "item_id": item["id"], "output_index": idx, "content_index": 0,
-                "part": {"type": "output_text", "text": "", "annotations": []}}))
-        return events
-
-    def feed(self, kind: str, value) -> list[tuple[str, dict]]:
-        events: list[tuple[str, dict]] = []
-        cur = self.open
-        if kind == "reasoning":
-            if cur is None or cur["type"] != "reasoning":
-                events += self._start({"type": "reasoning", "id": new_id("rs_"), "summary": [],
-                                       "content": [{"type": "reasoning_text", "text": ""}],
-                                       "status": "in_progress"})
-            self.open["content"][0]["text"] += value
-            events.append(("response.reasoning_text.delta", {
-                "item_id": self.open["id"], "output_index": len(self.items) - 1,
-                "content_index": 0, "delta": value}))
-        elif kind == "content":
-            if cur is None or cur["type"] != "message":
-                events += self._start({"type": "message", "id": new_id("msg_"),
-                                       "role": "assistant", "status": "in_progress",
-                                       "content": [{"type": "output_text", "text": "",
-                                                    "annotations": [], "logprobs": []}]})
-            self.open["content"][0]["text"] += value
-            events.append(("response.output_text.delta", {
-                "item_id": self.open["id"], "output_index": len(self.items) - 1,
-                "content_index": 0, "delta": value, "logprobs": []}))
-        elif kind == "tool_call":
-            events += self._start({"type": "function_call", "id": new_id("fc_"),
-                                   "call_id": value.id, "name": value.name, "arguments": "",
-                                   "status": "in_progress"})
-        elif kind == "arguments" and value and cur is not None:
-            cur["arguments"] += value
-            events.append(("response.function_call_arguments.delta", {
-                "item_id": cur["id"], "output_index": len(self.items) - 1, "delta": value}))
-        return events
-
-    def close(self, status: str = "completed") -> list[tuple[str, dict]]:
-        """Finish the open item (at a harmony message boundary or, cut or not, at the end)."""
-        item, self.open = self.open, None
-        if item is None:
-            return []
-        idx = self.items.index(item)
-        item["status"] = status
-        events: list[tuple[str, dict]] = []
-        if item["type"] == "reasoning":
-            events.append(("response.reasoning_text.done", {
-                "item_id": item["id"], "output_index": idx, "content_index": 0,
-                "text": item["content"][0]["text"]}))
-        elif item["type"] == "message":
-            part = item["content"][0]
-            events.append(("response.output_text.done", {
-                "item_id": item["id"], "output_index": idx, "content_index": 0,
-                "text": part["text"], "logprobs": []}))
-            events.append(("response.content_part.done", {
-                "item_id": item["id"], "output_index": idx, "content_index": 0, "part": part}))
-        elif item["type"] == "function_call":
-            events.append(("response.function_call_arguments.done", {
-                "item_id": item["id"], "output_index": idx, "name": item["name"],
-                "arguments": item["arguments"]}))
-        events.append(("response.output_item.done", {"output_index": idx,
-                                                     "item": copy.deepcopy(item)}))
-        return events
+    return build(engine, model_name, api_key=api_key, default_max_tokens=default_max_tokens)
 
 
 # --------------------------------------------------------------------------------------------
@@ -741,7 +186,9 @@ def add_arguments(parser):
                              "'tiny-random' (no download; its output is noise)")
 
 
-def main(args) -> int:
+def main(args, engine_factory=None) -> int:
+    """Serve until SIGINT/SIGTERM. engine_factory(model_dir) -> Engine (default Engine.load):
+    lets a caller serve another engine (tests serve a scripted model through this very path)."""
     import contextlib
     import signal
     import socket
@@ -774,19 +221,28 @@ def main(args) -> int:
         else:
             model_dir, default_name = args.model, Path(str(args.model).rstrip("/")).name
             max_tokens = args.max_tokens
-        engine = load_engine(str(model_dir))  # one rank of an mlx.launch: see oss_mlx.distributed
+        # Engine.load, or one rank of an mlx.launch (see oss_mlx.distributed)
+        engine = (engine_factory or load_engine)(str(model_dir))
         name = args.name or default_name
         app = create_app(engine, name, api_key=args.api_key, default_max_tokens=max_tokens)
         port = sock.getsockname()[1]
+        sock.listen(128)  # from here connections queue until uvicorn accepts them
         print(f"oss-mlx: serving {name!r} at http://{args.host}:{port}/v1"
               + (" (API key required)" if args.api_key else ""), flush=True)
         if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
             print("oss-mlx: warning: listening beyond this machine without --api-key", flush=True)
-        # Ctrl-C: give open requests 2 s, then cancel them (which cancels their generations).
-        server = uvicorn.Server(uvicorn.Config(app, log_level="warning",
+        # Ctrl-C / SIGTERM: generations stop at their next token, so open requests end (with
+        # what they have) well within the 2 s uvicorn then gives them.
+        from .app import StoppingServer
+
+        server = StoppingServer(uvicorn.Config(app, log_level="warning",
                                                timeout_graceful_shutdown=2))
-        # uvicorn re-raises SIGTERM once it has shut down; end as for Ctrl-C instead of dying
-        # there, so the demo model's temporary folder is removed.
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-        server.run(sockets=[sock])
+        # uvicorn re-raises SIGTERM / SIGINT once it has shut down gracefully; end with exit
+        # status 0 then instead of dying there, so the demo model's temporary folder is removed.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: sys.exit(0))
+        try:
+            server.run(sockets=[sock])
+        finally:
+            release_streams()  # the main thread's (the worker released its own)
     return 0

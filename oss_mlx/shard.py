@@ -134,8 +134,10 @@ class SummedExperts(nn.Module):
         self.inner = inner
         self.comm = comm
 
-    def __call__(self, x, indices, weights):
-        return self.comm.all_sum(self.inner(x, indices, weights).astype(mx.float32))
+    def __call__(self, t, x, indices, weights):
+        # The inner experts add their output to the residual they are given: give them zeros,
+        # sum the partial outputs, and add the residual once.
+        return x + self.comm.all_sum(self.inner(t, mx.zeros_like(x), indices, weights))
 
 
 class LocalExperts(nn.Module):
@@ -148,11 +150,11 @@ class LocalExperts(nn.Module):
         self.first, self.count = first, count
         self.comm = comm
 
-    def __call__(self, x, indices, weights):
+    def __call__(self, t, x, indices, weights):
         local = indices - self.first
         mine = (local >= 0) & (local < self.count)
-        y = self.inner(x, mx.where(mine, local, 0), mx.where(mine, weights, 0))
-        return self.comm.all_sum(y.astype(mx.float32))
+        y = self.inner(t, mx.zeros_like(x), mx.where(mine, local, 0), mx.where(mine, weights, 0))
+        return x + self.comm.all_sum(y)
 
 
 class GatheredUnembedding(nn.Module):
@@ -268,7 +270,8 @@ _RULES = {
                          "ep": (0, lambda p: [p.experts], None)},
     "unembedding": {"*": (0, lambda p: [p.vocab], None)},
 }
-# Biases of a layer whose input is split are added once, on rank 0 (else: summed n times).
+# Biases of a layer whose input is split are added once: rank 0 reads them, the others hold
+# zeros (else they would be summed n times).
 _ONCE = {"attention.out.bias": "*", "mlp.experts.down.bias": "tp"}
 
 
@@ -333,23 +336,16 @@ class Sharding:
             if self.moe == "ep":
                 first, last = self.plan.experts
                 layer.mlp.experts = Experts(replace(config, num_experts=last - first), **q)
-            if self.rank != 0:
-                for name, moe in _ONCE.items():
-                    if moe in ("*", self.moe):
-                        module = layer
-                        for part in name.split(".")[:-1]:
-                            module = getattr(module, part)
-                        module.pop("bias")
         model.unembedding = nn.Linear(config.hidden_size, self.plan.vocab_rows, bias=False)
         return model
 
     def _slice(self, name: str, mm: np.ndarray):
         """(this rank's part of one stored tensor (a numpy memmap), the bytes it requested
-        from the file); (None, 0) when this rank does not hold the tensor."""
+        from the file)."""
         module, leaf = _module_of(name)
         full = f"{module}.{leaf}" if leaf else module
         if self.rank != 0 and _ONCE.get(full) in ("*", self.moe):
-            return None, 0
+            return np.zeros(mm.shape, mm.dtype), 0  # added once, by rank 0
         rule = _RULES.get(module)
         rule = rule and (rule.get("*") or rule.get(self.moe))
         if rule is None:
@@ -394,8 +390,6 @@ class Sharding:
             except (OSError, ValueError) as e:
                 raise OssMlxError(f"{path}: truncated or unreadable tensor {name} ({e})") from None
             part, requested = self._slice(name, mm)
-            if part is None:
-                continue
             self.bytes_read += requested
             arr = mx.array(part)  # a copy of just the slice; the map is dropped with `mm`
             out[name] = arr.view(mx_dtype) if mx_dtype is not None else arr

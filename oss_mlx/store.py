@@ -39,7 +39,7 @@ def store_path_for(src: str | os.PathLike, dense_bits: int = 16) -> Path:
     if is_hub_id(s):
         name = s.split("/")[-1]
     else:
-        p = Path(s).expanduser().resolve()
+        p = Path(os.path.abspath(Path(s).expanduser()))  # a symlink keeps its own name
         # `.../gpt-oss-20b/original` is named after its repo, not "original".
         name = p.parent.name if p.name == "original" else p.name
     if dense_bits == 8:
@@ -56,30 +56,85 @@ def read_model_config(path: Path) -> dict | None:
     return cfg if isinstance(cfg, dict) and cfg.get("format") == "oss-mlx" else None
 
 
+def model_arg(folder: Path) -> str:
+    """How to name a converted folder on the command line: its store name when it is in the
+    store, else its path."""
+    folder = Path(folder)
+    return folder.name if folder.parent == store_root() else str(folder)
+
+
+def checkpoint_kind(folder: Path) -> str | None:
+    """'an upstream gpt-oss checkpoint' / 'an mlx-lm gpt_oss folder' for a folder `oss-mlx
+    convert` reads, 'a converted oss-mlx model' for one it wrote, None for anything else."""
+    if read_model_config(folder) is not None:
+        return "a converted oss-mlx model"
+    for cfg in (folder / "config.json", folder / "original" / "config.json"):
+        try:
+            d = json.loads(cfg.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(d, dict) and d.get("model_type") == "gpt_oss" and "quantization" in d:
+            return "an mlx-lm gpt_oss folder"
+        if isinstance(d, dict) and (d.get("model_type") == "gpt_oss" or "rope_ntk_alpha" in d):
+            return "an upstream gpt-oss checkpoint"
+    return None
+
+
+def _explicit_path(s: str) -> bool:
+    """A string the user can only have meant as a path (`./tiny`, `~/m`, `a/b/c`)."""
+    return s.startswith((".", "~", os.sep)) or ((os.sep in s or "/" in s) and not HUB_ID.match(s))
+
+
 def resolve_model(name_or_path: str | os.PathLike) -> Path:
-    """A converted model folder from a path, a store name (`gpt-oss-20b`) or a Hub id."""
+    """A converted model folder from a path, a store name (`gpt-oss-20b`) or a Hub id.
+
+    One rule: a folder that is a converted model wins; else the store entry of that name (a
+    same-named upstream folder in the current directory does not hide it); else an error that
+    says what the argument is and a command that works.
+    """
     s = str(name_or_path)
     p = Path(s).expanduser()
-    if p.is_dir():
-        if read_model_config(p) is not None:
-            return p
-        if (p / "config.json").is_file() or (p / "original" / "config.json").is_file():
-            raise OssMlxError(
-                f"{s} is not a converted oss-mlx model (an upstream checkpoint?): "
-                f"run `oss-mlx convert {s}` first"
-            )
-        raise OssMlxError(f"{s} is not an oss-mlx model folder (no oss-mlx config.json)")
-    name = s.split("/")[-1] if is_hub_id(s) else s
-    if "/" not in name and os.sep not in name and name not in ("", ".", ".."):
+    if p.is_dir() and read_model_config(p) is not None:
+        return p
+    explicit = _explicit_path(s)
+    if not explicit or HUB_ID.match(s):
+        name = s.split("/")[-1]
         entry = store_root() / name
-        if read_model_config(entry) is not None:
+        if name not in ("", ".", "..") and read_model_config(entry) is not None:
             return entry
-    if os.sep in s and not is_hub_id(s) or s.startswith((".", "~")):
+    if p.is_file():
+        raise OssMlxError(f"{s} is a file, not a model folder: --model takes a converted model "
+                          f"folder or a store name (see `oss-mlx list`)")
+    if p.is_dir():
+        kind = checkpoint_kind(p)
+        if kind is None:
+            raise OssMlxError(f"{s} is not an oss-mlx model folder (no oss-mlx config.json)")
+        target = store_path_for(p)
+        if read_model_config(target) is not None:
+            raise OssMlxError(f"{s} is {kind}, not a converted model; it is converted in the "
+                              f"store already: use --model {model_arg(target)}")
+        raise OssMlxError(f"{s} is {kind}, not a converted model: run `oss-mlx convert {s}` "
+                          f"first (then --model {target.name})")
+    if explicit and not HUB_ID.match(s):
         raise OssMlxError(f"no such model folder: {s}")
-    hub = s if is_hub_id(s) else f"openai/{name}"
-    raise OssMlxError(
-        f"model {s!r} is not in the local store ({store_root()}); get it with: oss-mlx convert {hub}"
-    )
+    raise OssMlxError(_not_in_store(s))
+
+
+def _not_in_store(s: str) -> str:
+    import difflib
+
+    name = s.split("/")[-1]
+    names = [r["name"] for r in list_models()]
+    close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
+    have = (f"; did you mean {' or '.join(close)}?" if close
+            else f"; it has {', '.join(names)}" if names else "")
+    if HUB_ID.match(s):
+        how = f"get it with: oss-mlx convert {s}"
+    elif name.startswith("gpt-oss-"):
+        how = f"get it with: oss-mlx convert openai/{name}"
+    else:
+        how = "convert a checkpoint with: oss-mlx convert SRC (stored under SRC's folder name)"
+    return f"model {s!r} is not in the local store ({store_root()}){have}; {how}"
 
 
 def list_models() -> list[dict]:

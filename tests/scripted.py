@@ -23,7 +23,8 @@ run the real engine, sampler and harmony parser on a known stream:
 Each reply is a string (encoded with `encoding`, special tokens allowed) or a list of token ids.
 A request starts the next queued reply when the engine begins prefilling it; after the reply's
 last token the model forces `after` (default <|return|>), so a reply without a stop token still
-ends. A prefill with no reply queued raises AssertionError.
+ends. A prefill with no reply queued raises AssertionError. `model.at(i, action)` runs `action`
+when token i of a reply is about to be produced (to wait on an event, or raise a signal there).
 `model.prompts` records, per request, the tokens actually prefilled (with prompt-cache reuse,
 only the new suffix), and `model.fed` every token fed one at a time while decoding.
 """
@@ -78,6 +79,7 @@ class ScriptedModel:
         self._last_prefill = 0  # tokens in the last prefill call, 0 after a decode step
         self.prompts: list[list[int]] = []
         self.fed: list[int] = []
+        self.hooks: dict = {}
         for r in replies:
             self.push(r)
 
@@ -88,6 +90,14 @@ class ScriptedModel:
                 raise ValueError("ScriptedModel needs encoding= to take string replies")
             reply = harmony_tokens(self.encoding, reply)
         self.queue.append(list(reply))
+        return self
+
+    def at(self, index: int, action) -> "ScriptedModel":
+        """Call `action()` (once) when the model is about to produce token `index` (0-based) of
+        a reply: an explicit synchronisation point in place of a sleep, e.g.
+        `model.at(5, event.wait)` holds the request there until the test sets `event`, and
+        `model.at(5, lambda: os.kill(os.getpid(), signal.SIGINT))` is a Ctrl-C at token 5."""
+        self.hooks[index] = action
         return self
 
     def make_cache(self):
@@ -103,6 +113,9 @@ class ScriptedModel:
         return mx.broadcast_to(row, (batch, length, self.config.vocab_size))
 
     def _next(self) -> int:
+        action = self.hooks.pop(self.pos, None)
+        if action is not None:
+            action()
         tok = self.reply[self.pos] if self.pos < len(self.reply) else self.after
         self.pos += 1
         return tok
@@ -136,3 +149,102 @@ class ScriptedModel:
             self._update(tokens[:, i : i + chunk_size], cache)
         self.pos = 0
         return self._forced(tokens.shape[0], 1, self._next())[:, -1, :]
+
+
+# ---- the CLI with a scripted engine, for tests that run chat/generate in a subprocess -------
+#
+#     python tests/scripted.py chat --model VOCAB_DIR ...     (tests/test_chat.py does this)
+#
+# runs `oss_mlx.cli.main(argv, load_engine=engine_from_env)`. The test describes the engine in
+# the child's environment: SCRIPTED_REPLIES (JSON list of harmony strings: a ScriptedModel
+# behind the real Engine; unset: the real model of the folder), SCRIPTED_CONTEXT (the scripted
+# model's context, default 4096), SCRIPTED_LOG (a file that gets each prompt the engine is asked
+# to complete, decoded, one JSON string a line), SCRIPTED_PAUSE="INDEX:FIFO" (when token INDEX
+# of a reply is about to be made, write a line to the FIFO, which the test is blocked reading,
+# then wait for SIGINT: the test presses Ctrl-C at a known point, with no sleep).
+
+
+def pause_at_signal(fifo: str):
+    """Tell the test (blocked reading `fifo`) that the model is here, then wait for Ctrl-C."""
+    import os
+    import signal
+
+    def pause():
+        # The process's SIGINT handler (chat's) stays in charge; a wakeup fd learns that it
+        # fired, whichever thread the kernel delivered the signal to, and the handler has run
+        # by the time this returns (Python runs it at the next bytecode of the main thread).
+        r, w = os.pipe()
+        os.set_blocking(w, False)
+        old = signal.set_wakeup_fd(w)
+        try:
+            with open(fifo, "w") as f:
+                f.write("paused\n")
+            while os.read(r, 1) != bytes([signal.SIGINT]):
+                pass
+        finally:
+            signal.set_wakeup_fd(old)
+            os.close(r)
+            os.close(w)
+
+    return pause
+
+
+class PausingModel:
+    """A real model that runs `action` before the INDEX-th one-token (decode) call of each
+    request (a request starts with a prefill)."""
+
+    def __init__(self, model, index: int, action):
+        self._model, self._index, self._action, self._calls = model, index, action, 0
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def prefill(self, *args, **kwargs):
+        self._calls = 0
+        return self._model.prefill(*args, **kwargs)
+
+    def __call__(self, tokens, cache=None):
+        if tokens.shape[1] == 1:
+            self._calls += 1
+            if self._calls == self._index:
+                self._action()
+        return self._model(tokens, cache)
+
+
+def engine_from_env(model_dir):
+    import json
+    import os
+
+    from oss_mlx.engine import Engine
+    from oss_mlx.harmony import load_encoding
+
+    log = os.environ.get("SCRIPTED_LOG")
+    pause = os.environ.get("SCRIPTED_PAUSE")
+    index, _, fifo = pause.partition(":") if pause else (None, None, None)
+
+    class LoggedEngine(Engine):
+        def stream(self, conversation, params=None, cancel=None):
+            if log:
+                with open(log, "a") as f:
+                    f.write(json.dumps(self.encoding.decode(self.render(conversation))) + "\n")
+            return super().stream(conversation, params, cancel)
+
+    if "SCRIPTED_REPLIES" not in os.environ:
+        engine = Engine.load(model_dir)
+        if pause:
+            engine.model = PausingModel(engine.model, int(index), pause_at_signal(fifo))
+        return engine
+    enc = load_encoding(model_dir)
+    model = ScriptedModel(*json.loads(os.environ["SCRIPTED_REPLIES"]), encoding=enc,
+                          max_context=int(os.environ.get("SCRIPTED_CONTEXT", "4096")))
+    if pause:
+        model.at(int(index), pause_at_signal(fifo))
+    return LoggedEngine(model, enc)
+
+
+if __name__ == "__main__":
+    import sys
+
+    from oss_mlx.cli import main
+
+    sys.exit(main(sys.argv[1:], load_engine=engine_from_env))

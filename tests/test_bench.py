@@ -100,13 +100,17 @@ def test_bench_smoke(tiny_model, tiny_hf, tmp_path, capsys):
     out = tmp_path / "bench.json"
     rc = main(["bench", "--model", str(tiny_model), "--source", str(tiny_hf),
                "--prompt-tokens", "8,20", "--gen-tokens", "4", "--repeat", "1",
-               "--compare", "mlx-lm", "--dtype", "float32,bfloat16", "--json", str(out)])
+               "--compare", "mlx-lm", "--dtype", "float32,bfloat16", "--ops", "--json", str(out)])
     assert rc == 0
     text = " ".join(capsys.readouterr().out.split())  # rich wraps to the terminal width
     assert "mlx-lm bfloat16" in text and "oss-mlx bfloat16" in text
     assert "oss-mlx float32" in text and "float32 activations" in text
 
     report = json.loads(out.read_text())
+    assert "kernels per decode token" in text
+    kernels = {k["runtime"]: k for k in report["kernels"]}
+    assert set(kernels) == {"oss-mlx float32", "oss-mlx bfloat16", "mlx-lm bfloat16"}
+    assert kernels["oss-mlx float32"]["per_layer"] < kernels["mlx-lm bfloat16"]["per_layer"]
     m = report["machine"]
     assert m["backend"] in ("CPU", "Metal", "CUDA") and m["mlx_version"] and m["chip"]
     assert report["settings"]["prompt_tokens"] == [8, 20]
@@ -131,7 +135,11 @@ def test_bench_smoke(tiny_model, tiny_hf, tmp_path, capsys):
     assert all(isinstance(q["same_tokens"], bool) for q in report["ratios"])
     by = {r["runtime"]: r["roofline"]["components"] for r in report["results"] if r["prompt_tokens"] == 8}
     ours, theirs = by["oss-mlx bfloat16"], by[labels[-1]]
-    assert ours["experts"] == theirs["experts"]
+    # The same mxfp4 tensors; our expert biases are float32, theirs bf16: k (2I + H) x 2 more
+    # bytes per layer and token.
+    c = bench.ModelConfig.from_dict(report["model"]["config"])
+    extra = c.num_hidden_layers * c.experts_per_token * (2 * c.intermediate_size + c.hidden_size) * 2
+    assert ours["experts"] - theirs["experts"] == extra
     assert sum(ours.values()) == pytest.approx(sum(theirs.values()), rel=0.02)
 
 
@@ -157,9 +165,9 @@ def test_bench_compare_needs_a_source(tiny_model, tmp_path, capsys):
     assert capsys.readouterr().err.startswith("oss-mlx: error: --compare mlx-lm needs")
 
 
-def test_plot_script_draws_png(tmp_path):
-    pytest.importorskip("matplotlib")
+def test_plot_script_draws_png(tmp_path, monkeypatch, capsys):
     import importlib.util
+    import sys
     from pathlib import Path
 
     spec = importlib.util.spec_from_file_location(
@@ -177,3 +185,7 @@ def test_plot_script_draws_png(tmp_path):
     src.write_text(json.dumps(report))
     assert plot.main([str(src), "-o", str(tmp_path / "d.png")]) == 0
     assert (tmp_path / "d.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Without matplotlib: one line saying which extra to install, no traceback.
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(SystemExit, match=r"^plot.py: needs matplotlib: pip install 'oss-mlx\[bench\]'"):
+        plot.main([str(src), "-o", str(tmp_path / "e.png")])

@@ -5,10 +5,11 @@ Two kinds of model:
   real; its text is noise, so those tests check the session mechanics (footer, cache reuse,
   effort, Ctrl-C, exit codes, no network);
 - a ScriptedModel (tests/scripted.py) behind the real Engine and harmony parser, for exact
-  content: the REPL builds it through the test-only hook OSS_MLX_TEST_ENGINE=test_chat:
-  scripted_engine (see oss_mlx/chat.py), with the replies in OSS_MLX_TEST_SCRIPT (JSON list of
-  harmony strings). The engine it builds writes every prompt it is asked to complete, decoded,
-  to OSS_MLX_TEST_LOG, so a test can check what the model was actually given.
+  content: the child runs `python tests/scripted.py chat ...`, i.e. oss_mlx.cli.main with an
+  engine factory (scripted.engine_from_env) that replays the replies given in its environment
+  and logs every prompt it is asked to complete, so a test can check what the model was given.
+  Ctrl-C mid-answer is pressed at a known token: the model stops there and says so through a
+  FIFO (SCRIPTED_PAUSE), no sleep.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -39,53 +39,39 @@ REPLY2 = ("<|channel|>analysis<|message|>Now three plus three.<|end|>"
 LONG_REPLY = "<|channel|>final<|message|>" + "word " * 3000 + "<|return|>"
 
 
-# ---- the test-only engine the REPL builds through OSS_MLX_TEST_ENGINE ----------------------
-
-
-def scripted_engine(model_dir):
-    """Engine(ScriptedModel) with the replies of $OSS_MLX_TEST_SCRIPT; logs each prompt."""
-    from scripted import ScriptedModel
-
-    from oss_mlx.engine import Engine
-    from oss_mlx.harmony import load_encoding
-
-    enc = load_encoding(model_dir)
-    delay = float(os.environ.get("OSS_MLX_TEST_DELAY", "0"))
-    log = os.environ.get("OSS_MLX_TEST_LOG")
-
-    class SlowModel(ScriptedModel):
-        def __call__(self, tokens, cache=None):
-            time.sleep(delay)  # makes a long reply last long enough to press Ctrl-C in it
-            return super().__call__(tokens, cache)
-
-    class LoggedEngine(Engine):
-        def stream(self, conversation, params=None, cancel=None):
-            if log:
-                with open(log, "a") as f:
-                    f.write(json.dumps(enc.decode(self.render(conversation))) + "\n")
-            return super().stream(conversation, params, cancel)
-
-    replies = json.loads(os.environ["OSS_MLX_TEST_SCRIPT"])
-    max_context = int(os.environ.get("OSS_MLX_TEST_CONTEXT", "4096"))
-    return LoggedEngine(SlowModel(*replies, encoding=enc, max_context=max_context), enc)
-
-
 # ---- helpers ---------------------------------------------------------------------------------
 
 
 def child_env(tmp_path, script=None, **extra):
+    """The child's environment; with `script`, the REPL's engine replays it (scripted.py)."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(TESTS), str(REPO), env.get("PYTHONPATH", "")])
     env["OSS_MLX_HOME"] = str(tmp_path / "home")  # readline history and store, per test
     env["TERM"] = "xterm"
     env["HF_HUB_OFFLINE"] = "1"
-    env.pop("OSS_MLX_TEST_ENGINE", None)
+    for k in ("SCRIPTED_REPLIES", "SCRIPTED_LOG", "SCRIPTED_PAUSE", "SCRIPTED_CONTEXT"):
+        env.pop(k, None)
     if script is not None:
-        env["OSS_MLX_TEST_ENGINE"] = "test_chat:scripted_engine"
-        env["OSS_MLX_TEST_SCRIPT"] = json.dumps(script)
-        env["OSS_MLX_TEST_LOG"] = str(tmp_path / "prompts.jsonl")
+        env["SCRIPTED_REPLIES"] = json.dumps(script)
+        env["SCRIPTED_LOG"] = str(tmp_path / "prompts.jsonl")
     env.update({k: str(v) for k, v in extra.items()})
     return env
+
+
+def pause_point(tmp_path, index):
+    """(env entry, wait): the model stops before token `index` until a signal; `wait()` returns
+    once it is there (see scripted.py's SCRIPTED_PAUSE)."""
+    fifo = tmp_path / f"paused-{index}"
+    os.mkfifo(fifo)
+
+    def wait():
+        with open(fifo) as f:
+            assert f.readline() == "paused\n"
+
+    return {"SCRIPTED_PAUSE": f"{index}:{fifo}"}, wait
+
+
+CHAT = [sys.executable, str(TESTS / "scripted.py"), "chat"]  # oss_mlx.cli with engine_from_env
 
 
 def logged_prompts(tmp_path) -> list[str]:
@@ -104,7 +90,7 @@ def vocab(tmp_path_factory):
 
 
 def spawn(args, env, timeout=30):
-    child = pexpect.spawn(sys.executable, ["-m", "oss_mlx.cli", "chat", *args], cwd=str(REPO),
+    child = pexpect.spawn(CHAT[0], [*CHAT[1:], *args], cwd=str(REPO),
                           env=env, encoding="utf-8", timeout=timeout, dimensions=(40, 120))
     return child
 
@@ -198,16 +184,17 @@ def test_tty_scripted_session(vocab, tmp_path):
 
 
 def test_tty_ctrl_c_stops_answer_and_keeps_session(vocab, tmp_path):
+    pause, paused = pause_point(tmp_path, 40)
     child = spawn(["--model", str(vocab), "--max-tokens", "5000"],
-                  child_env(tmp_path, [LONG_REPLY, REPLY2], OSS_MLX_TEST_DELAY=0.004))
+                  child_env(tmp_path, [LONG_REPLY, REPLY2], **pause))
     child.expect_exact(PROMPT)
     child.sendline("Say many words.")
-    child.expect("word word word")
+    paused()  # the model is at token 40 of 3000
     child.sendintr()  # Ctrl-C mid-generation
     child.expect_exact(PROMPT)
     out = plain(child.before)
     assert "[interrupted by the user]" in out
-    assert int(re.search(r"(\d+) tokens · TTFT", out).group(1)) < 3000  # it did stop early
+    assert 40 <= int(re.search(r"(\d+) tokens · TTFT", out).group(1)) < 45  # stopped there
 
     assert "It is 6." in command(child, "And 3 + 3?")  # the session goes on
     saved = tmp_path / "conv.json"
@@ -222,11 +209,23 @@ def test_tty_ctrl_c_stops_answer_and_keeps_session(vocab, tmp_path):
     finish(child)
 
 
-def test_tty_ctrl_c_at_prompt_exits_cleanly(vocab, tmp_path):
-    child = spawn(["--model", str(vocab)], child_env(tmp_path, []))
+def test_tty_ctrl_c_at_prompt_clears_the_line_and_twice_leaves(vocab, tmp_path):
+    """Ctrl-C at the prompt drops the typed line and says how to leave; the session goes on
+    (the conversation is kept); Ctrl-C twice in a row leaves, cleanly."""
+    child = spawn(["--model", str(vocab)], child_env(tmp_path, [REPLY1]))
     child.expect_exact(PROMPT)
+    assert ANSWER1.replace("**", "") in command(child, "What is 2 + 2?")
+    child.send("half a line")
     child.sendintr()
+    child.expect_exact(PROMPT)
+    assert "(Ctrl-C again, Ctrl-D or /quit leaves)" in plain(child.before)
+    out = command(child, "/stats", "exchanges: 1")  # still here, with its conversation
+    assert "half a line" not in out
+    child.sendintr()
+    child.expect_exact(PROMPT)
+    child.sendintr()  # twice in a row
     finish(child)
+    assert len(logged_prompts(tmp_path)) == 1  # the cleared line was never sent
 
 
 def test_tty_multiline_paste_and_history(vocab, tmp_path):
@@ -250,23 +249,25 @@ def test_tty_multiline_paste_and_history(vocab, tmp_path):
     assert "first line" in history and "pasted two" in history
 
 
+@pytest.mark.slow
 def test_tty_tiny_model(tiny_model, tmp_path):
     """The real stack on random weights: Ctrl-C mid-answer, a follow-up reusing the cache,
     effort, Ctrl-D. (Greedy random weights never write a stop token, so each answer is cut.)"""
+    pause, paused = pause_point(tmp_path, 30)
     child = spawn(["--model", str(tiny_model), "--temperature", "0", "--max-tokens", "100000"],
-                  child_env(tmp_path), timeout=60)
+                  child_env(tmp_path, **pause), timeout=60)
     child.expect("reasoning medium")
     child.expect_exact(PROMPT)
     for question in ("Go on forever", "And again"):
         child.sendline(question)
-        time.sleep(1.5)
+        paused()  # the model is at this answer's 30th decode step
         child.sendintr()  # Ctrl-C mid-generation
         child.expect_exact(PROMPT)
         out = plain(child.before)
         assert "[interrupted by the user]" in out
         n = int(re.search(r"(\d+) tokens · TTFT [\d.]+ s · [\d.]+ tok/s · context [\d,]+/131,072",
                           out).group(1))
-        assert 0 < n < 100000
+        assert 30 <= n < 35  # it stopped where Ctrl-C was pressed
         if question == "Go on forever":
             prompt1, cached1, _ = stats_numbers(command(child, "/stats", "exchanges: 1"))
             assert cached1 == 0
@@ -282,7 +283,7 @@ def test_tty_tiny_model(tiny_model, tmp_path):
 
 
 def run_pipe(args, stdin, env, timeout=60, netns=False):
-    cmd = [sys.executable, "-m", "oss_mlx.cli", "chat", *args]
+    cmd = [*CHAT, *args]
     if netns:
         cmd = ["unshare", "-n", *cmd]
     return subprocess.run(cmd, input=stdin, capture_output=True, text=True, cwd=str(REPO),
@@ -312,7 +313,7 @@ def test_pipe_context_full_is_a_message(vocab, tmp_path):
     """A prompt beyond the context: one clear line, the session goes on, exit 1 at the end."""
     # 68 prompt tokens + 28 generated = 96 of 104: nearly full. Then a question too long for the
     # context, then one that fits but leaves no room for the whole answer.
-    env = child_env(tmp_path, [REPLY1, REPLY1], OSS_MLX_TEST_CONTEXT=104)
+    env = child_env(tmp_path, [REPLY1, REPLY1], SCRIPTED_CONTEXT=104)
     r = run_pipe(["--model", str(vocab), "--hide-reasoning"], "hi\n" + "long " * 200 + "\nhi\n", env)
     assert "Traceback" not in r.stderr
     assert "context 96/104 (92%)" in r.stderr and "the context is nearly full (92%)" in r.stderr
@@ -335,6 +336,39 @@ def test_pipe_tool_call_is_shown(vocab, tmp_path):
             'error: no tools are available in this chat<|end|>') in logged_prompts(tmp_path)[1]
 
 
+def test_what_the_model_wrote_is_stored(vocab, tmp_path):
+    """An answer with no harmony message (as random weights write) is stored as its raw text,
+    so the history never has two user messages in a row; an answer interrupted in its reasoning
+    keeps that reasoning in /save (the model is not shown it again)."""
+    import signal
+
+    pause, paused = pause_point(tmp_path, 12)
+    thinking = "<|channel|>analysis<|message|>" + "think " * 100 + "<|end|>"
+    saved = tmp_path / "conv.json"
+    proc = subprocess.Popen(
+        [*CHAT, "--model", str(vocab)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, cwd=str(REPO),
+        env=child_env(tmp_path, ["<|end|>noise", thinking, REPLY2], **pause))
+    proc.stdin.write(f"First?\nSecond?\n/save {saved}\nThird?\n")
+    proc.stdin.close()
+    proc.stdin = None  # all written: communicate() below only reads
+    paused()  # in the second answer's reasoning, at token 12
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "no harmony message" in err and "[interrupted by the user]" in err
+    messages = json.loads(saved.read_text())["messages"]
+    assert [(m["role"], m.get("channel")) for m in messages] == [
+        ("user", None), ("assistant", "final"), ("user", None), ("assistant", "analysis")]
+    assert messages[1]["content"] == "<|end|>noise"  # what the model wrote, as text
+    assert messages[3]["content"].startswith("think think") and messages[3]["interrupted"]
+    third = logged_prompts(tmp_path)[2]
+    assert ("<|start|>user<|message|>First?<|end|><|start|>assistant<|channel|>final<|message|>"
+            "<|end|>noise<|end|><|start|>user<|message|>Second?<|end|>"
+            "<|start|>assistant<|channel|>final<|message|>[interrupted by the user]<|end|>") in third
+
+
+@pytest.mark.slow
 def test_demo_without_network(tmp_path):
     """`--demo` in a network namespace with no interface up: synth, convert, load, two turns
     (the second reusing the cache), all with no network."""

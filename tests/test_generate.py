@@ -7,6 +7,7 @@ import argparse
 import datetime
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -120,18 +121,24 @@ def test_clear_one_line_errors(tiny_model, tmp_path, case):
 # ---- text output, on a scripted stream ----
 
 
+@pytest.fixture(scope="module")
+def encoding(tmp_path_factory):
+    return load_encoding(vocab_dir(tmp_path_factory.mktemp("vocab")))
+
+
 @pytest.fixture
-def scripted_cli(tmp_path, monkeypatch):
-    enc = load_encoding(vocab_dir(tmp_path / "vocab"))
+def scripted_cli(encoding):
+    enc = encoding
     model = ScriptedModel(encoding=enc)
-    monkeypatch.setattr(Engine, "load", classmethod(lambda cls, m, dtype=None: Engine(model, enc)))
 
     def run(reply, *extra):
         model.push(reply)
         p = argparse.ArgumentParser()
         generate.add_arguments(p)
-        return generate.main(p.parse_args(["--model", "x", "--prompt", "hi", *extra]))
+        return generate.main(p.parse_args(["--model", "x", "--prompt", "hi", *extra]),
+                             load_engine=lambda name: Engine(model, enc))
 
+    run.model = model
     return run
 
 
@@ -160,3 +167,39 @@ def test_json_output_and_notes(scripted_cli, capsys):
     scripted_cli('<|channel|>commentary to=functions.f <|constrain|>json<|message|>{"a": 1}<|call|>')
     out, err = capsys.readouterr()
     assert out == "" and 'tool call functions.f {"a": 1}' in err
+
+
+def test_no_harmony_message_is_said_on_stderr(scripted_cli, capsys):
+    """Random weights write tokens that parse as no harmony message: say so (as chat does)."""
+    # A message on a made-up channel, as random weights write: nothing to show as the answer.
+    assert scripted_cli("<|channel|>noise noise noise") == 0
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert ("the model wrote 5 tokens but no harmony message with an answer (random weights?): "
+            "'<|channel|>noise noise noise") in err, err
+
+
+def test_ctrl_c_stops_the_answer_and_prints_the_stats(scripted_cli, capsys):
+    import signal
+
+    scripted_cli.model.at(5, lambda: os.kill(os.getpid(), signal.SIGINT))  # Ctrl-C at token 5
+    assert scripted_cli("<|channel|>final<|message|>" + "word " * 100 + "<|return|>") == 130
+    out, err = capsys.readouterr()
+    assert out.startswith("word") and out.count("word") < 100
+    assert "oss-mlx: stopped by Ctrl-C" in err
+    n = int(re.search(r"generated (\d+) tokens \([\d.]+ tok/s\)", err).group(1))
+    assert 5 <= n < 100
+
+
+def test_max_tokens_zero_is_refused_by_generate_and_chat(scripted_cli):
+    """One rule for both commands: 0 is refused with the same message (chat read it as 16,384)."""
+    from oss_mlx import chat
+    from oss_mlx.errors import OssMlxError
+
+    with pytest.raises(OssMlxError, match="--max-tokens must be at least 1") as g:
+        scripted_cli(REPLY, "--max-tokens", "0")
+    p = argparse.ArgumentParser()
+    chat.add_arguments(p)
+    with pytest.raises(OssMlxError, match="--max-tokens must be at least 1") as c:
+        chat.main(p.parse_args(["--demo", "--max-tokens", "0"]))
+    assert str(g.value) == str(c.value)

@@ -313,3 +313,58 @@ def test_ongoing_tool_call_keeps_analysis_upstream_golden(enc):
         ),
     ]
     assert text(enc, render_prompt(enc, history)) == golden
+
+
+# ---- each rule once -----------------------------------------------------------------------
+
+
+def test_one_effort_list_one_set_of_special_ids(enc):
+    """The efforts are harmony's ReasoningEffort values; the special-token ids are what
+    openai-harmony's own encoding gives for their names."""
+    from oss_mlx import harmony as hm
+    from oss_mlx.config import EFFORTS
+    from oss_mlx.convert.vocab import SPECIAL_TOKENS
+
+    assert EFFORTS == tuple(e.value.lower() for e in ReasoningEffort) == hm.EFFORTS
+    for tok, name in SPECIAL_TOKENS.items():
+        if name != "<|endofprompt|>":  # the HF tokenizer's name for 200018; harmony has none
+            assert enc.encode(name, allowed_special="all") == [tok], name
+    assert (hm.START, hm.END, hm.MESSAGE, hm.CHANNEL, hm.RETURN, hm.CALL, hm.CONSTRAIN,
+            hm.ENDOFTEXT) == tuple(enc.encode(t, allowed_special="all")[0] for t in (
+                "<|start|>", "<|end|>", "<|message|>", "<|channel|>", "<|return|>", "<|call|>",
+                "<|constrain|>", "<|endoftext|>"))
+
+
+def test_which_recipient_is_a_tool_call():
+    """Spec 5.2: `to=` is left out for no recipient and for "all"; a tool result goes `to=assistant`."""
+    from oss_mlx.harmony import function_name, is_tool_call
+
+    assert [is_tool_call(r) for r in (None, "", "all", "assistant", "user")] == [False] * 5
+    assert all(is_tool_call(r) for r in ("functions.get_weather", "python", "browser.search"))
+    assert function_name("functions.get_weather") == "get_weather"
+    assert function_name("python") is None and function_name(None) is None
+
+
+def test_openai_requests_drop_reasoning_by_harmonys_rule(enc):
+    """The server's request mapping uses harmony's one drop rule: a tool-call sequence that a
+    new user message interrupts (no final yet) keeps its reasoning, which the server's own copy
+    (drop everything before the last user message) used to lose."""
+    from oss_mlx import openai_api as api
+
+    items = [api.Item("user", "Weather?"), api.Item("reasoning", "Call the tool."),
+             api.Item("tool_call", '{"city": "Paris"}', name="get_weather"),
+             api.Item("tool_result", '{"sunny": true}', name="get_weather"),
+             api.Item("user", "And in Rome?")]
+    tools = [api.Tool("get_weather", "", {"type": "object"})]
+    got = api.build_conversation(items, tools, "low")
+    want = build_conversation([
+        user_message("Weather?"), assistant_message("Call the tool.", "analysis"),
+        tool_call_message("functions.get_weather", '{"city": "Paris"}'),
+        tool_result_message("functions.get_weather", '{"sunny": true}'),
+        user_message("And in Rome?")], reasoning="low",
+        tools=[{"name": "get_weather", "description": "", "parameters": {"type": "object"}}])
+    assert text(enc, render_prompt(enc, got)) == text(enc, render_prompt(enc, want))
+    assert "Call the tool." in text(enc, render_prompt(enc, got))
+    # Once the turn ends with a final answer, the reasoning goes, as in harmony's own renderer.
+    done = items + [api.Item("assistant", "Sunny in Paris; Rome next.")]
+    assert "Call the tool." not in text(enc, render_prompt(enc, api.build_conversation(done, tools, "low")))

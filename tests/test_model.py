@@ -41,8 +41,14 @@ def logits_of(model, ids, cache=None):
     return np.array(model(mx.array(ids)[None], cache=cache).astype(mx.float32))[0]
 
 
-def test_tiny_window_and_length(model32):
-    assert model32.config.sliding_window == 8 and T > 8 * 8
+def test_tiny_window_and_length(tiny_hf, ids, ref_logits):
+    """The window matters at this length, so the reference comparisons below test it: without
+    it the reference's logits are the same for the first 8 positions and differ after."""
+    conf, weights = reference.load_checkpoint(tiny_hf)
+    assert conf["sliding_window"] == 8 < T
+    unwindowed = reference.forward({**conf, "sliding_window": T}, weights, ids)
+    np.testing.assert_allclose(unwindowed[:8], ref_logits[:8], rtol=0, atol=1e-6)
+    assert np.abs(unwindowed[8:] - ref_logits[8:]).max() > 1e-2
 
 
 def test_float32_matches_numpy_reference(model32, ids, ref_logits):
@@ -214,8 +220,14 @@ def test_sliding_layers_see_exactly_the_window(with_cache, chunks):
 # ---- loading ---------------------------------------------------------------------------
 
 
-def test_default_dtype_on_cpu():
-    assert default_dtype() == mx.bfloat16
+def test_default_dtype_on_cpu(tiny_model):
+    """With no dtype a model computes in bfloat16 (default_dtype): its dense weights are held
+    in it and it gives exactly the logits of an explicit bfloat16 load."""
+    x = mx.array([[200006, 173781, 200005, 13225, 2375]])
+    model = load(tiny_model)
+    assert model.layers[0].attention.qkv.weight.dtype == default_dtype() == mx.bfloat16
+    assert mx.array_equal(model(x), load(tiny_model, dtype=mx.bfloat16)(x)).item()
+    assert not mx.array_equal(model(x), load(tiny_model, dtype=mx.float32)(x)).item()
 
 
 def test_loads_lazily_mapped_weights(tiny_model):
@@ -259,3 +271,26 @@ def test_cpu_experts_run_float32_and_prefill_skips_unneeded_work(tiny_model, mod
     # forward's last row.
     last = model32.prefill(mx.array(ids[None, :40]), model32.make_cache(), chunk_size=16)
     np.testing.assert_allclose(np.array(last[0]), ref[-1], atol=1e-4)
+
+
+def test_one_precision_rule_for_weights_and_compute(tiny_model):
+    """Spec 1.3 / OpenAI's Metal reference: float32 residual, norms and router; the embedding
+    as stored; dense weights in the model dtype; experts' activations (and biases) float32 on
+    the CPU backend."""
+    model = load(tiny_model, lazy=True)  # bf16 dense
+    p = model.precision
+    assert (p.dense, p.experts) == (mx.bfloat16, mx.float32)
+    assert p.weight("layers.0.attention.norm.weight") == mx.float32
+    assert p.weight("layers.3.mlp.router.weight") == mx.float32
+    assert p.weight("embedding.weight") is None
+    assert p.weight("layers.0.attention.qkv.weight") == mx.bfloat16
+    assert p.weight("layers.0.mlp.experts.gate_up.bias") == mx.float32
+    # what load did with it
+    a, m = model.layers[0].attention, model.layers[0].mlp
+    assert a.qkv.weight.dtype == a.sinks.dtype == mx.bfloat16 and m.router.weight.dtype == mx.float32
+    assert m.experts.bias.dtype == mx.float32 and model.embedding.weight.dtype == mx.bfloat16
+    assert (a.norm.dtype, m.norm.dtype, m.expert_dtype, model.norm.dtype) == (
+        mx.bfloat16, mx.float32, mx.float32, mx.bfloat16)
+    # the two expert biases became one table: gate_up's 2I then down's H
+    c = model.config
+    assert m.experts.bias.shape == (c.num_experts, 2 * c.intermediate_size + c.hidden_size)

@@ -9,18 +9,17 @@ synthetic model end to end.
 
 import json
 import socket
-import threading
-import time
 
 import httpx
 import openai
 import pytest
-import uvicorn
 from scripted import ScriptedModel, vocab_dir
+from serverkit import JobLog, ServerThread, StrictTransport, gated
 
 from oss_mlx.engine import Engine
 from oss_mlx.harmony import load_encoding
-from oss_mlx.server import StopFilter, create_app
+from oss_mlx.server import create_app
+from oss_mlx.wire import StopFilter
 
 MODEL = "scripted-oss"
 KEY = "sk-test-key"
@@ -45,40 +44,7 @@ ANSWER_WEATHER = ("<|channel|>analysis<|message|>It is sunny.<|end|>"
                   "<|start|>assistant<|channel|>final<|message|>Sunny, 20 degrees in Paris.<|return|>")
 
 
-class ServerThread:
-    """uvicorn serving `app` on a free loopback port, in a background thread."""
-
-    def __init__(self, app):
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
-                                       daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        deadline = time.time() + 30
-        while not self.server.started:
-            assert self.thread.is_alive() and time.time() < deadline, "server did not start"
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-        self.sock.close()
-
-
-class SlowScripted(ScriptedModel):
-    """A ScriptedModel whose decode steps take `delay` seconds (to test cancellation)."""
-
-    delay = 0.0
-
-    def __call__(self, tokens, cache=None):
-        time.sleep(self.delay)
-        return super().__call__(tokens, cache)
+Gated = gated(ScriptedModel)
 
 
 @pytest.fixture(scope="module")
@@ -88,24 +54,39 @@ def encoding(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def scripted(encoding):
-    model = SlowScripted(encoding=encoding, max_context=2048)
+    model = Gated(encoding=encoding, max_context=2048)
     engine = Engine(model, encoding)
-    with ServerThread(create_app(engine, MODEL)) as srv:
-        srv.model, srv.engine = model, engine
+    app = create_app(engine, MODEL)
+    with ServerThread(app) as srv:
+        srv.model, srv.engine, srv.service = model, engine, app.state.service
         yield srv
 
 
 @pytest.fixture
 def srv(scripted):
     scripted.model.queue.clear()
-    scripted.model.delay = 0.0
+    scripted.model.free()
+    scripted.jobs = JobLog(scripted.service.scheduler)
+    scripted.transport = StrictTransport()
+    scripted.http = httpx.Client(base_url=scripted.url, transport=scripted.transport, timeout=60)
     yield scripted
+    scripted.model.free()
+    scripted.jobs.close()
     scripted.model.queue.clear()
+    scripted.http.close()
+    assert not scripted.transport.failures, scripted.transport.failures
+
+
+def strict_client(srv, **kw) -> openai.OpenAI:
+    """An openai client whose every answer is checked against the openai types (serverkit)."""
+    kw = {"api_key": "unused", "max_retries": 0, "timeout": 60, **kw}
+    return openai.OpenAI(base_url=srv.url + "/v1", **kw,
+                         http_client=httpx.Client(transport=srv.transport, timeout=kw["timeout"]))
 
 
 @pytest.fixture
 def client(srv):
-    return openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    return strict_client(srv)
 
 
 def prompt_text(srv) -> str:
@@ -123,7 +104,7 @@ def no_markup(text):
 def test_models_and_health(client, srv):
     assert [m.id for m in client.models.list().data] == [MODEL]
     assert client.models.retrieve(MODEL).id == MODEL
-    assert httpx.get(srv.url + "/health").json()["status"] == "ok"
+    assert srv.http.get("/health").json()["status"] == "ok"
 
 
 def test_stop_filter_holds_back_partial_matches():
@@ -180,7 +161,7 @@ def test_chat_streamed_with_usage(client, srv):
 
 def test_chat_raw_sse_ends_with_done(srv):
     srv.model.push(THINK_THEN_ANSWER)
-    with httpx.stream("POST", srv.url + "/v1/chat/completions", json={
+    with srv.http.stream("POST", "/v1/chat/completions", json={
             "model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "stream": True}) as r:
         assert r.headers["content-type"].startswith("text/event-stream")
         lines = [ln for ln in r.iter_lines() if ln]
@@ -364,12 +345,22 @@ def test_malformed_stream_keeps_what_was_parsed(client, srv):
     r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "?"}])
     assert r.choices[0].message.content == "Partial answer"
     assert r.choices[0].message.reasoning_content == "Thinking."
-    assert r.choices[0].finish_reason == "stop"
+    # ... and says the turn was cut: content_filter, not a clean "stop".
+    assert r.choices[0].finish_reason == "content_filter"
     srv.model.push(bad)
     chunks = list(client.chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": "?"}], stream=True))
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == "Partial answer"
+    assert chunks[-1].choices[0].finish_reason == "content_filter"
+    srv.model.push(bad)
+    resp = client.responses.create(model=MODEL, input="?")
+    assert resp.status == "incomplete" and resp.incomplete_details.reason == "content_filter"
+    assert resp.output_text == "Partial answer"
+    srv.model.push(bad)
+    events = list(client.responses.create(model=MODEL, input="?", stream=True))
+    assert events[-1].type == "response.incomplete"
+    assert events[-1].response.incomplete_details.reason == "content_filter"
     # A stray stop token after a complete answer is a normal end, not an error.
     srv.model.push("<|channel|>final<|message|>Done.<|end|><|return|>")
     r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "?"}])
@@ -509,7 +500,7 @@ def test_context_overflow_is_400(client, srv):
 
 
 def test_bad_requests_are_4xx_with_clear_messages(client, srv):
-    post = lambda path, **kw: httpx.post(srv.url + path, **kw)  # noqa: E731
+    post = srv.http.post
     r = post("/v1/chat/completions", content=b'{"model": "x", "messages": [')
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
     r = post("/v1/chat/completions", json={"model": MODEL, "messages": "hello"})
@@ -544,28 +535,46 @@ def test_bad_requests_are_4xx_with_clear_messages(client, srv):
 def test_api_key_required(encoding):
     model = ScriptedModel(encoding=encoding)
     with ServerThread(create_app(Engine(model, encoding), MODEL, api_key=KEY)) as s:
-        for key in ("wrong", ""):
-            bad = openai.OpenAI(base_url=s.url + "/v1", api_key=key or "x", max_retries=0)
-            if not key:
-                r = httpx.get(s.url + "/v1/models")
-                assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
-                continue
-            with pytest.raises(openai.AuthenticationError):
-                bad.models.list()
-            with pytest.raises(openai.AuthenticationError):
-                bad.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}])
-        assert httpx.get(s.url + "/health").status_code == 200  # liveness needs no key
-        good = openai.OpenAI(base_url=s.url + "/v1", api_key=KEY, max_retries=0)
+        s.transport = StrictTransport()
+        http = httpx.Client(base_url=s.url, transport=s.transport)
+        r = http.get("/v1/models")
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        bad = strict_client(s, api_key="wrong")
+        with pytest.raises(openai.AuthenticationError):
+            bad.models.list()
+        with pytest.raises(openai.AuthenticationError):
+            bad.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}])
+        assert http.get("/health").status_code == 200  # liveness needs no key
+        good = strict_client(s, api_key=KEY)
         model.push(THINK_THEN_ANSWER)
         r = good.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}])
         assert r.choices[0].message.content == "Hello! How can I help?"
+        assert [m.id for m in good.models.list()] == [MODEL]
+        assert not s.transport.failures, s.transport.failures
+
+
+LONG = "<|channel|>final<|message|>" + "la " * 600 + "<|return|>"
+
+
+def steps_after(srv, request: int, job) -> int:
+    """Let the held engine go once `job` is cancelled; the decode steps request `request` took
+    after that (the next request runs only once it has ended)."""
+    assert job.cancel.wait(10), "the server did not notice the client leave"
+    at_cancel = srv.model.steps.get(request, 0)
+    srv.model.free()
+    srv.model.push(THINK_THEN_ANSWER)
+    r = srv.http.post("/v1/chat/completions", json={
+        "model": MODEL, "messages": [{"role": "user", "content": "Hi"}]})
+    assert r.json()["choices"][0]["message"]["content"] == "Hello! How can I help?"
+    return srv.model.steps[request] - at_cancel
 
 
 def test_disconnect_cancels_generation(client, srv):
-    srv.model.delay = 0.01  # 600 tokens would take 6 s or more
-    long = "<|channel|>final<|message|>" + "la " * 600 + "<|return|>"
-    srv.model.push(long)
-    fed_before = len(srv.model.fed)
+    # A streaming client that leaves after three words: its generation stops at the next step.
+    srv.model.hold()
+    srv.model.allow(10)  # the header and a few words, then the engine waits
+    srv.model.push(LONG)
+    request = len(srv.model.prompts)
     stream = client.chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": "sing"}], stream=True)
     got = 0
@@ -574,39 +583,41 @@ def test_disconnect_cancels_generation(client, srv):
         if got >= 3:
             break
     stream.close()
-    fed_at_close = len(srv.model.fed) - fed_before
-    # A non-streaming client that times out is cancelled too.
-    srv.model.push(long)
-    impatient = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0, timeout=0.8)
-    with pytest.raises(openai.APITimeoutError):
-        impatient.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}])
-    # The next request is served promptly: both generations stopped long before their end.
-    srv.model.delay = 0.0
-    srv.model.push(THINK_THEN_ANSWER)
-    t0 = time.time()
-    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}])
-    assert r.choices[0].message.content == "Hello! How can I help?"
-    assert time.time() - t0 < 4
-    fed_after = len(srv.model.fed) - fed_before
-    assert fed_at_close < 100 and fed_after - fed_at_close < 300, (fed_at_close, fed_after)
+    assert steps_after(srv, request, srv.jobs.wait(1)) <= 1
+
+    # A non-streaming client that hangs up mid-generation is cancelled too.
+    srv.model.hold()
+    srv.model.allow(5)
+    srv.model.push(LONG)
+    request = len(srv.model.prompts)
+    body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "x"}]}).encode()
+    with socket.create_connection(("127.0.0.1", srv.port)) as raw:
+        raw.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                    b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                    % (len(body), body))
+        job = srv.jobs.wait(3)  # jobs 1 (the streaming one) and 2 (the follow-up) came before
+    assert steps_after(srv, request, job) <= 1
 
 
 def test_client_leaving_while_queued_is_never_run(client, srv):
-    srv.model.delay = 0.01
+    srv.model.hold()
     srv.model.push("<|channel|>final<|message|>" + "la " * 300 + "<|return|>")  # A, running
     srv.model.push("<|channel|>final<|message|>B never runs<|return|>")           # B, queued
     requests_before = len(srv.model.prompts)
     a = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "a"}],
                                        stream=True)
     next(iter(a))
+    job_a = srv.jobs.wait(1)
     b = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "b"}],
                                        stream=True)
     assert next(iter(b)).choices[0].delta.role == "assistant"  # accepted, waiting its turn
+    job_b = srv.jobs.wait(2)
     b.close()
-    time.sleep(0.5)
+    assert job_b.cancel.wait(10)  # the server saw B leave while A still runs
     a.close()
-    srv.model.delay = 0.0
+    assert job_a.cancel.wait(10)
     srv.model.queue.clear()  # drop B's reply: if B ran after all, C would find none
+    srv.model.free()
     srv.model.push("<|channel|>final<|message|>C<|return|>")
     r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "c"}])
     assert r.choices[0].message.content == "C"
@@ -634,27 +645,36 @@ def test_engine_failure_is_reported_not_fatal(client, srv):
 def test_requests_are_served_in_order(client, srv):
     from concurrent.futures import ThreadPoolExecutor
 
-    srv.model.delay = 0.12  # a request (6 tokens) outlasts the gaps between arrivals
+    srv.model.hold()  # request 0 holds the engine while 1, 2 and 3 arrive, in that order
     for i in range(4):
         srv.model.push(f"<|channel|>final<|message|>answer {i}<|return|>")
 
     def ask(i):
-        time.sleep(0.25 * i)  # arrive in order 0, 1, 2, 3, while 0 or 1 is still running
         return client.chat.completions.create(
             model=MODEL, messages=[{"role": "user", "content": f"q{i}"}]).choices[0].message.content
 
     with ThreadPoolExecutor(4) as pool:
-        answers = list(pool.map(ask, range(4)))
+        futures = []
+        for i in range(4):
+            futures.append(pool.submit(ask, i))
+            srv.jobs.wait(i + 1)  # request i is queued before request i + 1 is sent
+        srv.model.free()
+        answers = [f.result(timeout=60) for f in futures]
     assert answers == [f"answer {i}" for i in range(4)]  # FIFO: replies were queued in order
+    prompts = [srv.model.encoding.decode(p) for p in srv.model.prompts[-4:]]
+    assert [f"q{i}" in p for i, p in enumerate(prompts)] == [True] * 4
 
 
 # ---- the tiny synthetic model, end to end -----------------------------------------------------
 
 
+@pytest.mark.slow
 def test_tiny_model_end_to_end(tiny_model):
     engine = Engine.load(str(tiny_model))
     with ServerThread(create_app(engine, "tiny")) as s:
-        c = openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0, timeout=120)
+        transport = StrictTransport()
+        c = openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0, timeout=120,
+                          http_client=httpx.Client(transport=transport, timeout=120))
         r = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}],
                                       max_tokens=8, temperature=0, seed=1)
         assert r.choices[0].finish_reason in ("length", "stop")
@@ -670,6 +690,18 @@ def test_tiny_model_end_to_end(tiny_model):
         assert text == (r.choices[0].message.content or "")
         resp = c.responses.create(model="tiny", input="Hi", max_output_tokens=8, temperature=0)
         assert resp.status in ("completed", "incomplete") and resp.usage.output_tokens <= 8
+
+        # A top_p that is 0 in float32 keeps only the top token: greedy, whatever the seed.
+        def answer(**kw):  # the sampled tokens (random weights write no harmony text)
+            c.chat.completions.create(model="tiny", max_tokens=8, messages=[
+                {"role": "user", "content": "Hi"}], **kw)
+            return engine.cached_tokens
+
+        greedy = answer(temperature=0)
+        assert all(answer(temperature=1, top_p=1e-50, seed=k) == greedy for k in (1, 2, 3))
+        # (while sampling at temperature 1 does depend on the seed: the check can tell)
+        assert any(answer(temperature=1, seed=k) != greedy for k in (1, 2, 3))
+    assert not transport.failures, transport.failures
 
 
 # ---- the command ------------------------------------------------------------------------------

@@ -74,3 +74,51 @@ def test_list(home, capsys):
     assert [r["name"] for r in rows] == ["gpt-oss-20b", "gpt-oss-20b-q8"]
     assert rows[0]["size"] == 5000 + len((home / "models" / "gpt-oss-20b" / "config.json").read_bytes())
     assert rows[1]["dense"] == "affine 8-bit" and rows[0]["layers"] == 24
+
+
+def upstream_folder(folder: Path) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"model_type": "gpt_oss"}))
+    return folder
+
+
+def test_store_name_wins_over_a_same_named_upstream_folder(home, tmp_path, monkeypatch):
+    """After `oss-mlx convert ./tiny` (stored as `tiny`), `--model tiny` from the folder that
+    holds ./tiny is the store entry, and the advice for `./tiny` names a command that works."""
+    monkeypatch.chdir(tmp_path)
+    upstream_folder(tmp_path / "tiny")
+    with pytest.raises(OssMlxError, match=r"run `oss-mlx convert \./tiny` first \(then --model tiny\)"):
+        store.resolve_model("./tiny")
+    with pytest.raises(OssMlxError, match=r"upstream gpt-oss checkpoint.*oss-mlx convert tiny`"):
+        store.resolve_model("tiny")
+    entry = fake_model(home / "models" / "tiny")
+    assert store.resolve_model("tiny") == entry
+    with pytest.raises(OssMlxError, match="converted in the store already: use --model tiny$"):
+        store.resolve_model("./tiny")
+    converted_here = fake_model(tmp_path / "mine")
+    assert store.resolve_model("mine").resolve() == converted_here  # a converted folder wins
+
+
+def test_unknown_names_list_the_candidates(home):
+    fake_model(home / "models" / "gpt-oss-20b")
+    fake_model(home / "models" / "tiny")
+    with pytest.raises(OssMlxError, match=r"did you mean gpt-oss-20b\?.*convert openai/gpt-oss-2b"):
+        store.resolve_model("gpt-oss-2b")
+    with pytest.raises(OssMlxError, match=r"it has gpt-oss-20b, tiny; convert a checkpoint with"):
+        store.resolve_model("mystery")
+
+
+def test_a_file_is_named_a_file(home, tmp_path):
+    f = tmp_path / "model.safetensors"
+    f.write_bytes(b"x")
+    with pytest.raises(OssMlxError, match="is a file, not a model folder"):
+        store.resolve_model(str(f))
+
+
+def test_caches_follow_oss_mlx_home(home):
+    """README: OSS_MLX_HOME moves oss-mlx's caches: bench --synth checkpoints and chat history
+    too (bench used ~/.cache/oss-mlx/bench whatever it said)."""
+    from oss_mlx import bench, chat
+
+    assert bench._cache_root(None) == home / "bench"
+    assert chat.history_file() == home / "chat_history"
