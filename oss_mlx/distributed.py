@@ -23,7 +23,6 @@ exits non-zero, which makes mlx.launch stop the remaining ranks.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -108,14 +107,29 @@ class Link:
         self.rank, self.size = group.rank(), group.size()
         self.watchdog = watchdog
         self.lock = threading.Lock()  # one conversation with the ranks at a time (rank 0)
+        self._local = threading.local()
 
-    def _all_sum(self, array, stream=None):
-        """all_sum evaluated now; `stream` None is this thread's default stream (a request is
-        sent while nothing else is queued), else the one whose queued work it must follow."""
+    def _stream(self, behind_decode: bool):
+        """The engine's generation stream for the cancel agreement (it must follow the decode
+        step already queued there); else a stream of this thread's own (MLX streams belong to
+        the thread that made them: the pinger and the exit hook are other threads), used only
+        while nothing else is queued."""
+        import mlx.core as mx
+
+        if behind_decode:
+            from mlx_lm.generate import generation_stream
+
+            return generation_stream
+        if getattr(self._local, "stream", None) is None:
+            self._local.stream = mx.new_stream(mx.default_device())
+        return self._local.stream
+
+    def _all_sum(self, array, behind_decode: bool = False):
+        """all_sum of `array`, evaluated now (a lost peer ends this rank)."""
         import mlx.core as mx
 
         try:
-            with mx.stream(stream) if stream is not None else contextlib.nullcontext():
+            with mx.stream(self._stream(behind_decode)):
                 out = mx.distributed.all_sum(array, group=self.group)
                 mx.eval(out)
         except Exception as e:  # noqa: BLE001 - a lost peer: end every rank, one line
@@ -148,10 +162,9 @@ class Link:
     def agree(self, flag: bool) -> bool:
         """True on every rank when rank 0 says so (the others pass False)."""
         import mlx.core as mx
-        from mlx_lm.generate import generation_stream  # behind the decode step it queued
 
         flag = mx.array([int(flag) if self.rank == 0 else 0])
-        return bool(self._all_sum(flag, generation_stream).item())
+        return bool(self._all_sum(flag, behind_decode=True).item())
 
 
 class SharedCancel:
