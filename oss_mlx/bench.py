@@ -618,6 +618,12 @@ def _positive_ints(text: str, what: str) -> list[int]:
 
 
 def main(args) -> int:
+    from .distributed import launched
+
+    if launched():  # one rank of an mlx.launch: tok/s and communication time per token
+        from .dist_bench import main as distributed_main
+
+        return distributed_main(args)
     from rich.console import Console
 
     # Piped into a file or a log, rich would assume 80 columns and fold the tables.

@@ -144,6 +144,7 @@ class Completion:
             "tool_calls": [dict(c) for c in self.tool_calls],
             "stop_reason": self.stop_reason,
             "stats": self.stats.to_dict(),
+            "tokens": list(self.tokens),
         }
 
 

@@ -438,16 +438,23 @@ def measure(model_dir, context: int, kv_bits=None, chunk: int = PREFILL_CHUNK,
 def load_engine(model: str, args, **engine_kwargs):
     """Engine.load after the memory check, with args' KV format and context limit applied:
     the one call chat / generate / serve make instead of Engine.load."""
-    from .engine import Engine
+    from . import distributed
     from .store import resolve_model
 
+    if distributed.launched():
+        # One rank of an mlx.launch holds a share of the model: the single-process plan does
+        # not apply, and every rank must build the same caches, so the KV format stays float.
+        if getattr(args, "kv_bits", None):
+            raise OssMlxError("--kv-bits is not supported under mlx.launch yet (every rank "
+                              "must build the same caches); leave it out")
+        return distributed.load_engine(model, **engine_kwargs)
     try:
         folder = resolve_model(model)
     except OssMlxError:
         folder = None  # Engine.load says why, in its own words
     if folder is not None:
         check_fits(folder, args)
-    engine = Engine.load(model, **engine_kwargs)
+    engine = distributed.load_engine(model, **engine_kwargs)
     apply(engine.model, args)
     return engine
 

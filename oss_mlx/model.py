@@ -417,8 +417,10 @@ def _join_expert_biases(weights: dict) -> dict:
     return weights
 
 
-def load(path, dtype=None, lazy: bool = False, expert_dtype=None) -> Model:
+def load(path, dtype=None, lazy: bool = False, expert_dtype=None, shard=None) -> Model:
     """Load a converted folder (see the converter) or a store name.
+
+    `shard`: an `oss_mlx.shard.Sharding`: build and read only this rank's share of the model.
 
     `expert_dtype` is the dtype of the experts' activations: by default float32 on the CPU
     backend (much faster there) and `dtype` elsewhere.
@@ -427,7 +429,7 @@ def load(path, dtype=None, lazy: bool = False, expert_dtype=None) -> Model:
     (no extra copy when `dtype` is the stored dtype). `lazy=False` evaluates them now, so the
     load time is paid here and not by the first token.
     """
-    model_dir = _resolve(path)
+    model_dir, sharding = _resolve(path), shard
     try:
         meta = json.loads((model_dir / "config.json").read_text())
     except FileNotFoundError:
@@ -448,7 +450,7 @@ def load(path, dtype=None, lazy: bool = False, expert_dtype=None) -> Model:
             raise OssMlxError(f"unknown dtype {name!r} (use float32, bfloat16 or float16)")
     dtype = dtype or stored
 
-    model = Model(
+    model = (sharding.model if sharding is not None else Model)(
         config, dtype=dtype, expert_dtype=expert_dtype, group_size=experts_q["group_size"],
         bits=experts_q["bits"], mode=experts_q["mode"],
     )
@@ -465,7 +467,7 @@ def load(path, dtype=None, lazy: bool = False, expert_dtype=None) -> Model:
     weights = {}
     for shard in shards:
         try:
-            weights.update(mx.load(str(shard)))
+            weights.update((sharding.read if sharding is not None else mx.load)(str(shard)))
         except (RuntimeError, ValueError, OSError) as e:
             raise OssMlxError(f"{shard}: unreadable safetensors file ({e})") from None
     weights = _join_expert_biases({k: _cast(k, v, model.precision) for k, v in weights.items()})
@@ -475,6 +477,8 @@ def load(path, dtype=None, lazy: bool = False, expert_dtype=None) -> Model:
     except ValueError as e:
         raise OssMlxError(f"{model_dir}: weights do not match the config ({e})") from None
     del weights
+    if sharding is not None:
+        sharding.finish(model)
     if not lazy:
         try:
             mx.eval(model.parameters())

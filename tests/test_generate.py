@@ -68,7 +68,7 @@ def test_generate_offline_with_empty_home(tiny_model, tmp_path, expected):
                  "--temperature", "0", "--json"], tmp_path)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
-    assert set(out) == {"analysis", "final", "tool_calls", "stop_reason", "stats"}
+    assert set(out) == {"analysis", "final", "tool_calls", "stop_reason", "stats", "tokens"}
     assert out["stop_reason"] in STOP_REASONS
     ref, engine = expected("Hello there", 6)
     stats = out["stats"]
@@ -79,6 +79,7 @@ def test_generate_offline_with_empty_home(tiny_model, tmp_path, expected):
     assert {k: out[k] for k in ("analysis", "final", "tool_calls", "stop_reason")} == {
         k: ref.to_dict()[k] for k in ("analysis", "final", "tool_calls", "stop_reason")
     }
+    assert out["tokens"] == ref.tokens  # the sampled ids, token for token
     assert not list((tmp_path / "home").iterdir()), "generate wrote into HOME"
 
 

@@ -1,0 +1,327 @@
+"""Distributed runs on one machine: mlx.launch, the ring backend over loopback, 2 and 4 ranks.
+
+Oracles: the single-process model and engine (float32) for logits and tokens; the safetensors
+headers for the bytes each rank must read; the openai package's own client and types for
+`serve`; the processes' own exit for a rank that is killed or stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from oss_mlx.config import ModelConfig
+
+HERE = Path(__file__).parent
+LAUNCH = [sys.executable, "-c", "from mlx._distributed_utils.launch import main; main()"]
+pytestmark = pytest.mark.skipif(
+    not __import__("mlx.core", fromlist=["distributed"]).distributed.is_available("ring"),
+    reason="MLX built without the ring backend",
+)
+
+
+def free_ports(n: int) -> int:
+    """A base port with n free consecutive ports (the ring listens on base .. base + n - 1)."""
+    for _ in range(200):
+        base = random.randrange(14100, 14990 - n)
+        socks = []
+        try:
+            for p in range(base, base + n):
+                s = socket.socket()
+                s.bind(("127.0.0.1", p))
+                socks.append(s)
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no free ports")
+
+
+def launch(n: int, args: list[str], env: dict | None = None, **popen) -> subprocess.Popen:
+    cmd = LAUNCH + ["--python", sys.executable, "--backend", "ring", "-n", str(n),
+                    "--hosts", "127.0.0.1", "-p", str(free_ports(n)), "--"] + args
+    full_env = {**os.environ, "OSS_MLX_RANK_TIMEOUT": "20", **(env or {})}
+    return subprocess.Popen(cmd, env=full_env, text=True, **popen)
+
+
+def run_launch(n, args, timeout=240, env=None):
+    p = launch(n, args, env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        end_launch(p)
+        raise
+    return out, err
+
+
+@pytest.fixture(scope="session")
+def tiny4_model(tmp_path_factory):
+    """A tiny model that 4 ranks can split: 8 query / 4 KV heads, 4 mxfp4 groups of experts'
+    intermediate rows, sliding window 8."""
+    from oss_mlx.convert import synth as synth_module
+    from oss_mlx.convert.convert import convert
+
+    cfg = ModelConfig(num_hidden_layers=4, num_experts=8, experts_per_token=4, hidden_size=64,
+                      intermediate_size=128, head_dim=64, num_attention_heads=8,
+                      num_key_value_heads=4, sliding_window=8)
+    mp = pytest.MonkeyPatch()
+    mp.setitem(synth_module.PRESETS, "tiny4", cfg)
+    try:
+        src = synth_module.synth(tmp_path_factory.mktemp("src") / "tiny4", preset="tiny4", seed=3)
+    finally:
+        mp.undo()
+    return convert(src, tmp_path_factory.mktemp("mlx") / "tiny4")
+
+
+def single_process(folder):
+    """Float32 logits (full sequence, then prefill + one token at a time) and greedy tokens."""
+    import mlx.core as mx
+
+    sys.path.insert(0, str(HERE))
+    from dist_worker import GREEDY_PROMPT, PREFILL, TOKENS
+
+    from oss_mlx.engine import Engine, SamplingParams
+
+    engine = Engine.load(str(folder), dtype=mx.float32)
+    m = engine.model
+    full = m(mx.array([TOKENS[:PREFILL]]))[0]
+    cache = m.make_cache()
+    steps = [m.prefill(mx.array([TOKENS[:PREFILL]]), cache, chunk_size=5)[0]]
+    for t in TOKENS[PREFILL:]:
+        steps.append(m(mx.array([[t]]), cache)[0, -1])
+    greedy = engine.complete(GREEDY_PROMPT, SamplingParams(temperature=0, max_tokens=12)).tokens
+    return np.array(full), np.array(mx.stack(steps)), greedy
+
+
+def expected_bytes(folder, n: int, rank: int) -> int:
+    """Bytes rank `rank` of `n` must read, from the files' headers: every tensor whole, but the
+    split ones (attention qkv, sinks, output weights; expert weights; unembedding) 1/n each, and
+    the biases added once (attention output, experts' down) only on rank 0."""
+    from oss_mlx.shard import _header
+
+    split = re.compile(r"attention\.(qkv\.|sinks|out\.(weight|scales|biases))|"
+                       r"experts\.(gate_up\.|down\.(weight|scales|biases))|unembedding\.")
+    once = re.compile(r"attention\.out\.bias|experts\.down\.bias")
+    total = 0
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        header, _ = _header(f)
+        for name, info in header.items():
+            nbytes = info["data_offsets"][1] - info["data_offsets"][0]
+            if once.search(name):
+                total += nbytes if rank == 0 else 0
+            elif split.search(name):
+                if name.startswith("unembedding"):  # rows ceil(V / n) per rank, the last fewer
+                    rows = info["shape"][0]
+                    per = -(-rows // n)
+                    mine = max(0, min(rows, (rank + 1) * per) - rank * per)
+                    total += nbytes * mine // rows
+                else:
+                    total += nbytes // n
+            else:
+                total += nbytes
+    return total
+
+
+@pytest.mark.parametrize("n,moe,fixture", [(2, "tp", "tiny_model"), (4, "tp", "tiny4_model"),
+                                           (2, "ep", "tiny4_model")])
+def test_sharded_matches_single_process(n, moe, fixture, request, tmp_path):
+    folder = request.getfixturevalue(fixture)
+    out, err = run_launch(n, [str(HERE / "dist_worker.py"), str(folder), str(tmp_path), moe])
+    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(n)]
+    full, steps, greedy = single_process(folder)
+    got = np.load(tmp_path / "logits.npz")
+    # Through prefill (in chunks of 5) and 8 single tokens past the window of 8.
+    assert np.abs(got["full"] - full).max() <= 1e-5
+    assert np.abs(got["steps"] - steps).max() <= 1e-5
+    for rep in reports:
+        assert rep["size"] == n
+        assert rep["greedy"] == greedy
+        if moe == "tp":
+            assert rep["bytes_read"] == expected_bytes(folder, n, rep["rank"])
+
+
+def test_generate_json_tokens_two_ranks(tiny_model):
+    import mlx.core as mx
+
+    from oss_mlx.engine import Engine, SamplingParams
+    from oss_mlx.harmony import build_conversation, user_message
+
+    out, err = run_launch(2, ["-m", "oss_mlx.cli", "generate", "--model", str(tiny_model),
+                              "--prompt", "Hello there", "--temperature", "0",
+                              "--max-tokens", "12", "--json"], env={"OSS_MLX_DTYPE": "float32"})
+    lines = out.strip().splitlines()
+    assert len(lines) == 1, (out, err)  # only rank 0 writes to stdout
+    got = json.loads(lines[0])
+    engine = Engine.load(str(tiny_model), dtype=mx.float32)
+    conv = build_conversation([user_message("Hello there")], reasoning="medium")
+    want = engine.complete(conv, SamplingParams(temperature=0, max_tokens=12))
+    assert got["tokens"] == want.tokens
+    assert got["stats"]["generated_tokens"] == 12
+
+
+class Output:
+    """A launch's stdout or stderr, read by a thread so the test can wait for a line."""
+
+    def __init__(self, stream):
+        self.lines: list[str] = []
+        self.cond = threading.Condition()
+        threading.Thread(target=self._read, args=(stream,), daemon=True).start()
+
+    def _read(self, stream):
+        for line in stream:
+            with self.cond:
+                self.lines.append(line)
+                self.cond.notify_all()
+
+    def wait_for(self, pattern: str, timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while True:
+                for line in self.lines:
+                    if re.search(pattern, line):
+                        return line
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"no line matching {pattern!r}: {''.join(self.lines)}")
+                self.cond.wait(left)
+
+    @property
+    def text(self) -> str:
+        with self.cond:
+            return "".join(self.lines)
+
+
+def rank_pids(launcher: subprocess.Popen) -> dict[int, int]:
+    """{rank: pid} of the launch's rank processes (children of mlx.launch, MLX_RANK set)."""
+    ranks = {}
+    children = [c for t in Path(f"/proc/{launcher.pid}/task").iterdir()  # mlx.launch starts
+                for c in (t / "children").read_text().split()]          # each from a thread
+    for child in children:
+        try:
+            env = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        for kv in env:
+            if kv.startswith(b"MLX_RANK="):
+                ranks[int(kv[9:])] = int(child)
+    return ranks
+
+
+def end_launch(launcher: subprocess.Popen, pids: dict | None = None):
+    """Kill what is left of a launch: its ranks first (killing mlx.launch alone orphans them)."""
+    try:
+        pids = {**rank_pids(launcher), **(pids or {})}
+    except OSError:  # the launcher is gone already
+        pids = pids or {}
+    for pid in pids.values():
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    launcher.kill()
+    launcher.wait(timeout=30)
+
+
+def serve_two_ranks(model, env=None):
+    port = free_ports(1)
+    p = launch(2, ["-m", "oss_mlx.cli", "serve", "--model", str(model), "--port", str(port),
+                   "--name", "tiny"], env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = Output(p.stdout), Output(p.stderr)
+    try:
+        out.wait_for(r"serving 'tiny' at", 180)
+    except BaseException:
+        end_launch(p)
+        raise
+    return p, port, out, err
+
+
+def test_serve_two_ranks_answers_openai_then_ends_when_rank1_dies(tiny_model):
+    from openai import OpenAI
+
+    p, port, out, err = serve_two_ranks(tiny_model)
+    try:
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
+        r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}],
+                                           max_tokens=6, temperature=0)
+        assert r.object == "chat.completion"
+        assert r.usage.completion_tokens == 6 and r.choices[0].finish_reason == "length"
+        # A client that leaves mid-stream cancels the generation on every rank at the same
+        # token: the next request still runs in lockstep and gives the same answer.
+        with client.chat.completions.create(model="tiny", stream=True, max_tokens=400,
+                                            messages=[{"role": "user", "content": "Go on"}],
+                                            temperature=0) as stream:
+            for i, _ in enumerate(stream):
+                if i == 3:
+                    break
+        again = client.chat.completions.create(model="tiny", temperature=0, max_tokens=6,
+                                               messages=[{"role": "user", "content": "Hi"}])
+        assert again.choices[0].message == r.choices[0].message
+        assert again.usage.completion_tokens == 6
+        os.kill(rank_pids(p)[1], signal.SIGKILL)
+        t0 = time.monotonic()
+        p.wait(timeout=60)
+        assert time.monotonic() - t0 < 60
+        # mlx.launch names the rank that died; rank 0 ends with one line of its own. (Since the
+        # merge with main that line can name the stream error met while the server shuts down
+        # instead of "lost the connection to rank 1": a known defect, see the issue-13 report.)
+        err.wait_for(r"Node with rank 1 exited with code -9", 5)
+        line = err.wait_for(r"oss-mlx: error: rank 0: ", 5)
+        assert "Traceback" not in err.text, err.text
+        assert line.count("\n") == 1
+    finally:
+        end_launch(p)
+
+
+def test_stopped_rank_ends_rank0_within_the_timeout(tiny_model):
+    p, port, out, err = serve_two_ranks(tiny_model, env={"OSS_MLX_RANK_TIMEOUT": "3"})
+    pids = rank_pids(p)
+    try:
+        os.kill(pids[1], signal.SIGSTOP)
+        t0 = time.monotonic()
+        err.wait_for(r"oss-mlx: error: rank 0: no answer from rank 1 for \d+ s", 30)
+        assert time.monotonic() - t0 < 30
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{pids[0]}").exists() and time.monotonic() < deadline:
+            if Path(f"/proc/{pids[0]}/stat").read_text().split()[2] == "Z":
+                break
+            time.sleep(0.1)
+        assert not Path(f"/proc/{pids[0]}").exists() or \
+            Path(f"/proc/{pids[0]}/stat").read_text().split()[2] == "Z"
+        assert "Traceback" not in err.text
+    finally:
+        # mlx.launch waits on the stopped rank it was told to end: kill it for the launch to end.
+        end_launch(p, pids)
+
+
+def test_bench_two_ranks_reports_communication(tiny_model, tmp_path):
+    from oss_mlx.store import read_model_config
+
+    cfg = ModelConfig.from_dict(read_model_config(Path(tiny_model))["model"])
+    out, err = run_launch(2, ["-m", "oss_mlx.cli", "bench", "--model", str(tiny_model),
+                              "--prompt-tokens", "16", "--gen-tokens", "4", "--chunk-size", "8",
+                              "--json", str(tmp_path / "bench.json")])
+    r = json.loads((tmp_path / "bench.json").read_text())
+    assert r["ranks"] == 2 and len(r["per_rank"]) == 2
+    assert r["decode_tps"] > 0 and r["prefill_tps"] > 0 and r["comm_s_per_decoded_token"] >= 0
+    # Per decoded token: two float32 [1, 1, hidden] all_sums per layer (attention, experts) and
+    # one all_gather of this rank's half of the bf16 logits.
+    sums = 2 * cfg.num_hidden_layers * cfg.hidden_size * 4
+    gather = -(-cfg.vocab_size // 2) * 2
+    assert r["payload_bytes_per_decoded_token"] == sums + gather
+    assert r["collectives_per_decoded_token"] == 2 * cfg.num_hidden_layers + 1
+    assert r["wire_bytes_per_decoded_token"] == sums + gather  # n = 2: 2 (n-1)/n = 1, n-1 = 1
+    assert "decode 4 tokens" in out and "ms/token communicating" in out
