@@ -47,23 +47,15 @@ from typing import Optional
 import numpy as np
 
 from . import harmony
+from .convert.vocab import O200K_PATTERN, O200K_SIZE
 from .errors import OssMlxError
 
 log = logging.getLogger("oss_mlx.constrain")
 
-# The o200k pre-tokenizer pattern (tiktoken's o200k_base); llguidance uses it only to tokenize
-# forced text, never to decide a mask.
-O200K_PATTERN = "|".join([
-    r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
-    r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
-    r"""\p{N}{1,3}""",
-    r""" ?[^\s\p{L}\p{N}]+[\r\n/]*""",
-    r"""\s*[\r\n]+""",
-    r"""\s+(?!\S)""",
-    r"""\s+""",
-])
+# The o200k pre-tokenizer pattern: llguidance uses it only to tokenize forced text, never to
+# decide a mask. O200K_SIZE: ids below it are o200k's byte-pair tokens, the rest are specials.
 N_VOCAB = 201088
-N_BYTE_TOKENS = 199998  # ids below this are o200k's byte-pair tokens, the rest are specials
+N_BYTE_TOKENS = O200K_SIZE
 # llguidance marks "the grammar may end here" with its EOS bit; we give it <|endoftext|>, which
 # the grammar can never produce as text, and translate that bit into the message's closing token.
 _GRAMMAR_EOS = harmony.ENDOFTEXT
