@@ -108,6 +108,19 @@ def add_arguments(parser):
     memory.add_memory_arguments(parser)
 
 
+def _concurrency(requested: int) -> int:
+    """Requests decoded at once. Under mlx.launch the ranks follow rank 0's requests one at a
+    time (oss_mlx.distributed's LeaderEngine); the batcher drives the model directly, which
+    the other ranks would not follow, so a launched server serves one request at a time."""
+    from .distributed import launched
+
+    if requested > 1 and launched():
+        log.warning("under mlx.launch requests are served one at a time "
+                    "(--max-concurrency %d ignored)", requested)
+        return 1
+    return requested
+
+
 def main(args, engine_factory=None) -> int:
     """Serve until SIGINT/SIGTERM. engine_factory(model_dir) -> Engine (default Engine.load):
     lets a caller serve another engine (tests serve a scripted model through this very path)."""
@@ -152,7 +165,7 @@ def main(args, engine_factory=None) -> int:
         name = args.name or default_name
         app = create_app(engine, name, api_key=args.api_key, default_max_tokens=max_tokens,
                          constrain_tools=args.constrain_tools,
-                         max_concurrency=args.max_concurrency)
+                         max_concurrency=_concurrency(args.max_concurrency))
         port = sock.getsockname()[1]
         sock.listen(128)  # from here connections queue until uvicorn accepts them
         print(f"oss-mlx: serving {name!r} at http://{args.host}:{port}/v1"
