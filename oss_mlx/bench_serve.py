@@ -71,19 +71,20 @@ class Steered:
         return self._steer(out, tokens[:, -1]) if logits else None
 
 
-class _Server:
+class LoopbackServer:
     """create_app on a loopback socket that listens before uvicorn starts."""
 
-    def __init__(self, engine, concurrency: int):
+    def __init__(self, engine, concurrency: int, name: str = "bench"):
         import uvicorn
 
         from .server import create_app
 
-        app = create_app(engine, "bench", max_concurrency=concurrency)
+        app = create_app(engine, name, max_concurrency=concurrency)
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(256)
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/v1/chat/completions"
+        self.base = f"http://127.0.0.1:{self.sock.getsockname()[1]}/v1"
+        self.url = self.base + "/chat/completions"
         self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
                                        daemon=True)
@@ -149,7 +150,7 @@ def _pct(xs: list, q: float) -> float:
 def run_level(engine, n: int, concurrency: int, requests: int, prompt_words: int,
               max_tokens: int, timeout: float) -> dict:
     """N clients at once against a server with --max-concurrency `concurrency`; one row."""
-    with _Server(engine, concurrency) as srv:
+    with LoopbackServer(engine, concurrency) as srv:
         _stream(srv.url, [{"role": "user", "content": "warm up"}], 4, timeout)  # untimed
         t0 = time.perf_counter()
         with ThreadPoolExecutor(n) as pool:

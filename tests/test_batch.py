@@ -17,6 +17,7 @@ import pytest
 from scripted import ScriptedModel, harmony_tokens
 
 from oss_mlx.batch import Batcher
+from oss_mlx.bench_serve import LoopbackServer
 from oss_mlx.engine import Engine, SamplingParams
 from oss_mlx.harmony import START, load_encoding
 from oss_mlx.model import load
@@ -263,34 +264,7 @@ WEATHER = {"type": "function", "function": {
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
 
 
-class Serving:
-    """create_app on a loopback socket that listens before uvicorn starts (clients simply wait
-    in the backlog: no polling for readiness)."""
-
-    def __init__(self, engine, max_concurrency: int):
-        import socket
-
-        import uvicorn
-
-        from oss_mlx.server import create_app
-
-        app = create_app(engine, "scripted", max_concurrency=max_concurrency)
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(64)
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/v1"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
-                                       daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-        self.sock.close()
+Serving = LoopbackServer  # create_app on a loopback socket that listens before uvicorn starts
 
 
 def chat_stream(url: str, marker: str, close_after: int | None = None) -> dict:
@@ -367,7 +341,7 @@ def serve(encoding, n: int, expect: int):
     model = RowScripted(encoding, REPLIES, max_context=4096)
     engine = CountingEngine(model, encoding, prefill_chunk=512, expect=expect)
     model.hold = engine.all_sent  # each row's first step waits until every request was sent
-    return model, Serving(engine, n)
+    return model, Serving(engine, n, name="scripted")
 
 
 @pytest.mark.slow
@@ -378,7 +352,7 @@ def test_server_batched_streams_equal_serial(encoding):
     for n in (1, 4):
         model, srv = serve(encoding, n, expect=len(REPLIES))
         with srv:
-            results[n] = concurrent(srv.url, list(REPLIES))
+            results[n] = concurrent(srv.base, list(REPLIES))
         assert model.widest == (4 if n == 4 else 1)
     for m in REPLIES:
         got = {k: results[4][m][k] for k in ("content", "reasoning", "calls", "finish")}
@@ -389,7 +363,7 @@ def test_server_batched_streams_equal_serial(encoding):
 def test_server_client_leaving_leaves_the_other_streams_intact(encoding):
     model, srv = serve(encoding, 4, expect=4)
     with srv:
-        results = concurrent(srv.url, list(REPLIES), close={"delta": 5})
+        results = concurrent(srv.base, list(REPLIES), close={"delta": 5})
     assert results["delta"]["chunks"] == 5 and results["delta"]["finish"] == []
     for m in ("alpha", "bravo", "charlie"):
         got = {k: results[m][k] for k in ("content", "reasoning", "calls", "finish")}
