@@ -31,13 +31,17 @@ from .serving import Service
 async def lifespan(app):
     service = app.state.service
     service.scheduler = Scheduler(service.engine, service.max_concurrency)
-    # The grammar library's view of the vocabulary takes a second or so: build it now.
+    # The grammar library's view of the vocabulary takes a second or so: build it now. Joined
+    # at shutdown: a thread still inside llguidance while the interpreter finalizes can crash
+    # the process (SIGSEGV on a Ctrl-C that comes right after start-up).
     from . import constrain
 
-    threading.Thread(target=constrain.tokenizer, args=(service.engine.encoding,),
-                     daemon=True).start()
+    warm = threading.Thread(target=constrain.tokenizer, args=(service.engine.encoding,),
+                            name="oss-mlx-grammar-vocab")
+    warm.start()
     yield
     service.scheduler.close()
+    warm.join()
 
 
 async def authorize(request: Request):
