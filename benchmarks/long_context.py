@@ -69,7 +69,7 @@ def main(argv=None) -> int:
         state = []
         for rt in runtimes:
             dt = mx.float32 if rt.dtype == "float32" else kv_dtype
-            state.append([filled_cache(rt, n, dt), mx.array([[11]])])
+            state.append([filled_cache(rt, n, dt), mx.array([[11]], dtype=mx.uint32)])  # argmax dtype
         times = {rt.label: [] for rt in runtimes}
         for step in range(args.steps + 1):  # step 0: compile / allocate, untimed
             for rt, st in zip(runtimes, state):
