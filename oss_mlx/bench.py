@@ -282,6 +282,8 @@ def load_mlx_lm(src, dtype: str = "auto", dense_bits: int = 16) -> Runtime:
         raise OssMlxError(f"mlx-lm cannot load {src}: {e}") from None
     if dtype not in ("auto", None):
         model.set_dtype(getattr(mx, dtype))
+    # The activations' dtype, read before --mlx-lm-dense-bits 8 packs the weights into uint32.
+    dtypes = {a.dtype for n, a in _flat_params(model).items() if n.endswith("q_proj.weight")}
     if dense_bits == 8:
         import mlx.nn as nn
 
@@ -289,7 +291,6 @@ def load_mlx_lm(src, dtype: str = "auto", dense_bits: int = 16) -> Runtime:
             isinstance(m, (nn.Linear, nn.Embedding)) and "router" not in path))
     params = _flat_params(model)
     mx.eval(list(params.values()))
-    dtypes = {a.dtype for n, a in params.items() if n.endswith("q_proj.weight")}
 
     def prefill(tokens, cache, chunk_size):
         # As mlx_lm.generate.generate_step: all but the last token in chunks, evaluating only
