@@ -36,27 +36,43 @@ from __future__ import annotations
 
 import mlx.core as mx
 from mlx_lm.models.base import create_causal_mask
-from mlx_lm.models.cache import KVCache, _BaseCache
+from mlx_lm.models.cache import KVCache, RotatingKVCache, _BaseCache
 
 MIN_GROWTH = 256
 
 
+def capacity_for(n: int) -> int:
+    """The smallest FixedKVCache capacity on the growth grid that holds n positions: 256, 512,
+    768, 1024, 1280, 1600, 2000, ... (each the last plus a quarter of it, at least 256), so
+    every buffer any request ever decodes into has one of ~30 shapes up to 128k: the compiled
+    step is traced at most once per shape, whatever the prompts' lengths."""
+    c = MIN_GROWTH
+    while c < n:
+        c += max(MIN_GROWTH, c // 4)
+    return c
+
+
 class FixedKVCache(KVCache):
-    """A full layer's keys/values: [B, n_kv, capacity, D] buffers, positions 0..offset-1."""
+    """A full layer's keys/values: [B, n_kv, capacity, D] buffers, positions 0..offset-1,
+    capacity on the `capacity_for` grid."""
 
     def capacity(self) -> int:
         return 0 if self.keys is None else self.keys.shape[2]
 
     def update_and_fetch(self, keys, values):
-        self.step = max(MIN_GROWTH, self.capacity() // 4)
-        return super().update_and_fetch(keys, values)
+        self.reserve(keys, values, keys.shape[2])
+        prev = self.offset
+        self.offset += keys.shape[2]
+        self.keys[..., prev : self.offset, :] = keys
+        self.values[..., prev : self.offset, :] = values
+        return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
 
     def reserve(self, like_k, like_v, n: int = 1) -> None:
         """Room for n more positions (the compiled step writes without growing)."""
         if self.offset + n <= self.capacity():
             return
         B, H, _, D = like_k.shape
-        grow = max(MIN_GROWTH, self.capacity() // 4, n)
+        grow = capacity_for(self.offset + n) - self.offset
         new_k = mx.zeros((B, H, grow, D), like_k.dtype)
         new_v = mx.zeros((B, H, grow, like_v.shape[3]), like_v.dtype)
         if self.keys is None:
@@ -180,6 +196,100 @@ class RingKVCache(_BaseCache):
         c = RingKVCache(self.window)
         c.keys, c.values, c.offset = self.keys, self.values, self.offset
         return c
+
+
+# ---- the seam: mlx-lm's caches (prompt cache, batcher, plain path) <-> the decoder's -------
+
+
+def to_decoder(cache: list) -> list:
+    """The decoder's caches holding what mlx-lm's `cache` holds, layer by layer: KVCache ->
+    FixedKVCache (the same arrays), RotatingKVCache -> RingKVCache; caches of the decoder's own
+    kinds pass through. The inverse is `to_mlx_lm`."""
+    return [c if isinstance(c, (FixedKVCache, RingKVCache))
+            else _to_ring(c) if isinstance(c, RotatingKVCache) else _to_fixed(c) for c in cache]
+
+
+def to_mlx_lm(cache: list) -> list:
+    """mlx-lm's caches holding what the decoder's `cache` holds (FixedKVCache -> KVCache,
+    RingKVCache -> RotatingKVCache, sharing the arrays), in the layout mlx-lm's own
+    single-token writes leave, so its update_and_fetch / trim / _temporal_order and the prompt
+    cache's copies, snapshots and files work on them; other caches pass through."""
+    return [_from_ring(c) if isinstance(c, RingKVCache)
+            else _from_fixed(c) if isinstance(c, FixedKVCache) else c for c in cache]
+
+
+def _to_fixed(c) -> FixedKVCache:
+    if type(c) is not KVCache:
+        raise TypeError(f"the compiled step has no cache for a {type(c).__name__}")
+    f = FixedKVCache()
+    f.offset = c.offset
+    if c.keys is None:
+        return f
+    cap = c.keys.shape[2]
+    if cap == capacity_for(cap):  # on the grid: share (a full buffer grows at the next step)
+        f.keys, f.values = c.keys, c.values
+        return f
+    # mlx-lm grows in steps of 256 from wherever a chunk ended: move the buffer onto the grid
+    # (one copy, once per request) so the step sees a shape it was traced for.
+    B, H, _, D = c.keys.shape
+    pad = capacity_for(c.offset + 1) - c.offset
+    zeros = lambda a: mx.zeros((B, H, pad, a.shape[3]), a.dtype)  # noqa: E731
+    f.keys = mx.concatenate([c.keys[..., : c.offset, :], zeros(c.keys)], axis=2)
+    f.values = mx.concatenate([c.values[..., : c.offset, :], zeros(c.values)], axis=2)
+    return f
+
+
+def _from_fixed(f: FixedKVCache):
+    c = KVCache()
+    c.keys, c.values, c.offset = f.keys, f.values, f.offset  # capacity >= offset, as KVCache's
+    return c
+
+
+def _ring_aligned(r) -> bool:
+    """Whether a RotatingKVCache's buffer already is a ring: `window` slots, position p in slot
+    p % window. mlx-lm's slot j holds the position p = j + (offset - _idx) (mod window), the
+    last `window` ones (or 0..offset-1 in slots 0..offset-1 before it is full)."""
+    W = r.max_size
+    return r.keys.shape[2] == W and r._idx % W == r.offset % W
+
+
+def _to_ring(r) -> RingKVCache:
+    if type(r) is not RotatingKVCache or r.keep:
+        raise TypeError("the compiled step has no cache for a RotatingKVCache with keep > 0")
+    W = r.max_size
+    g = RingKVCache(W)
+    g.offset = r.offset
+    if r.keys is None or r.offset == 0:
+        return g
+    if _ring_aligned(r):  # e.g. what _from_ring made: share
+        g.keys, g.values = r.keys, r.values
+        return g
+
+    def ring(a):
+        t = r._temporal_order(a)  # positions offset - n .. offset - 1 (n may exceed W)
+        m = min(t.shape[2], W)
+        t = t[..., t.shape[2] - m :, :]
+        if m < W:  # not full: slots m.. stay unwritten (the step's mask hides them)
+            t = mx.concatenate([mx.zeros(t.shape[:2] + (W - m, t.shape[3]), t.dtype), t], axis=2)
+        # t[i] is position offset - W + i, which belongs in slot (offset + i) % W
+        return mx.roll(t, r.offset % W, axis=2)
+
+    g.keys, g.values = ring(r.keys), ring(r.values)
+    return g
+
+
+def _from_ring(g: RingKVCache):
+    r = RotatingKVCache(max_size=g.window)
+    r.offset = g.offset
+    if g.keys is None or g.offset == 0:
+        return r
+    r.keys, r.values = g.keys, g.values
+    # Slot order, write index past the newest position: offset before the ring is full (slots
+    # 0..offset-1, the rest unwritten, as mlx-lm's in-place writes leave it), else offset %
+    # window, written as `window` when that is 0 (mlx-lm rotates to slot 0 before its next
+    # write; a write index of 0 would break undoing the last token, `_idx -= 1`).
+    r._idx = (g.offset - 1) % g.window + 1
+    return r
 
 
 class Decoder:
