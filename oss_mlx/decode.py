@@ -41,20 +41,23 @@ from mlx_lm.models.cache import KVCache, RotatingKVCache, _BaseCache
 MIN_GROWTH = 256
 
 
-def capacity_for(n: int) -> int:
+def capacity_for(n: int, limit: int | None = None) -> int:
     """The smallest FixedKVCache capacity on the growth grid that holds n positions: 256, 512,
     768, 1024, 1280, 1600, 2000, ... (each the last plus a quarter of it, at least 256), so
     every buffer any request ever decodes into has one of ~30 shapes up to 128k: the compiled
-    step is traced at most once per shape, whatever the prompts' lengths."""
+    step is traced at most once per shape, whatever the prompts' lengths. Never past `limit`
+    (the context, one more shape) for n within it: what the memory plan counts."""
     c = MIN_GROWTH
     while c < n:
         c += max(MIN_GROWTH, c // 4)
-    return c
+    return c if limit is None or n > limit else min(c, limit)
 
 
 class FixedKVCache(KVCache):
     """A full layer's keys/values: [B, n_kv, capacity, D] buffers, positions 0..offset-1,
-    capacity on the `capacity_for` grid."""
+    capacity on the `capacity_for` grid (never past `limit`, the context, when set)."""
+
+    limit: int | None = None
 
     def capacity(self) -> int:
         return 0 if self.keys is None else self.keys.shape[2]
@@ -72,7 +75,7 @@ class FixedKVCache(KVCache):
         if self.offset + n <= self.capacity():
             return
         B, H, _, D = like_k.shape
-        grow = capacity_for(self.offset + n) - self.offset
+        grow = capacity_for(self.offset + n, self.limit) - self.offset
         new_k = mx.zeros((B, H, grow, D), like_k.dtype)
         new_v = mx.zeros((B, H, grow, like_v.shape[3]), like_v.dtype)
         if self.keys is None:
@@ -84,6 +87,7 @@ class FixedKVCache(KVCache):
     def copy(self) -> "FixedKVCache":
         c = FixedKVCache()
         c.keys, c.values, c.offset = self.keys, self.values, self.offset  # arrays are immutable
+        c.limit = self.limit
         return c
 
 
@@ -201,12 +205,14 @@ class RingKVCache(_BaseCache):
 # ---- the seam: mlx-lm's caches (prompt cache, batcher, plain path) <-> the decoder's -------
 
 
-def to_decoder(cache: list) -> list:
+def to_decoder(cache: list, limit: int | None = None) -> list:
     """The decoder's caches holding what mlx-lm's `cache` holds, layer by layer: KVCache ->
-    FixedKVCache (the same arrays), RotatingKVCache -> RingKVCache; caches of the decoder's own
-    kinds pass through. The inverse is `to_mlx_lm`."""
+    FixedKVCache (the same arrays when on the capacity grid, see Decoder.presize), RotatingKVCache ->
+    RingKVCache; caches of the decoder's own kinds pass through. `limit`: the context (the
+    FixedKVCaches never grow past it). The inverse is `to_mlx_lm`."""
     return [c if isinstance(c, (FixedKVCache, RingKVCache))
-            else _to_ring(c) if isinstance(c, RotatingKVCache) else _to_fixed(c) for c in cache]
+            else _to_ring(c) if isinstance(c, RotatingKVCache) else _to_fixed(c, limit)
+            for c in cache]
 
 
 def to_mlx_lm(cache: list) -> list:
@@ -218,21 +224,21 @@ def to_mlx_lm(cache: list) -> list:
             else _from_fixed(c) if isinstance(c, FixedKVCache) else c for c in cache]
 
 
-def _to_fixed(c) -> FixedKVCache:
+def _to_fixed(c, limit: int | None = None) -> FixedKVCache:
     if type(c) is not KVCache:
         raise TypeError(f"the compiled step has no cache for a {type(c).__name__}")
     f = FixedKVCache()
-    f.offset = c.offset
+    f.offset, f.limit = c.offset, limit
     if c.keys is None:
         return f
     cap = c.keys.shape[2]
-    if cap == capacity_for(cap):  # on the grid: share (a full buffer grows at the next step)
+    if cap in (capacity_for(cap), limit):  # on the grid: share (a full one grows at the next step)
         f.keys, f.values = c.keys, c.values
         return f
     # mlx-lm grows in steps of 256 from wherever a chunk ended: move the buffer onto the grid
     # (one copy, once per request) so the step sees a shape it was traced for.
     B, H, _, D = c.keys.shape
-    pad = capacity_for(c.offset + 1) - c.offset
+    pad = capacity_for(c.offset + 1, limit) - c.offset
     zeros = lambda a: mx.zeros((B, H, pad, a.shape[3]), a.dtype)  # noqa: E731
     f.keys = mx.concatenate([c.keys[..., : c.offset, :], zeros(c.keys)], axis=2)
     f.values = mx.concatenate([c.values[..., : c.offset, :], zeros(c.values)], axis=2)
@@ -304,7 +310,31 @@ class Decoder:
 
     def make_cache(self) -> list:
         m = self.model
-        return [RingKVCache(m.config.sliding_window) if s else FixedKVCache() for s in m._sliding]
+        cache = [RingKVCache(m.config.sliding_window) if s else FixedKVCache() for s in m._sliding]
+        for c in cache:
+            if isinstance(c, FixedKVCache):
+                c.limit = self.context
+        return cache
+
+    @property
+    def context(self) -> int:
+        """The longest context (memory.apply's --max-context, else the model's)."""
+        m = self.model
+        return int(getattr(m, "max_context", None) or m.config.max_context)
+
+    def presize(self, cache: list, n: int) -> None:
+        """Grow the KVCache layers of mlx-lm's `cache` (B=1) in one step to the grid capacity for
+        n positions, so that a prefill of up to n positions never grows them (mlx-lm grows by
+        256 from wherever a chunk ended, copying the whole buffer each time) and `to_decoder`
+        then shares them. Buffers already that large stay as they are."""
+        want = capacity_for(n, self.context)
+        for c in cache:
+            if type(c) is not KVCache or (c.keys is not None and c.keys.shape[2] >= want):
+                continue
+            f = FixedKVCache()
+            f.keys, f.values, f.offset, f.limit = c.keys, c.values, c.offset, self.context
+            f.reserve(*self._like(1), n=want - c.offset)
+            c.keys, c.values = f.keys, f.values
 
     def __call__(self, tokens, cache) -> mx.array:
         """tokens [B, 1] -> logits [B, V] of that position; every cache advances by one."""

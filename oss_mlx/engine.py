@@ -429,6 +429,8 @@ class Engine:
                 t_prefill = time.perf_counter()
                 if limit > 0:
                     with mx.stream(generation_stream):
+                        if decoder is not None:  # the full layers' buffers, on its grid
+                            decoder.presize(cache, len(prompt) + 1)
                         for done in self.prefill_steps(prompt, cache, start, cancel):
                             tokens = list(prompt[: start + done])
                     if len(tokens) < len(prompt) - 1:
@@ -471,7 +473,7 @@ class Engine:
         with mx.stream(generation_stream):
             y = sample(tokens + prompt[-1:], self._last_logits(prompt, cache))
             if compiled:
-                cache[:] = to_decoder(cache)  # in place: `cache` keeps its snapshots
+                cache[:] = to_decoder(cache, self.max_context)  # in place: keeps its snapshots
         tokens.append(prompt[-1])
         mx.async_eval(y)
         try:
@@ -490,7 +492,7 @@ class Engine:
             cache[:] = to_mlx_lm(cache)
         self.snapshot(cache, pos)
         if compiled:
-            cache[:] = to_decoder(cache)  # the same arrays back (their layout is a ring now)
+            cache[:] = to_decoder(cache, self.max_context)  # the same arrays back: no data moves
 
     def _sample_loop(self, prompt, cache, tokens, step, y, limit, limit_reason, cancel, out,
                      stats, t0, t_prefill, compiled):
