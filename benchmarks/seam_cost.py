@@ -4,14 +4,16 @@
     python benchmarks/seam_cost.py --preset tiny --context 100,300,2000
     python benchmarks/seam_cost.py --preset narrow --context 300,4000   # 24 layers, window 128
 
-For each context: a chunked prefill (chunks of 100, so mlx-lm's KVCache ends at an odd
-capacity, the worst case: to_decoder then copies the full layers onto the capacity grid) and a
-single-token feed (the engine's last prompt token), then, each evaluated and timed alone
+For each context: a prefill in chunks of 100 and a single-token feed (the engine's last prompt
+token), as the engine does it (Decoder.presize first), then, each evaluated and timed alone
 (median ms over --repeats):
 
-  to_decoder (after prefill)   mlx-lm's caches -> the decoder's, once per request: the rotating
+  to_decoder                   mlx-lm's caches -> the decoder's, once per request: the rotating
                                caches rewritten as rings (window positions per sliding layer),
-                               the full layers padded onto the grid when off it
+                               the full layers' buffers shared
+  to_decoder off grid          the same without presize: mlx-lm's KVCache ends at an odd
+                               capacity and to_decoder copies the full layers onto the grid
+                               (what a cache grown by the plain path alone costs, once)
   snapshot round trip          to_mlx_lm then to_decoder, as at each generated <|end|>: after
                                the first conversion the layouts agree, so no data moves
   to_mlx_lm (release)          once per request
@@ -51,9 +53,11 @@ def arrays(cache) -> list:
     return [a for c in cache for a in (c.keys, c.values) if a is not None]
 
 
-def prefilled(model, ctx: int, rng):
+def prefilled(model, ctx: int, rng, presize: bool = True):
     tokens = mx.array(rng.integers(0, model.config.vocab_size, (1, ctx)), dtype=mx.int32)
     cache = model.make_cache()
+    if presize:
+        model.decoder().presize(cache, ctx + 1)
     model.prefill(tokens[:, :-1], cache, chunk_size=100, logits=False)
     model.prefill(tokens[:, -1:], cache)  # one token: mlx-lm's in-place path, as the engine's
     mx.eval(arrays(cache))
@@ -64,15 +68,18 @@ def seam(model, ctx: int, repeats: int, rng) -> dict:
     dec = model.decoder()
     cache = prefilled(model, ctx, rng)
     first = timed(lambda: arrays(to_decoder(cache)), repeats)
+    odd = prefilled(model, ctx, rng, presize=False)
+    off_grid = timed(lambda: arrays(to_decoder(odd)), repeats)
     dcache = to_decoder(cache)
     y = mx.array([[1]], dtype=mx.int32)
     mx.eval(dec(y, dcache))  # trace outside the timing
     step = timed(lambda: dec(y, dcache), repeats)
     snap = timed(lambda: arrays(to_decoder(to_mlx_lm(dcache))), repeats)
     back = timed(lambda: arrays(to_mlx_lm(dcache)), repeats)
-    plain_cache = prefilled(model, ctx, rng)
+    plain_cache = odd
     plain = timed(lambda: model(y, cache=plain_cache)[:, -1], repeats)
-    return {"context": ctx, "to_decoder_ms": first, "snapshot_round_trip_ms": snap,
+    return {"context": ctx, "to_decoder_ms": first, "off_grid_ms": off_grid,
+            "snapshot_round_trip_ms": snap,
             "to_mlx_lm_ms": back, "compiled_step_ms": step, "plain_step_ms": plain}
 
 
@@ -117,7 +124,7 @@ def main(argv=None) -> int:
         print(f"preset {args.preset}: {cfg.num_hidden_layers} layers, window {cfg.sliding_window}, "
               f"{cfg.num_key_value_heads} KV heads x {cfg.head_dim}, float32, MLX {mx.__version__} "
               f"on {mx.default_device()}")
-        cols = ["context", "to_decoder_ms", "snapshot_round_trip_ms", "to_mlx_lm_ms",
+        cols = ["context", "to_decoder_ms", "off_grid_ms", "snapshot_round_trip_ms", "to_mlx_lm_ms",
                 "compiled_step_ms", "plain_step_ms"]
         print(" | ".join(cols))
         for ctx in (int(c) for c in args.context.split(",")):

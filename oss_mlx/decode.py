@@ -14,22 +14,40 @@ The caches keep the mlx-lm cache interface (`keys`, `values`, `offset`, `state`,
 `update_and_fetch`, `make_mask`, `is_trimmable`/`trim`, `copy`), so prefill, prompt-cache
 copies and trims, and the plain (uncompiled, batched) path all work on them:
 
-- FixedKVCache (full-attention layers) is mlx-lm's KVCache whose buffer grows by a quarter of
-  its size (at least 256 positions) instead of 256: the compiled step is traced again only when
-  a buffer grows (a few dozen times up to 32k), and reads at most ~25% of unused positions
-  (masked).
+- FixedKVCache (full-attention layers) is mlx-lm's KVCache whose buffer capacities lie on one
+  grid (`capacity_for`: 256, 512, 768, 1024, 1280, 1600, 2000, ..., each a quarter more, never
+  past the context): the compiled step is traced once per capacity (~30 up to 128k, whatever
+  the prompts), and reads at most ~25% of unused positions (masked).
 - RingKVCache (sliding layers): exactly `window` positions, position p in slot p % window, so a
   decode step writes at a dynamic slot and never moves data. Slot order does not matter to
   attention (RoPE was applied before caching and softmax is order-free); the mask hides slots
   not yet written.
 
-For a prompt-cache adapter (engine): FixedKVCache is a KVCache (state (keys, values, offset),
-always trimmable); RingKVCache's state is (keys, values) in slot order with meta_state
-(window, offset), trimmable only while offset < window (after that, rewinding needs a saved
-`copy()`, as with RotatingKVCache); `copy()` on both shares the (immutable) arrays. mlx-lm's
-load_prompt_cache finds classes by name in mlx_lm.models.cache, so persisted caches need these
-two names mapped to this module. The step needs every cache at one offset (a batch whose rows
-have equal lengths); ragged batches keep the plain path, `model(tokens, cache)`.
+FixedKVCache's state is (keys, values, offset), always trimmable; RingKVCache's is (keys,
+values) in slot order with meta_state (window, offset), trimmable only while offset < window;
+`copy()` on both shares the (immutable) arrays. The step needs every cache at one offset (a
+batch whose rows have equal lengths); ragged batches keep the plain path, `model(tokens, cache)`.
+
+The engine (oss_mlx.engine) decodes single requests with this step and keeps mlx-lm's
+KVCache / RotatingKVCache everywhere else (prompt cache, snapshots, disk cache, batcher),
+converting at the seam:
+
+    decoder.presize(cache, len(prompt) + 1)   # before prefill: full layers' buffers on the grid
+    ... plain prefill into mlx-lm's caches ...
+    cache[:] = to_decoder(cache)              # before the first step
+    cache[:] = to_mlx_lm(cache)               # for each snapshot (then to_decoder again) and
+                                              # before the cache goes back to the prompt cache
+
+KVCache <-> FixedKVCache share the arrays (a buffer off the grid, e.g. grown by the plain path
+alone, is copied onto it once). RotatingKVCache -> RingKVCache writes its last `window`
+positions (in mlx-lm's own order, `_temporal_order`, which may hold more than `window` after a
+multi-token write) into their slots: `window` positions per sliding layer, once per request.
+RingKVCache -> RotatingKVCache keeps the ring as it is (slot order, write index
+`(offset - 1) % window + 1`), which is the layout mlx-lm's own single-token writes leave, so
+every later conversion shares the arrays too. Measured on the tiny model (float32, a busy
+2-core CPU, benchmarks/seam_cost.py, contexts 100-2000): to_decoder 0.17-0.21 ms once per
+request (1.2 ms at 2000 for a buffer off the grid), the round trip at a snapshot 0.01 ms,
+to_mlx_lm 0.005 ms, against 13-20 ms for one decode step.
 """
 
 from __future__ import annotations

@@ -37,6 +37,17 @@ later prompt can branch: at message boundaries, before the last token of each pr
 and at the end of each completion. After a completion the entry holds prompt + completion without
 the final stop token (the next harmony turn renders <|return|> as <|end|>).
 
+Decode path (`Engine._use_compiled`, the one rule): a single request decodes with the model's
+compiled single-token step (oss_mlx.decode, `model.decoder()`, built once per model and reused
+for every request), on the decoder's own caches: prefill fills mlx-lm's caches (the prompt
+cache's kind), which are converted to the decoder's before the first step (decode.to_decoder)
+and back (decode.to_mlx_lm) for each snapshot taken at a generated <|end|> and before the cache
+goes back to the prompt cache, sharing the arrays (see oss_mlx.decode). The plain forward
+(`model(tokens, cache)`) stays for `compiled=False` (`--no-compile`), quantized KV caches
+(`--kv-bits`), a model split across ranks (oss_mlx.shard), a model without `decoder()` (the
+tests' ScriptedModel) and the batcher (oss_mlx.batch). Both give the same tokens and logits
+(1e-5 in float32; tests/test_engine_compiled.py).
+
 Exact token history (oss_mlx.token_history): `render` writes the assistant messages this engine
 generated as the tokens it sampled, so the next prompt matches the cache through the end of the
 previous completion, even when a client re-serialised the tool call's JSON arguments.

@@ -75,9 +75,15 @@ def prompt_of(enc, text):
 
 def run(engine, prompt, steps, max_tokens=None, record=True):
     script = Script(steps, record)
-    c = engine.complete(prompt, SamplingParams(temperature=0.0, max_tokens=max_tokens or len(steps) + 1,
-                                               logits_processors=[script]))
-    return c, script
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens or len(steps) + 1,
+                            logits_processors=[script])
+    return engine.complete(prompt, params), script
+
+
+def pair(model, enc, chunk):
+    """The engine under test and its oracle, over one model."""
+    return (Engine(model, enc, prefill_chunk=chunk),
+            Engine(model, enc, prefill_chunk=chunk, compiled=False))
 
 
 def assert_same(a, b):
@@ -87,14 +93,18 @@ def assert_same(a, b):
     np.testing.assert_allclose(sa.logprobs(), sb.logprobs(), rtol=0, atol=1e-5)
 
 
+FINAL = "<|channel|>final<|message|>"
+NEXT = "<|end|><|start|>assistant"  # close a message, open the next one
+
+
 # ---- the engine, compiled against compiled=False ----
 
 
 def test_greedy_tokens_and_logprobs_across_the_window(tiny_model, enc):
     model = fresh(tiny_model)
-    comp, plain = Engine(model, enc, prefill_chunk=5), Engine(model, enc, prefill_chunk=5, compiled=False)
+    comp, plain = pair(model, enc, 5)
     prompt = prompt_of(enc, "one two three four five six")
-    steps = plan(enc, "<|channel|>analysis<|message|>", 25, "<|end|><|start|>assistant<|channel|>final<|message|>", 20)
+    steps = plan(enc, "<|channel|>analysis<|message|>", 25, NEXT + FINAL, 20)
     ref = run(plain, prompt, steps)
     assert model.decoder().traces == 0  # the oracle is the plain forward
     got = run(comp, prompt, steps)
@@ -111,28 +121,52 @@ def test_prompt_cache_reuse_and_a_restore_from_an_end_snapshot(tiny_model, enc):
     rotating caches have long wrapped since, so the snapshot taken at that <|end|> is restored.
     Turn 3 continues turn 2 from its end (the entry taken over whole)."""
     model = fresh(tiny_model)
-    comp, plain = Engine(model, enc, prefill_chunk=6), Engine(model, enc, prefill_chunk=6, compiled=False)
+    comp, plain = pair(model, enc, 6)
     p1 = prompt_of(enc, "tell me something")
-    s1 = plan(enc, "<|channel|>commentary<|message|>", 10, "<|end|><|start|>assistant<|channel|>analysis<|message|>",
-              20, "<|end|><|start|>assistant<|channel|>final<|message|>", 9)
+    s1 = plan(enc, "<|channel|>commentary<|message|>", 10,
+              NEXT + "<|channel|>analysis<|message|>", 20, NEXT + FINAL, 9)
     t1 = run(comp, p1, s1), run(plain, p1, s1)
     assert_same(*t1)
     gen = t1[0][0].tokens
+    assert t1[0][0].stop_reason == "stop" and gen.count(END) == 2
     k = gen.index(END) + 1  # through the preamble's <|end|>
     final = gen[len(s1) - 9 : len(s1)]  # the final answer's text
-    p2 = (p1 + gen[:k] + harmony_tokens(enc, "<|start|>assistant<|channel|>final<|message|>") + final
-          + harmony_tokens(enc, "<|end|><|start|>user<|message|>and more<|end|><|start|>assistant"))
-    s2 = plan(enc, "<|channel|>final<|message|>", 17)
+    user = "<|end|><|start|>user<|message|>and more<|end|><|start|>assistant"
+    p2 = p1 + gen[:k] + harmony_tokens(enc, "<|start|>assistant" + FINAL) + final
+    p2 += harmony_tokens(enc, user)
+    s2 = plan(enc, FINAL, 17)
     t2 = run(comp, p2, s2), run(plain, p2, s2)
     assert_same(*t2)
     assert t2[0][0].stats.cached_tokens == len(p1) + k  # the <|end|> snapshot, not less
-    p3 = p2 + t2[0][0].tokens[:-1] + harmony_tokens(enc, "<|end|><|start|>user<|message|>again<|end|><|start|>assistant")
-    s3 = plan(enc, "<|channel|>final<|message|>", 12)
+    p3 = p2 + t2[0][0].tokens[:-1] + harmony_tokens(enc, user)
+    s3 = plan(enc, FINAL, 12)
     t3 = run(comp, p3, s3), run(plain, p3, s3)
     assert_same(*t3)
     assert t3[0][0].stats.cached_tokens == len(p2) + len(t2[0][0].tokens) - 1
 
 
+def test_an_abandoned_stream_leaves_mlx_lm_caches_that_decode_on(tiny_model, enc):
+    """A consumer that stops reading mid-turn: the engine keeps what was fed, on mlx-lm's
+    caches, and the next request resumes from it as the plain engine does."""
+    model = fresh(tiny_model)
+    prompt = prompt_of(enc, "stop early")
+    steps = plan(enc, FINAL, 40)
+    runs = []
+    for engine in pair(model, enc, 6):
+        params = SamplingParams(temperature=0.0, max_tokens=41, logits_processors=[Script(steps)])
+        for i, ev in enumerate(engine.stream(prompt, params)):
+            if i == 20:
+                break  # closes the generator
+        (entry,) = engine.prompt_cache.entries
+        assert {type(c) for c in entry.cache} == {KVCache, RotatingKVCache}
+        assert len(entry.tokens) > len(prompt) + 2 * W
+        again = [int(t) for t in entry.tokens] + harmony_tokens(enc, NEXT + FINAL)
+        runs.append(run(engine, again, plan(enc, 15)))
+    assert_same(*runs)
+    assert runs[0][0].stats.cached_tokens == len(entry.tokens)
+
+
+@pytest.mark.slow  # 300 decode steps
 def test_traced_a_bounded_number_of_times(tiny_model, enc):
     """300 tokens cross the full layers' first buffer (256 positions): two shapes, two traces.
     A second request, a longer prompt prefilled in 100-token chunks (alone, mlx-lm's KVCache
@@ -140,19 +174,16 @@ def test_traced_a_bounded_number_of_times(tiny_model, enc):
     the same grid: no new trace."""
     model = fresh(tiny_model)
     dec = model.decoder()
-    engine = Engine(model, enc, prefill_chunk=100)
-    c, _ = run(engine, prompt_of(enc, "count"), plan(enc, "<|channel|>final<|message|>", 300), 300,
-               record=False)
+    engine, oracle = pair(model, enc, 100)
+    c, _ = run(engine, prompt_of(enc, "count"), plan(enc, FINAL, 300), 300, record=False)
     assert c.stop_reason == "length" and len(c.tokens) == 300
     assert 1 <= dec.traces <= 2
     traces = dec.traces
     engine.reset_cache()
     long = prompt_of(enc, " ".join(f"w{i}" for i in range(150)))
     assert 260 < len(long) < 400
-    steps = plan(enc, "<|channel|>final<|message|>", 30)
-    got = run(engine, long, steps)
-    ref = run(Engine(model, enc, prefill_chunk=100, compiled=False), long, steps)
-    assert_same(got, ref)
+    steps = plan(enc, FINAL, 30)
+    assert_same(run(engine, long, steps), run(oracle, long, steps))
     assert dec.traces == traces
 
 
@@ -161,7 +192,7 @@ def test_traced_a_bounded_number_of_times(tiny_model, enc):
 
 def test_quantized_kv_engines_decode_on_the_plain_path(tiny_model, enc):
     prompt = prompt_of(enc, "quantized")
-    steps = plan(enc, "<|channel|>final<|message|>", 12)
+    steps = plan(enc, FINAL, 12)
     q8 = fresh(tiny_model, kv_bits=8)
     dec = q8.decoder()
     got = run(Engine(q8, enc), prompt, steps)
@@ -175,7 +206,7 @@ def test_quantized_kv_engines_decode_on_the_plain_path(tiny_model, enc):
 def test_no_compile_and_models_without_a_decoder_keep_the_plain_path(tiny_model, enc):
     model = fresh(tiny_model)
     dec = model.decoder()
-    run(Engine(model, enc, compiled=False), prompt_of(enc, "plain"), plan(enc, "<|channel|>final<|message|>", 5))
+    run(Engine(model, enc, compiled=False), prompt_of(enc, "plain"), plan(enc, FINAL, 5))
     assert dec.traces == 0
     scripted = ScriptedModel("<|channel|>final<|message|>Hi!<|return|>", encoding=enc)
     assert not hasattr(scripted, "decoder")
@@ -284,10 +315,26 @@ def test_kv_round_trip(chunks):
     (back,) = to_mlx_lm([f])
     assert type(back) is KVCache and back.offset == c.offset
     for a, b in zip(back.state[:2], c.state[:2]):
-        np.testing.assert_array_equal(np.array(a[..., : c.offset, :]), np.array(b[..., : c.offset, :]))
+        n = c.offset
+        np.testing.assert_array_equal(np.array(a[..., :n, :]), np.array(b[..., :n, :]))
     k, v = _kv(rng, 3), _kv(rng, 3)
     np.testing.assert_array_equal(np.array(back.update_and_fetch(k, v)[0]),
                                   np.array(c.update_and_fetch(k, v)[0]))
+
+
+def test_presize_keeps_a_chunked_prefill_on_the_grid(tiny_model):
+    """mlx-lm alone ends a 100-token-chunk prefill of 299 at capacity 456; presized, the buffer
+    holds 512 throughout, the same logits come out, and to_decoder shares it."""
+    model = fresh(tiny_model)
+    tokens = mx.array(np.random.default_rng(3).integers(0, 199998, (1, 299)))
+    plain, sized = model.make_cache(), model.make_cache()
+    model.decoder().presize(sized, 300)
+    want = model.prefill(tokens, plain, chunk_size=100)
+    got = model.prefill(tokens, sized, chunk_size=100)
+    np.testing.assert_array_equal(np.array(got), np.array(want))
+    assert plain[1].keys.shape[2] == 456 and sized[1].keys.shape[2] == 512
+    assert sized[0].keys.shape == plain[0].keys.shape  # the rotating layers are left alone
+    assert to_decoder(sized)[1].keys is sized[1].keys
 
 
 def test_capacity_grid():
@@ -297,3 +344,4 @@ def test_capacity_grid():
     assert grid[:7] == [256, 512, 768, 1024, 1280, 1600, 2000]
     assert len(grid) < 32  # few shapes, few traces, up to the full context
     assert all(capacity_for(g) == g for g in grid)
+    assert capacity_for(1100, limit=1200) == 1200 and capacity_for(1300, limit=1200) == 1600
