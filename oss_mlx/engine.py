@@ -366,14 +366,16 @@ class Engine:
     def _use_compiled(self, cache: list) -> bool:
         """The one rule for how a single request decodes: with the model's compiled step
         (oss_mlx.decode), unless the engine was made with compiled=False (--no-compile), the
-        model has no `decoder()` (a stand-in such as the tests' ScriptedModel), it is split
+        model has no `decoder()` of its own (a stand-in such as the tests' ScriptedModel, or a
+        wrapper around a model whose calls it watches: the step would bypass them), it is split
         across the ranks of a launch (oss_mlx.shard: its collectives count their bytes and tick
         the ranks' watchdogs as the graph is built, which a compiled replay never does), or a
         layer's cache is not one of mlx-lm's plain KVCache / RotatingKVCache (the quantized
         caches of --kv-bits). The batcher (oss_mlx.batch) always runs the plain forward."""
         from mlx_lm.models.cache import KVCache, RotatingKVCache
 
-        return (self.compiled and callable(getattr(self.model, "decoder", None))
+        decoder = getattr(self.model, "decoder", None)
+        return (self.compiled and callable(decoder) and decoder().model is self.model
                 and getattr(self.model, "sharding", None) is None
                 and all(type(c) is KVCache or (type(c) is RotatingKVCache and c.keep == 0)
                         for c in cache))

@@ -166,6 +166,30 @@ def test_an_abandoned_stream_leaves_mlx_lm_caches_that_decode_on(tiny_model, enc
     assert runs[0][0].stats.cached_tokens == len(entry.tokens)
 
 
+def test_a_compiled_turn_then_a_batched_follow_up(tiny_model, enc):
+    """The entry a compiled turn leaves (its rotating caches in the ring's layout) merges into
+    the batcher's caches (mlx-lm's BatchRotatingKVCache) and decodes as after a plain turn."""
+    from oss_mlx.batch import Batcher
+    from test_batch import Job
+
+    model = fresh(tiny_model)
+    p1 = prompt_of(enc, "first turn")
+    s1 = plan(enc, FINAL, 21)
+    out = []
+    for engine in pair(model, enc, 6):
+        c1, _ = run(engine, p1, s1)
+        follow = p1 + c1.tokens[:-1] + harmony_tokens(enc, "<|end|><|start|>user<|message|>"
+                                                       "next<|end|><|start|>assistant")
+        job = Job(follow, SamplingParams(temperature=0, max_tokens=12))
+        batcher = Batcher(engine)
+        batcher.add(job)
+        while batcher.busy:
+            batcher.step()
+        out.append(job.completion)
+    assert out[0].tokens == out[1].tokens and len(out[0].tokens) > 1
+    assert out[0].stats.cached_tokens == out[1].stats.cached_tokens == len(p1) + len(s1)
+
+
 @pytest.mark.slow  # 300 decode steps
 def test_traced_a_bounded_number_of_times(tiny_model, enc):
     """300 tokens cross the full layers' first buffer (256 positions): two shapes, two traces.
@@ -203,11 +227,29 @@ def test_quantized_kv_engines_decode_on_the_plain_path(tiny_model, enc):
     assert dec.traces >= 1
 
 
-def test_no_compile_and_models_without_a_decoder_keep_the_plain_path(tiny_model, enc):
+class Watching:
+    """A wrapper that forwards everything to the model and counts its one-token calls (as
+    tests/scripted.py's PausingModel does to pause at a decode step)."""
+
+    def __init__(self, model):
+        self._model, self.steps = model, 0
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def __call__(self, tokens, cache=None):
+        self.steps += tokens.shape[1] == 1
+        return self._model(tokens, cache)
+
+
+def test_no_compile_wrappers_and_models_without_a_decoder_keep_the_plain_path(tiny_model, enc):
     model = fresh(tiny_model)
     dec = model.decoder()
     run(Engine(model, enc, compiled=False), prompt_of(enc, "plain"), plan(enc, FINAL, 5))
     assert dec.traces == 0
+    watched = Watching(model)
+    c, _ = run(Engine(watched, enc), prompt_of(enc, "watched"), plan(enc, FINAL, 5))
+    assert watched.steps == len(c.tokens) - 1 > 5 and dec.traces == 0  # it saw every step
     scripted = ScriptedModel("<|channel|>final<|message|>Hi!<|return|>", encoding=enc)
     assert not hasattr(scripted, "decoder")
     c = Engine(scripted, enc).complete(prompt_of(enc, "hi"), SamplingParams(max_tokens=20))
