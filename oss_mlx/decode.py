@@ -225,9 +225,9 @@ class RingKVCache(_BaseCache):
 
 def to_decoder(cache: list, limit: int | None = None) -> list:
     """The decoder's caches holding what mlx-lm's `cache` holds, layer by layer: KVCache ->
-    FixedKVCache (the same arrays when on the capacity grid, see Decoder.presize), RotatingKVCache ->
-    RingKVCache; caches of the decoder's own kinds pass through. `limit`: the context (the
-    FixedKVCaches never grow past it). The inverse is `to_mlx_lm`."""
+    FixedKVCache (the same arrays when on the capacity grid, see Decoder.presize),
+    RotatingKVCache -> RingKVCache; caches of the decoder's own kinds pass through. `limit`: the
+    context (the FixedKVCaches never grow past it). The inverse is `to_mlx_lm`."""
     return [c if isinstance(c, (FixedKVCache, RingKVCache))
             else _to_ring(c) if isinstance(c, RotatingKVCache) else _to_fixed(c, limit)
             for c in cache]

@@ -44,8 +44,9 @@ cache's kind), which are converted to the decoder's before the first step (decod
 and back (decode.to_mlx_lm) for each snapshot taken at a generated <|end|> and before the cache
 goes back to the prompt cache, sharing the arrays (see oss_mlx.decode). The plain forward
 (`model(tokens, cache)`) stays for `compiled=False` (`--no-compile`), quantized KV caches
-(`--kv-bits`), a model split across ranks (oss_mlx.shard), a model without `decoder()` (the
-tests' ScriptedModel) and the batcher (oss_mlx.batch). Both give the same tokens and logits
+(`--kv-bits`), a model split across ranks (oss_mlx.shard), a model without a `decoder()` of its
+own (the tests' ScriptedModel, a wrapper that watches a model's calls) and the batcher
+(oss_mlx.batch). Both give the same tokens and logits
 (1e-5 in float32; tests/test_engine_compiled.py).
 
 Exact token history (oss_mlx.token_history): `render` writes the assistant messages this engine
