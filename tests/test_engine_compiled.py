@@ -334,6 +334,26 @@ def test_rotating_round_trip(history):
     assert back.offset == r.offset
 
 
+@pytest.mark.parametrize("history", [[5] + [1] * 11, [5] + [1] * 12, [16, 1], [3, 1]])
+def test_undoing_the_last_token_after_a_round_trip(history):
+    """The prompt cache's release undoes the stop token fed last, one token written alone
+    (KVAdapter.undo_last_token): on the converted cache as on the original, also when offset is
+    a multiple of the window."""
+    r = _rotating(history)
+    (back,) = to_mlx_lm(to_decoder([r]))
+    rng = np.random.default_rng(5)
+    for c in (r, back):
+        KVAdapter().undo_last_token(c)
+    assert back.offset == r.offset and 0 <= back._idx <= W
+    for size in (1, 4, 1):
+        k, v = _kv(rng, size), _kv(rng, size)
+        got, ref = back.update_and_fetch(k, v), r.update_and_fetch(k, v)
+        m = min(r.offset, W)
+        np.testing.assert_array_equal(_last(back, back.keys, m), _last(r, r.keys, m))
+        if size > 1:
+            np.testing.assert_array_equal(np.array(got[1]), np.array(ref[1]))
+
+
 def test_round_trip_back_is_shared_and_stays_a_ring():
     """After one conversion the layout is a ring: converting again moves no data."""
     (ring,) = to_decoder([_rotating([5] + [1] * 6)])
