@@ -279,7 +279,8 @@ def _ring_aligned(r) -> bool:
 
 def _to_ring(r) -> RingKVCache:
     if type(r) is not RotatingKVCache or r.keep:
-        raise TypeError("the compiled step has no cache for a RotatingKVCache with keep > 0")
+        raise TypeError(f"the compiled step has no cache for a {type(r).__name__} "
+                        f"keeping {getattr(r, 'keep', '?')} first positions")
     W = r.max_size
     g = RingKVCache(W)
     g.offset = r.offset
