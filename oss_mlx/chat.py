@@ -75,6 +75,7 @@ def add_arguments(parser):
     from . import memory
 
     memory.add_memory_arguments(parser)
+    memory.add_decode_arguments(parser)
 
 
 # --------------------------------------------------------------------------------------------

@@ -14,59 +14,91 @@ The caches keep the mlx-lm cache interface (`keys`, `values`, `offset`, `state`,
 `update_and_fetch`, `make_mask`, `is_trimmable`/`trim`, `copy`), so prefill, prompt-cache
 copies and trims, and the plain (uncompiled, batched) path all work on them:
 
-- FixedKVCache (full-attention layers) is mlx-lm's KVCache whose buffer grows by a sixteenth of
-  its size (at least 256 positions, `growth`) instead of 256: the compiled step is traced again
-  only when a buffer grows (every 256 tokens up to 4k, about 30 times from 4k to 32k), and reads
-  at most ~6% of unused positions (masked).
+- FixedKVCache (full-attention layers) is mlx-lm's KVCache whose buffer capacities lie on one
+  grid (`capacity_for`: 256, 512, ..., 4096, then each a sixteenth more: 4352, 4624, ...; never
+  past the context): the compiled step is traced once per capacity (16 shapes up to 4k, ~70 up
+  to 128k, whatever the prompts), and reads at most ~6% of unused positions (masked).
 - RingKVCache (sliding layers): exactly `window` positions, position p in slot p % window, so a
   decode step writes at a dynamic slot and never moves data. Slot order does not matter to
   attention (RoPE was applied before caching and softmax is order-free); the mask hides slots
   not yet written.
 
-For a prompt-cache adapter (engine): FixedKVCache is a KVCache (state (keys, values, offset),
-always trimmable); RingKVCache's state is (keys, values) in slot order with meta_state
-(window, offset), trimmable only while offset < window (after that, rewinding needs a saved
-`copy()`, as with RotatingKVCache); `copy()` on both shares the (immutable) arrays. mlx-lm's
-load_prompt_cache finds classes by name in mlx_lm.models.cache, so persisted caches need these
-two names mapped to this module. The step needs every cache at one offset (a batch whose rows
-have equal lengths); ragged batches keep the plain path, `model(tokens, cache)`.
+FixedKVCache's state is (keys, values, offset), always trimmable; RingKVCache's is (keys,
+values) in slot order with meta_state (window, offset), trimmable only while offset < window;
+`copy()` on both shares the (immutable) arrays. The step needs every cache at one offset (a
+batch whose rows have equal lengths); ragged batches keep the plain path, `model(tokens, cache)`.
+
+The engine (oss_mlx.engine) decodes single requests with this step and keeps mlx-lm's
+KVCache / RotatingKVCache everywhere else (prompt cache, snapshots, disk cache, batcher),
+converting at the seam:
+
+    decoder.presize(cache, len(prompt) + 1)   # before prefill: full layers' buffers on the grid
+    ... plain prefill into mlx-lm's caches ...
+    cache[:] = to_decoder(cache)              # before the first step
+    cache[:] = to_mlx_lm(cache)               # for each snapshot (then to_decoder again) and
+                                              # before the cache goes back to the prompt cache
+
+KVCache <-> FixedKVCache share the arrays (a buffer off the grid, e.g. grown by the plain path
+alone, is copied onto it once). RotatingKVCache -> RingKVCache writes its last `window`
+positions (in mlx-lm's own order, `_temporal_order`, which may hold more than `window` after a
+multi-token write) into their slots: `window` positions per sliding layer, once per request.
+RingKVCache -> RotatingKVCache keeps the ring as it is (slot order, write index
+`(offset - 1) % window + 1`), which is the layout mlx-lm's own single-token writes leave, so
+every later conversion shares the arrays too. Measured on the tiny model (float32, a busy
+2-core CPU, benchmarks/seam_cost.py, contexts 100-2000): to_decoder 0.17-0.21 ms once per
+request (1.2 ms at 2000 for a buffer off the grid), the round trip at a snapshot 0.01 ms,
+to_mlx_lm 0.005 ms, against 13-20 ms for one decode step.
 """
 
 from __future__ import annotations
 
 import mlx.core as mx
 from mlx_lm.models.base import create_causal_mask
-from mlx_lm.models.cache import KVCache, _BaseCache
+from mlx_lm.models.cache import KVCache, RotatingKVCache, _BaseCache
 
 MIN_GROWTH = 256
-GROWTH_DIVISOR = 16  # a buffer grows by 1/16 of its size (at least MIN_GROWTH positions)
+# Each capacity past 4096 is a sixteenth more than the last. The compiled step attends over the
+# whole buffer (masked), so unused positions cost attention time, and each new capacity costs a
+# trace (~0.2 s on a CPU): a sixteenth wastes at most ~6% (a quarter wasted up to 25%, and on a
+# CPU the compiled step was then slower than the plain path at 4k-32k contexts).
+GROWTH_DIVISOR = 16
 
 
-def growth(capacity: int, n: int = 1) -> int:
-    """How many positions a full layer's buffer grows by. The compiled step attends over the
-    whole buffer (masked), so unused positions cost attention time; each growth costs a trace
-    (~0.2 s on a CPU). A sixteenth wastes at most ~6% (on average ~3%) and traces every 256
-    tokens up to 4k, every 2k at 32k. (A quarter wasted up to 25%: at 4k-32k contexts the
-    compiled step was slower than the plain path on a CPU.)"""
-    return max(MIN_GROWTH, capacity // GROWTH_DIVISOR, n)
+def capacity_for(n: int, limit: int | None = None) -> int:
+    """The smallest FixedKVCache capacity on the growth grid that holds n positions: 256, 512,
+    ..., 4096, 4352, 4624, ... (each the last plus a sixteenth of it, at least 256), so every
+    buffer any request ever decodes into has one of ~70 shapes up to 128k: the compiled
+    step is traced at most once per shape, whatever the prompts' lengths. Never past `limit`
+    (the context, one more shape) for n within it: what the memory plan counts."""
+    c = MIN_GROWTH
+    while c < n:
+        c += max(MIN_GROWTH, c // GROWTH_DIVISOR)
+    return c if limit is None or n > limit else min(c, limit)
 
 
 class FixedKVCache(KVCache):
-    """A full layer's keys/values: [B, n_kv, capacity, D] buffers, positions 0..offset-1."""
+    """A full layer's keys/values: [B, n_kv, capacity, D] buffers, positions 0..offset-1,
+    capacity on the `capacity_for` grid (never past `limit`, the context, when set)."""
+
+    limit: int | None = None
 
     def capacity(self) -> int:
         return 0 if self.keys is None else self.keys.shape[2]
 
     def update_and_fetch(self, keys, values):
-        self.step = growth(self.capacity())
-        return super().update_and_fetch(keys, values)
+        self.reserve(keys, values, keys.shape[2])
+        prev = self.offset
+        self.offset += keys.shape[2]
+        self.keys[..., prev : self.offset, :] = keys
+        self.values[..., prev : self.offset, :] = values
+        return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
 
     def reserve(self, like_k, like_v, n: int = 1) -> None:
         """Room for n more positions (the compiled step writes without growing)."""
         if self.offset + n <= self.capacity():
             return
         B, H, _, D = like_k.shape
-        grow = growth(self.capacity(), n)
+        grow = capacity_for(self.offset + n, self.limit) - self.offset
         new_k = mx.zeros((B, H, grow, D), like_k.dtype)
         new_v = mx.zeros((B, H, grow, like_v.shape[3]), like_v.dtype)
         if self.keys is None:
@@ -78,6 +110,7 @@ class FixedKVCache(KVCache):
     def copy(self) -> "FixedKVCache":
         c = FixedKVCache()
         c.keys, c.values, c.offset = self.keys, self.values, self.offset  # arrays are immutable
+        c.limit = self.limit
         return c
 
 
@@ -192,6 +225,103 @@ class RingKVCache(_BaseCache):
         return c
 
 
+# ---- the seam: mlx-lm's caches (prompt cache, batcher, plain path) <-> the decoder's -------
+
+
+def to_decoder(cache: list, limit: int | None = None) -> list:
+    """The decoder's caches holding what mlx-lm's `cache` holds, layer by layer: KVCache ->
+    FixedKVCache (the same arrays when on the capacity grid, see Decoder.presize),
+    RotatingKVCache -> RingKVCache; caches of the decoder's own kinds pass through. `limit`: the
+    context (the FixedKVCaches never grow past it). The inverse is `to_mlx_lm`."""
+    return [c if isinstance(c, (FixedKVCache, RingKVCache))
+            else _to_ring(c) if isinstance(c, RotatingKVCache) else _to_fixed(c, limit)
+            for c in cache]
+
+
+def to_mlx_lm(cache: list) -> list:
+    """mlx-lm's caches holding what the decoder's `cache` holds (FixedKVCache -> KVCache,
+    RingKVCache -> RotatingKVCache, sharing the arrays), in the layout mlx-lm's own
+    single-token writes leave, so its update_and_fetch / trim / _temporal_order and the prompt
+    cache's copies, snapshots and files work on them; other caches pass through."""
+    return [_from_ring(c) if isinstance(c, RingKVCache)
+            else _from_fixed(c) if isinstance(c, FixedKVCache) else c for c in cache]
+
+
+def _to_fixed(c, limit: int | None = None) -> FixedKVCache:
+    if type(c) is not KVCache:
+        raise TypeError(f"the compiled step has no cache for a {type(c).__name__}")
+    f = FixedKVCache()
+    f.offset, f.limit = c.offset, limit
+    if c.keys is None:
+        return f
+    cap = c.keys.shape[2]
+    if cap in (capacity_for(cap), limit):  # on the grid: share (a full one grows at the next step)
+        f.keys, f.values = c.keys, c.values
+        return f
+    # mlx-lm grows in steps of 256 from wherever a chunk ended: move the buffer onto the grid
+    # (one copy, once per request) so the step sees a shape it was traced for.
+    B, H, _, D = c.keys.shape
+    pad = capacity_for(c.offset + 1, limit) - c.offset
+    zeros = lambda a: mx.zeros((B, H, pad, a.shape[3]), a.dtype)  # noqa: E731
+    f.keys = mx.concatenate([c.keys[..., : c.offset, :], zeros(c.keys)], axis=2)
+    f.values = mx.concatenate([c.values[..., : c.offset, :], zeros(c.values)], axis=2)
+    return f
+
+
+def _from_fixed(f: FixedKVCache):
+    c = KVCache()
+    c.keys, c.values, c.offset = f.keys, f.values, f.offset  # capacity >= offset, as KVCache's
+    return c
+
+
+def _ring_aligned(r) -> bool:
+    """Whether a RotatingKVCache's buffer already is a ring: `window` slots, position p in slot
+    p % window. mlx-lm's slot j holds the position p = j + (offset - _idx) (mod window), the
+    last `window` ones (or 0..offset-1 in slots 0..offset-1 before it is full)."""
+    W = r.max_size
+    return r.keys.shape[2] == W and r._idx % W == r.offset % W
+
+
+def _to_ring(r) -> RingKVCache:
+    if type(r) is not RotatingKVCache or r.keep:
+        raise TypeError(f"the compiled step has no cache for a {type(r).__name__} "
+                        f"keeping {getattr(r, 'keep', '?')} first positions")
+    W = r.max_size
+    g = RingKVCache(W)
+    g.offset = r.offset
+    if r.keys is None or r.offset == 0:
+        return g
+    if _ring_aligned(r):  # e.g. what _from_ring made: share
+        g.keys, g.values = r.keys, r.values
+        return g
+
+    def ring(a):
+        t = r._temporal_order(a)  # positions offset - n .. offset - 1 (n may exceed W)
+        m = min(t.shape[2], W)
+        t = t[..., t.shape[2] - m :, :]
+        if m < W:  # not full: slots m.. stay unwritten (the step's mask hides them)
+            t = mx.concatenate([mx.zeros(t.shape[:2] + (W - m, t.shape[3]), t.dtype), t], axis=2)
+        # t[i] is position offset - W + i, which belongs in slot (offset + i) % W
+        return mx.roll(t, r.offset % W, axis=2)
+
+    g.keys, g.values = ring(r.keys), ring(r.values)
+    return g
+
+
+def _from_ring(g: RingKVCache):
+    r = RotatingKVCache(max_size=g.window)
+    r.offset = g.offset
+    if g.keys is None or g.offset == 0:
+        return r
+    r.keys, r.values = g.keys, g.values
+    # Slot order, write index past the newest position: offset before the ring is full (slots
+    # 0..offset-1, the rest unwritten, as mlx-lm's in-place writes leave it), else offset %
+    # window, written as `window` when that is 0 (mlx-lm rotates to slot 0 before its next
+    # write; a write index of 0 would break undoing the last token, `_idx -= 1`).
+    r._idx = (g.offset - 1) % g.window + 1
+    return r
+
+
 class Decoder:
     """The compiled single-token step of one model (see the module docstring)."""
 
@@ -204,7 +334,31 @@ class Decoder:
 
     def make_cache(self) -> list:
         m = self.model
-        return [RingKVCache(m.config.sliding_window) if s else FixedKVCache() for s in m._sliding]
+        cache = [RingKVCache(m.config.sliding_window) if s else FixedKVCache() for s in m._sliding]
+        for c in cache:
+            if isinstance(c, FixedKVCache):
+                c.limit = self.context
+        return cache
+
+    @property
+    def context(self) -> int:
+        """The longest context (memory.apply's --max-context, else the model's)."""
+        m = self.model
+        return int(getattr(m, "max_context", None) or m.config.max_context)
+
+    def presize(self, cache: list, n: int) -> None:
+        """Grow the KVCache layers of mlx-lm's `cache` (B=1) in one step to the grid capacity for
+        n positions, so that a prefill of up to n positions never grows them (mlx-lm grows by
+        256 from wherever a chunk ended, copying the whole buffer each time) and `to_decoder`
+        then shares them. Buffers already that large stay as they are."""
+        want = capacity_for(n, self.context)
+        for c in cache:
+            if type(c) is not KVCache or (c.keys is not None and c.keys.shape[2] >= want):
+                continue
+            f = FixedKVCache()
+            f.keys, f.values, f.offset, f.limit = c.keys, c.values, c.offset, self.context
+            f.reserve(*self._like(1), n=want - c.offset)
+            c.keys, c.values = f.keys, f.values
 
     def __call__(self, tokens, cache) -> mx.array:
         """tokens [B, 1] -> logits [B, V] of that position; every cache advances by one."""

@@ -37,6 +37,18 @@ later prompt can branch: at message boundaries, before the last token of each pr
 and at the end of each completion. After a completion the entry holds prompt + completion without
 the final stop token (the next harmony turn renders <|return|> as <|end|>).
 
+Decode path (`Engine._use_compiled`, the one rule): a single request decodes with the model's
+compiled single-token step (oss_mlx.decode, `model.decoder()`, built once per model and reused
+for every request), on the decoder's own caches: prefill fills mlx-lm's caches (the prompt
+cache's kind), which are converted to the decoder's before the first step (decode.to_decoder)
+and back (decode.to_mlx_lm) for each snapshot taken at a generated <|end|> and before the cache
+goes back to the prompt cache, sharing the arrays (see oss_mlx.decode). The plain forward
+(`model(tokens, cache)`) stays for `compiled=False` (`--no-compile`), quantized KV caches
+(`--kv-bits`), a model split across ranks (oss_mlx.shard), a model without a `decoder()` of its
+own (the tests' ScriptedModel, a wrapper that watches a model's calls) and the batcher
+(oss_mlx.batch). Both give the same tokens and logits
+(1e-5 in float32; tests/test_engine_compiled.py).
+
 Exact token history (oss_mlx.token_history): `render` writes the assistant messages this engine
 generated as the tokens it sampled, so the next prompt matches the cache through the end of the
 previous completion, even when a client re-serialised the tool call's JSON arguments.
@@ -183,13 +195,15 @@ class Engine:
     conversations (oss_mlx.prompt_cache) and exact token history (oss_mlx.token_history)."""
 
     def __init__(self, model, encoding, prefill_chunk: int = 512, max_snapshots: int = 96,
-                 cache_memory: int | None = None, cache_dir=None, cache_disk: int = 16 << 30):
+                 cache_memory: int | None = None, cache_dir=None, cache_disk: int = 16 << 30,
+                 compiled: bool = True):
         from .prompt_cache import DiskCache, PromptCache
         from .token_history import TokenHistory
 
         self.model = model
         self.encoding = encoding
         self.prefill_chunk = prefill_chunk
+        self.compiled = compiled  # False: always the plain forward (--no-compile)
         self._lock = threading.Lock()
         self.fingerprint = model_fingerprint(model)
         self.history = TokenHistory(encoding)
@@ -350,6 +364,23 @@ class Engine:
 
     # ---- generation ----
 
+    def _use_compiled(self, cache: list) -> bool:
+        """The one rule for how a single request decodes: with the model's compiled step
+        (oss_mlx.decode), unless the engine was made with compiled=False (--no-compile), the
+        model has no `decoder()` of its own (a stand-in such as the tests' ScriptedModel, or a
+        wrapper around a model whose calls it watches: the step would bypass them), it is split
+        across the ranks of a launch (oss_mlx.shard: its collectives count their bytes and tick
+        the ranks' watchdogs as the graph is built, which a compiled replay never does), or a
+        layer's cache is not one of mlx-lm's plain KVCache / RotatingKVCache (the quantized
+        caches of --kv-bits). The batcher (oss_mlx.batch) always runs the plain forward."""
+        from mlx_lm.models.cache import KVCache, RotatingKVCache
+
+        decoder = getattr(self.model, "decoder", None)
+        return (self.compiled and callable(decoder) and decoder().model is self.model
+                and getattr(self.model, "sharding", None) is None
+                and all(type(c) is KVCache or (type(c) is RotatingKVCache and c.keep == 0)
+                        for c in cache))
+
     def complete(self, conversation, params: SamplingParams | None = None, cancel=None,
                  key: str | None = None) -> Completion:
         """Run `stream` to the end and return its Completion."""
@@ -396,10 +427,14 @@ class Engine:
         cache, start = self.acquire(prompt, key)
         stats.cached_tokens = start
         tokens = list(prompt[:start])  # what `cache` holds, in order
+        decoder = self.model.decoder() if self._use_compiled(cache) else None
 
         def step(y):
             with mx.stream(generation_stream):
-                logits = self.model(y[None], cache=cache)[:, -1, :]
+                if decoder is not None:  # `cache` holds the decoder's caches while decoding
+                    logits = decoder(y[None], cache)
+                else:
+                    logits = self.model(y[None], cache=cache)[:, -1, :]
                 return sample(tokens, logits, y)  # y is fed, not yet read (nor in `tokens`)
 
         stop_reason = None
@@ -408,6 +443,8 @@ class Engine:
                 t_prefill = time.perf_counter()
                 if limit > 0:
                     with mx.stream(generation_stream):
+                        if decoder is not None:  # the full layers' buffers, on its grid
+                            decoder.presize(cache, len(prompt) + 1)
                         for done in self.prefill_steps(prompt, cache, start, cancel):
                             tokens = list(prompt[: start + done])
                     if len(tokens) < len(prompt) - 1:
@@ -417,7 +454,8 @@ class Engine:
                 if stop_reason is None:
                     stop_reason = yield from self._decode(prompt, cache, tokens, step, sample,
                                                           limit, limit_reason, cancel, out,
-                                                          stats, t0, t_prefill)
+                                                          stats, t0, t_prefill,
+                                                          decoder is not None)
         except GeneratorExit:
             # The consumer stopped at an event: the cache and `tokens` agree; keep them.
             self.release(tokens, cache, key)
@@ -435,17 +473,45 @@ class Engine:
         yield Event("done", completion=completion)
 
     def _decode(self, prompt, cache, tokens, step, sample, limit, limit_reason, cancel, out,
-                stats, t0, t_prefill):
+                stats, t0, t_prefill, compiled: bool = False):
         """Sample up to `limit` tokens after the prompt, appending to `tokens` each one fed to
         the model (the pipeline feeds a token before it is read; the last one of the limit is
-        never fed); returns the stop reason."""
+        never fed); returns the stop reason. `compiled`: `step` runs the compiled decoder, so
+        `cache` (prefilled on mlx-lm's caches) holds the decoder's caches from the first step
+        on, and mlx-lm's again for each snapshot and when this returns or is closed."""
         import mlx.core as mx
         from mlx_lm.generate import generation_stream
 
+        from .decode import to_decoder, to_mlx_lm
+
         with mx.stream(generation_stream):
             y = sample(tokens + prompt[-1:], self._last_logits(prompt, cache))
+            if compiled:
+                cache[:] = to_decoder(cache, self.max_context)  # in place: keeps its snapshots
         tokens.append(prompt[-1])
         mx.async_eval(y)
+        try:
+            return (yield from self._sample_loop(prompt, cache, tokens, step, y, limit,
+                                                 limit_reason, cancel, out, stats, t0,
+                                                 t_prefill, compiled))
+        finally:
+            if compiled:
+                cache[:] = to_mlx_lm(cache)  # what the prompt cache keeps
+
+    def _snapshot_decoding(self, cache: list, pos: int, compiled: bool):
+        """A snapshot while decoding; the prompt cache snapshots mlx-lm's rotating caches."""
+        from .decode import to_decoder, to_mlx_lm
+
+        if compiled:
+            cache[:] = to_mlx_lm(cache)
+        self.snapshot(cache, pos)
+        if compiled:
+            cache[:] = to_decoder(cache, self.max_context)  # the same arrays back: no data moves
+
+    def _sample_loop(self, prompt, cache, tokens, step, y, limit, limit_reason, cancel, out,
+                     stats, t0, t_prefill, compiled):
+        import mlx.core as mx
+
         n = 0
         while True:
             # Queue the next step before reading this token, so the device never waits.
@@ -463,7 +529,7 @@ class Engine:
             if fed:
                 tokens.append(tok)
                 if tok == harmony.END:  # a message boundary: a later prompt may branch here
-                    self.snapshot(cache, len(tokens))
+                    self._snapshot_decoding(cache, len(tokens), compiled)
             reason = out.feed(tok, self._stop)
             yield from out.drain()
             if reason is None and n >= limit:

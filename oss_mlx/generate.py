@@ -35,6 +35,7 @@ def add_arguments(p):
     p.add_argument("--show-reasoning", action="store_true", help="print the reasoning to stderr")
     p.add_argument("--stats", action="store_true", help="print token counts and speeds to stderr")
     memory.add_memory_arguments(p)
+    memory.add_decode_arguments(p)
 
 
 def _read_prompt(prompt: str) -> str:

@@ -374,6 +374,14 @@ def add_memory_arguments(parser) -> None:
                         help="load even when the memory plan says the model does not fit")
 
 
+def add_decode_arguments(parser) -> None:
+    """--no-compile, for the commands that generate through the engine (generate, chat, serve);
+    load_engine reads it."""
+    parser.add_argument("--no-compile", action="store_true",
+                        help="decode on the plain (uncompiled) forward instead of the compiled "
+                             "single-token step, e.g. to compare the two")
+
+
 def check_fits(model_dir, args, dtype: str = "bfloat16") -> Plan:
     """Before loading: the plan for `args` (max_context, kv_bits); raises one line of advice
     when it does not fit this machine, unless args.force. Returns the plan."""
@@ -436,11 +444,12 @@ def measure(model_dir, context: int, kv_bits=None, chunk: int = PREFILL_CHUNK,
 
 
 def load_engine(model: str, args, **engine_kwargs):
-    """Engine.load after the memory check, with args' KV format and context limit applied:
-    the one call chat / generate / serve make instead of Engine.load."""
+    """Engine.load after the memory check, with args' KV format and context limit applied
+    (and --no-compile): the one call chat / generate / serve make instead of Engine.load."""
     from . import distributed
     from .store import resolve_model
 
+    engine_kwargs = {"compiled": not getattr(args, "no_compile", False), **engine_kwargs}
     if distributed.launched():
         # One rank of an mlx.launch holds a share of the model: the single-process plan does
         # not apply, and every rank must build the same caches, so the KV format stays float.

@@ -106,6 +106,7 @@ def add_arguments(parser):
     from . import memory
 
     memory.add_memory_arguments(parser)
+    memory.add_decode_arguments(parser)
 
 
 def _concurrency(requested: int) -> int:
