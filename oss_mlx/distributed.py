@@ -35,6 +35,11 @@ from .errors import OssMlxError
 
 PING, GENERATE, LOGITS, RESET, STOP = 1, 2, 3, 4, 5
 CANCEL_EVERY = 4  # tokens between two cancellation agreements (each costs one round trip)
+# Seconds a rank asked to stop (SIGTERM: mlx.launch ends the others when a rank fails) waits for
+# its collectives to progress before it ends: under uvicorn's 2 s graceful shutdown, so the
+# last line is ours.
+ENDING_GRACE = 1.5
+_watchdog = None  # this process's Watchdog, once it is a rank of a launch
 
 
 def launched() -> bool:
@@ -90,6 +95,13 @@ class Watchdog:
     def tick(self):
         self.last = time.monotonic()
 
+    def hurry(self, grace: float):
+        """This rank is ending: from now on `grace` seconds without progress end it. (A ring
+        collective in flight when a peer dies can wait forever in MLX 0.32 instead of
+        raising; the launch then SIGTERMs this rank, which is how it learns of it.)"""
+        self.tick()
+        self.timeout = min(self.timeout, grace)
+
     def _watch(self):
         while True:
             time.sleep(min(0.5, self.timeout / 4))
@@ -97,6 +109,13 @@ class Watchdog:
             if idle > self.timeout:
                 fatal(f"rank {self.rank}: no answer from {peers(self.rank, self.size)} for "
                       f"{idle:.0f} s (stopped or unreachable); ending the session")
+
+
+def ending():
+    """Called when this process is asked to stop (serve's SIGTERM handler): a rank of a launch
+    ends on its own within ENDING_GRACE seconds if its peers no longer answer."""
+    if _watchdog is not None:
+        _watchdog.hurry(ENDING_GRACE)
 
 
 class Link:
@@ -167,6 +186,23 @@ class Link:
         return bool(self._all_sum(flag, behind_decode=True).item())
 
 
+def in_own_thread(fn):
+    """fn() in a new thread, waited for: MLX streams are per thread and `mx.clear_streams()`
+    (scheduler.release_streams) leaves a thread unable to run any MLX op, so work that may come
+    after it (the exit hook) gets fresh ones, released again when it is done."""
+    from .scheduler import release_streams
+
+    def run():
+        try:
+            fn()
+        finally:
+            release_streams()
+
+    t = threading.Thread(target=run, name="oss-mlx-stop")
+    t.start()
+    t.join()
+
+
 class SharedCancel:
     """The `cancel` the engines get on every rank: every CANCEL_EVERY-th check asks rank 0
     (whose `local` event, or `forced`, decides), so every rank stops at the same token. The
@@ -200,6 +236,7 @@ class LeaderEngine:
     def __init__(self, engine, link: Link, pinger: bool = True):
         self.engine, self.link = engine, link
         self._closed = False
+        self._stop = threading.Event()
         if pinger:
             threading.Thread(target=self._ping, daemon=True, name="oss-mlx-ping").start()
 
@@ -207,15 +244,19 @@ class LeaderEngine:
         return getattr(self.engine, name)
 
     def _ping(self):
+        from .scheduler import release_streams
+
         interval = min(5.0, rank_timeout() / 4)
-        while not self._closed:
-            time.sleep(interval)
-            if self.link.lock.acquire(blocking=False):
-                try:
-                    if not self._closed:
-                        self.link.send(PING)
-                finally:
-                    self.link.lock.release()
+        try:
+            while not self._stop.wait(interval):
+                if self.link.lock.acquire(blocking=False):
+                    try:
+                        if not self._closed:
+                            self.link.send(PING)
+                    finally:
+                        self.link.lock.release()
+        finally:
+            release_streams()
 
     def stream(self, conversation, params=None, cancel=None):
         from .engine import SamplingParams
@@ -263,12 +304,15 @@ class LeaderEngine:
             self.engine.reset_cache()
 
     def close(self):
-        """Let the followers end (they exit 0)."""
+        """Let the followers end (they exit 0). Runs at exit (atexit), when the calling thread
+        may have released its MLX streams already (serve does, before it returns): the STOP is
+        sent from a thread of its own, which a lost peer ends like any other collective."""
         if self._closed:
             return
+        self._stop.set()
         with self.link.lock:
             self._closed = True
-            self.link.send(STOP)
+            in_own_thread(lambda: self.link.send(STOP))
 
 
 def follow(engine, link: Link):
@@ -353,6 +397,8 @@ def load_engine(model, dtype=None, **engine_kwargs):
     else:
         link.recv()
     watchdog.start()
+    global _watchdog
+    _watchdog = watchdog
     if rank != 0:
         follow(engine, link)
         sys.stdout.flush()
