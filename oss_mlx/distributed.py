@@ -370,24 +370,56 @@ def load_sharded(model, dtype=None, group=None, moe: str | None = None):
     return Engine(m, encoding), sharding
 
 
-def load_engine(model, dtype=None, **engine_kwargs):
+def agree_fits(group, check, moe: str):
+    """Every rank runs `check(rank, size, moe)` (memory.check_fits on its share) and all learn
+    which ranks refused: a rank that does not fit ends with its own one-line refusal, every
+    other rank with one line naming it, before anyone loads (never a hang in a collective)."""
+    import mlx.core as mx
+
+    rank, size = group.rank(), group.size()
+    refusal = None
+    try:
+        check(rank, size, moe)
+    except OssMlxError as e:
+        refusal = e
+    mine = mx.array([int(r == rank and refusal is not None) for r in range(size)], dtype=mx.int32)
+    refused = [r for r, f in enumerate(mx.distributed.all_sum(mine, group=group).tolist()) if f]
+    if refusal is not None:
+        raise refusal
+    if refused:
+        who = " and ".join(f"rank {r}" for r in refused)
+        raise OssMlxError(f"rank {rank}: {who} cannot hold {'its' if len(refused) == 1 else 'their'} "
+                          "share of the model (see its error); ending the session")
+
+
+def load_engine(model, dtype=None, check=None, prepare=None, **engine_kwargs):
     """What the commands call instead of Engine.load (through memory.load_engine): outside a
     launch the same; inside one, rank 0 gets a LeaderEngine back and every other rank follows
-    it, then exits. `engine_kwargs` (the prompt cache's options) reach Engine.load when the
-    model is not split."""
+    it, then exits. `check(rank, size, moe)`: the memory check before loading (each rank its
+    share, see `agree_fits`); `prepare(model)`: after loading, on every rank (the KV format
+    and context limit, memory.apply). `engine_kwargs` (the prompt cache's options) reach
+    Engine.load when the model is not split."""
     from .engine import Engine
 
     dtype = dtype or os.environ.get("OSS_MLX_DTYPE") or None  # e.g. float32 for comparisons
-    if not launched():
-        return Engine.load(model, dtype=dtype, **engine_kwargs)
-    group = init()
-    if group.size() == 1:
-        return Engine.load(model, dtype=dtype, **engine_kwargs)
+    group = init() if launched() else None
+    if group is None or group.size() == 1:
+        if check is not None:
+            check()
+        engine = Engine.load(model, dtype=dtype, **engine_kwargs)
+        if prepare is not None:
+            prepare(engine.model)
+        return engine
     rank, size = group.rank(), group.size()
+    moe = os.environ.get("OSS_MLX_MOE", "tp")
+    if check is not None:
+        agree_fits(group, check, moe)
     if rank != 0:
         # The terminal's Ctrl-C reaches every process of the launch; only rank 0 acts on it.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-    engine, sharding = load_sharded(model, dtype, group)
+    engine, sharding = load_sharded(model, dtype, group, moe)
+    if prepare is not None:
+        prepare(engine.model)  # identically on every rank: the same caches, the same limits
     watchdog = Watchdog(rank, size, rank_timeout())
     sharding.comm.tick = watchdog.tick
     link = Link(group, watchdog)

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -68,23 +69,36 @@ def run_launch(n, args, timeout=240, env=None):
     return out, err
 
 
+def synth_model(tmp_path_factory, name: str, cfg: ModelConfig):
+    from oss_mlx.convert import synth as synth_module
+    from oss_mlx.convert.convert import convert
+
+    mp = pytest.MonkeyPatch()
+    mp.setitem(synth_module.PRESETS, name, cfg)
+    try:
+        src = synth_module.synth(tmp_path_factory.mktemp("src") / name, preset=name, seed=3)
+    finally:
+        mp.undo()
+    return convert(src, tmp_path_factory.mktemp("mlx") / name)
+
+
+@pytest.fixture(scope="session")
+def uneven_model(tmp_path_factory):
+    """The tiny model with 3 mxfp4 groups of experts' rows: on 2 ranks, rank 0 holds 2 of them
+    and rank 1 one, so rank 0's share is the larger."""
+    from oss_mlx.convert.synth import PRESETS
+
+    return synth_model(tmp_path_factory, "uneven", replace(PRESETS["tiny"], intermediate_size=96))
+
+
 @pytest.fixture(scope="session")
 def tiny4_model(tmp_path_factory):
     """A tiny model that 4 ranks can split: 8 query / 4 KV heads, 4 mxfp4 groups of experts'
     intermediate rows, sliding window 8."""
-    from oss_mlx.convert import synth as synth_module
-    from oss_mlx.convert.convert import convert
-
     cfg = ModelConfig(num_hidden_layers=4, num_experts=8, experts_per_token=4, hidden_size=64,
                       intermediate_size=128, head_dim=64, num_attention_heads=8,
                       num_key_value_heads=4, sliding_window=8)
-    mp = pytest.MonkeyPatch()
-    mp.setitem(synth_module.PRESETS, "tiny4", cfg)
-    try:
-        src = synth_module.synth(tmp_path_factory.mktemp("src") / "tiny4", preset="tiny4", seed=3)
-    finally:
-        mp.undo()
-    return convert(src, tmp_path_factory.mktemp("mlx") / "tiny4")
+    return synth_model(tmp_path_factory, "tiny4", cfg)
 
 
 def single_process(folder):
@@ -154,23 +168,108 @@ def test_sharded_matches_single_process(n, moe, fixture, request, tmp_path):
             assert rep["bytes_read"] == expected_bytes(folder, n, rep["rank"])
 
 
-def test_generate_json_tokens_two_ranks(tiny_model):
+@pytest.mark.slow
+@pytest.mark.parametrize("kv_bits", [8, 4])
+def test_generate_json_tokens_two_ranks_kv_bits(tiny_model, kv_bits):
+    """--kv-bits under a launch: each rank quantizes its own KV heads (per head vector, so
+    the codes are the single process's), and the greedy tokens are the single process's.
+    (On this tiny model 8-bit KV gives the float cache's tokens; 4-bit does not, so the
+    4-bit run is the one that tells a rank ignoring the flag apart.)"""
+    import argparse
+
     import mlx.core as mx
 
+    from oss_mlx import memory
     from oss_mlx.engine import Engine, SamplingParams
     from oss_mlx.harmony import build_conversation, user_message
 
     out, err = run_launch(2, ["-m", "oss_mlx.cli", "generate", "--model", str(tiny_model),
-                              "--prompt", "Hello there", "--temperature", "0",
-                              "--max-tokens", "12", "--json"], env={"OSS_MLX_DTYPE": "float32"})
+                              "--prompt", "Hello there", "--temperature", "0", "--kv-bits", str(kv_bits),
+                              "--max-tokens", "24", "--json"], env={"OSS_MLX_DTYPE": "float32"})
     lines = out.strip().splitlines()
     assert len(lines) == 1, (out, err)  # only rank 0 writes to stdout
     got = json.loads(lines[0])
     engine = Engine.load(str(tiny_model), dtype=mx.float32)
     conv = build_conversation([user_message("Hello there")], reasoning="medium")
-    want = engine.complete(conv, SamplingParams(temperature=0, max_tokens=12))
-    assert got["tokens"] == want.tokens
-    assert got["stats"]["generated_tokens"] == 12
+    greedy = SamplingParams(temperature=0, max_tokens=24)
+    float_kv = engine.complete(conv, greedy).tokens
+    engine.reset_cache()
+    memory.apply(engine.model, argparse.Namespace(kv_bits=kv_bits, max_context=None))
+    want = engine.complete(conv, greedy).tokens
+    assert got["tokens"] == want
+    assert got["stats"]["generated_tokens"] == 24
+    if kv_bits == 4:
+        assert want != float_kv  # the run can tell a rank that ignored --kv-bits
+
+
+class OneRank:
+    """The rank() and size() of a launch's group: loads one rank's share in this process."""
+
+    def __init__(self, rank: int, size: int):
+        self._rank, self._size = rank, size
+
+    def rank(self):
+        return self._rank
+
+    def size(self):
+        return self._size
+
+
+def cache_bytes(model, context: int, kv_bits) -> int:
+    import mlx.core as mx
+
+    cache = model.make_cache(kv_bits=kv_bits)
+    model.prefill(mx.array([[(7 * i) % 1000 for i in range(context)]]), cache, 64, logits=False)
+    mx.eval([c.state for c in cache])
+    return sum(c.nbytes for c in cache)
+
+
+@pytest.mark.parametrize("moe,kv_bits", [("tp", None), ("ep", 8)])
+def test_rank_plan_is_what_the_sharded_load_holds(tiny_model, moe, kv_bits):
+    """A launched rank's memory plan (no launch here): its weights are exactly the nbytes of
+    the arrays its sharded load holds, and its KV cache 1/n of the single process's, as the
+    caches of the loaded share measure after a prefill."""
+    from mlx.utils import tree_flatten
+
+    from oss_mlx import memory
+    from oss_mlx.model import load
+    from oss_mlx.shard import Sharding
+
+    n, context = 2, 300
+    single = cache_bytes(load(tiny_model, dtype="bfloat16"), context, kv_bits)
+    single_plan = memory.plan_for_folder(tiny_model, context, kv_bits)
+    for rank in range(n):
+        sharding = Sharding(OneRank(rank, n), moe=moe)
+        model = load(tiny_model, dtype="bfloat16", shard=sharding)
+        held = sum(v.nbytes for _, v in tree_flatten(model.parameters())) + model._periods.nbytes
+        plan = memory.plan_for_rank(tiny_model, rank, n, moe, context, kv_bits)
+        assert plan.weights == held
+        assert plan.weights < single_plan.weights
+        sharding.comm.enabled = False  # collectives as the identity: right shapes, wrong numbers
+        measured = cache_bytes(model, context, kv_bits)
+        assert measured * n == single
+        assert abs(plan.kv * n - single_plan.kv) <= n  # the plan's int() of each share
+
+
+def test_rank_that_does_not_fit_ends_every_rank(uneven_model):
+    """A limit between the two ranks' plans: rank 0 refuses with its own figures, rank 1 ends
+    naming rank 0, both before loading, and the launch ends."""
+    from oss_mlx import memory
+
+    p0, p1 = (memory.plan_for_rank(uneven_model, r, 2).total for r in (0, 1))
+    assert p0 > p1
+    t0 = time.monotonic()
+    out, err = run_launch(2, ["-m", "oss_mlx.cli", "generate", "--model", str(uneven_model),
+                              "--prompt", "Hi", "--max-tokens", "2"], timeout=120,
+                          env={"OSS_MLX_MEMORY_LIMIT": str((p0 + p1) // 2)})
+    assert time.monotonic() - t0 < 120
+    ours = sorted(line for line in err.splitlines() if line.startswith("oss-mlx: error:"))
+    assert len(ours) == 2, err
+    assert ours[0].startswith(f"oss-mlx: error: rank 0: its share (1/2) of uneven at 131,072 "
+                              f"tokens needs {p0 / 1e9:.1f} GB"), ours[0]
+    assert ours[1] == ("oss-mlx: error: rank 1: rank 0 cannot hold its share of the model (see "
+                       "its error); ending the session")
+    assert "Traceback" not in err
 
 
 class Output:
