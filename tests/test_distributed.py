@@ -468,3 +468,11 @@ def test_bench_two_ranks_reports_communication(tiny_model, tmp_path):
     assert r["collectives_per_decoded_token"] == 2 * cfg.num_hidden_layers + 1
     assert r["wire_bytes_per_decoded_token"] == sums + gather  # n = 2: 2 (n-1)/n = 1, n-1 = 1
     assert "decode 4 tokens" in out and "ms/token communicating" in out
+    # Memory per rank, measured after load, against the rank's plan and the single process's.
+    single = r["single_process_plan"]
+    for m in r["per_rank"]:
+        assert abs(m["plan_weights_bytes"] - m["weights_bytes"]) <= 2 << 10  # KiB-rounded
+        assert m["weights_bytes"] <= m["active_after_load_bytes"] <= m["peak_after_load_bytes"]
+        assert m["active_after_load_bytes"] < single["weights"]  # a share, not the whole
+        assert 0 < m["rss_after_load_bytes"] and 0 < m["peak_bytes"]
+    assert "after load MLX active" in out
