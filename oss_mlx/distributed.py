@@ -392,6 +392,20 @@ def agree_fits(group, check, moe: str):
                           "share of the model (see its error); ending the session")
 
 
+def same_cache_budget(prompt_cache, group, requested=None):
+    """The prompt cache evicts by bytes, and every rank must keep the same entries (a rank that
+    resumed from a longer prefix would prefill fewer chunks, and the ranks' collectives would
+    part). Its entries are KV caches, the same size on every rank (equal shares of the KV
+    heads), so one budget for all does it: --cache-memory, else the smallest rank's default
+    (an eighth of each Mac's memory)."""
+    import mlx.core as mx
+
+    if requested is not None:
+        prompt_cache.memory_bytes = int(requested)
+    mine = mx.array([prompt_cache.memory_bytes >> 20], dtype=mx.int32)  # MiB
+    prompt_cache.memory_bytes = min(mx.distributed.all_gather(mine, group=group).tolist()) << 20
+
+
 def load_engine(model, dtype=None, check=None, prepare=None, **engine_kwargs):
     """What the commands call instead of Engine.load (through memory.load_engine): outside a
     launch the same; inside one, rank 0 gets a LeaderEngine back and every other rank follows
@@ -418,6 +432,7 @@ def load_engine(model, dtype=None, check=None, prepare=None, **engine_kwargs):
         # The terminal's Ctrl-C reaches every process of the launch; only rank 0 acts on it.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
     engine, sharding = load_sharded(model, dtype, group, moe)
+    same_cache_budget(engine.prompt_cache, group, engine_kwargs.get("cache_memory"))
     if prepare is not None:
         prepare(engine.model)  # identically on every rank: the same caches, the same limits
     watchdog = Watchdog(rank, size, rank_timeout())
