@@ -14,11 +14,20 @@ payload (prompt tokens, sampling parameters) with `all_sum` (the others add zero
 is idle it sends a ping every few seconds. Cancellation (a client that left, Ctrl-C) is agreed
 on every `CANCEL_EVERY` tokens with one more all_sum, so every rank stops at the same token.
 
+Before loading, every rank checks its own share against its machine (memory.check_fits through
+`check`) and the ranks agree on the outcome (`agree_fits`), so a rank that does not fit ends
+every rank with one line; after loading, `prepare` (the KV format, the context limit) runs on
+every rank, so all build the same caches.
+
 Failure: a rank whose peer died gets "[ring] connection to a peer was lost" from MLX and ends at
 once; a rank that stopped answering (suspended, unplugged) is caught by each rank's `Watchdog`:
 no collective built and no request received for `OSS_MLX_RANK_TIMEOUT` seconds (default 60)
-ends that rank. Either way the message is one line naming the ranks concerned, and the process
-exits non-zero, which makes mlx.launch stop the remaining ranks.
+ends that rank. A collective already waiting when its peer died may never return (MLX 0.32's
+ring); mlx.launch then SIGTERMs the live ranks, and a serving rank told to stop (`ending`)
+gives its collectives ENDING_GRACE seconds. Either way the message is one line naming the
+ranks concerned, and the process exits non-zero, which makes mlx.launch stop the remaining
+ranks. MLX streams belong to the thread that made them (and `mx.clear_streams()` leaves a
+thread with none): the pinger and the exit hook run their collectives on threads of their own.
 """
 
 from __future__ import annotations

@@ -22,6 +22,11 @@ Inputs, each from one place:
   (the old and the new buffer are both alive), the dequantized keys/values of one layer on the
   quantized-KV prefill path, and the last position's float32 logits.
 
+Under mlx.launch each rank plans its own share (`plan_for_rank`): the tensors as that rank holds
+them (oss_mlx.shard.local_tensors, from the headers) and the KV cache and buffers of its local
+config (its share of the heads and expert rows); `check_fits(..., rank=, size=)` refuses naming
+the rank.
+
 What the machine allows (`machine_limit`): on macOS the GPU's working set, Metal's
 recommendedMaxWorkingSetSize (mx.device_info), or the iogpu wired limit when the user has set
 `sysctl iogpu.wired_limit_mb`; elsewhere the available RAM (MemAvailable). OSS_MLX_MEMORY_LIMIT
