@@ -121,8 +121,10 @@ class Watchdog:
 
 
 def ending():
-    """Called when this process is asked to stop (serve's SIGTERM handler): a rank of a launch
-    ends on its own within ENDING_GRACE seconds if its peers no longer answer."""
+    """Called when this process is told to stop (SIGTERM; serve's app.StoppingServer): a rank
+    of a launch ends on its own once its collectives make no progress for ENDING_GRACE
+    seconds (its peers no longer answer). Ctrl-C does not call it: a long prefill chunk may
+    well run that long, and the session then ends gracefully."""
     if _watchdog is not None:
         _watchdog.hurry(ENDING_GRACE)
 
