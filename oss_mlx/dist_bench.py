@@ -78,9 +78,9 @@ def _latency(group, hidden: int, reps: int = 50) -> float:
     return (time.perf_counter() - t) / reps
 
 
-MEMORY_FIELDS = ("weights_bytes", "peak_bytes", "rss_bytes", "bytes_read", "active_after_load_bytes",
-                 "peak_after_load_bytes", "rss_after_load_bytes", "plan_weights_bytes",
-                 "plan_kv_bytes", "plan_total_bytes")
+MEMORY_FIELDS = ("weights_bytes", "peak_bytes", "rss_bytes", "bytes_read",
+                 "active_after_load_bytes", "peak_after_load_bytes", "rss_after_load_bytes",
+                 "plan_weights_bytes", "plan_kv_bytes", "plan_total_bytes")
 
 
 def _plans(model_arg, model, sharding, context: int):
@@ -149,8 +149,8 @@ def measure(args) -> dict:
         # Memory per rank, KiB-rounded: measured after load (MLX active / peak, RSS) and after
         # the timed run (peak, RSS), against that rank's plan (memory.plan_for_rank at
         # prompt + gen tokens); with 1 rank these are the single-process figures.
-        "per_rank": [dict(zip(MEMORY_FIELDS, (b << 10 for b in m[:-1])), rank=r, load_s=m[-1] / 1000)
-                     for r, m in enumerate(every)],
+        "per_rank": [dict(zip(MEMORY_FIELDS, (b << 10 for b in m[:-1])), rank=r,
+                          load_s=m[-1] / 1000) for r, m in enumerate(every)],
         "single_process_plan": single.to_dict(),
     }
 

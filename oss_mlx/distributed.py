@@ -399,8 +399,9 @@ def agree_fits(group, check, moe: str):
         raise refusal
     if refused:
         who = " and ".join(f"rank {r}" for r in refused)
-        raise OssMlxError(f"rank {rank}: {who} cannot hold {'its' if len(refused) == 1 else 'their'} "
-                          "share of the model (see its error); ending the session")
+        whose = "its" if len(refused) == 1 else "their"
+        raise OssMlxError(f"rank {rank}: {who} cannot hold {whose} share of the model (see its "
+                          "error); ending the session")
 
 
 def same_cache_budget(prompt_cache, group, requested=None):

@@ -406,7 +406,10 @@ class Sharding:
             index[cut.axis] = slice(lo, hi)
             parts.append(mm[tuple(index)])
         requested = sum(p.nbytes for p in parts)
-        out = np.concatenate(parts, axis=cut.axis) if len(parts) > 1 else np.ascontiguousarray(parts[0])
+        if len(parts) > 1:
+            out = np.concatenate(parts, axis=cut.axis)
+        else:
+            out = np.ascontiguousarray(parts[0])
         if cut.rows is not None and out.shape[0] < cut.rows:
             pad = np.zeros((cut.rows - out.shape[0],) + out.shape[1:], out.dtype)
             out = np.concatenate([out, pad])

@@ -184,7 +184,8 @@ def test_generate_json_tokens_two_ranks_kv_bits(tiny_model, kv_bits):
     from oss_mlx.harmony import build_conversation, user_message
 
     out, err = run_launch(2, ["-m", "oss_mlx.cli", "generate", "--model", str(tiny_model),
-                              "--prompt", "Hello there", "--temperature", "0", "--kv-bits", str(kv_bits),
+                              "--prompt", "Hello there", "--temperature", "0",
+                              "--kv-bits", str(kv_bits),
                               "--max-tokens", "24", "--json"], env={"OSS_MLX_DTYPE": "float32"})
     lines = out.strip().splitlines()
     assert len(lines) == 1, (out, err)  # only rank 0 writes to stdout
