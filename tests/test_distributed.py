@@ -357,19 +357,22 @@ def test_serve_two_ranks_answers_openai_then_ends_when_rank1_dies(tiny_model):
 
     p, port, out, err = serve_two_ranks(tiny_model)
     try:
-        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0,
+                        timeout=60)
         r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}],
                                            max_tokens=6, temperature=0)
         assert r.object == "chat.completion"
         assert r.usage.completion_tokens == 6 and r.choices[0].finish_reason == "length"
         # A client that leaves mid-stream cancels the generation on every rank at the same
-        # token: the next request still runs in lockstep and gives the same answer.
-        with client.chat.completions.create(model="tiny", stream=True, max_tokens=400,
+        # token: the next request still runs in lockstep and gives the same answer. (The role
+        # chunk comes first, as the generation starts; random weights stream no content. Had
+        # the 4000 tokens not been cancelled, the next request would wait for them, well past
+        # the client's 60 s timeout.)
+        with client.chat.completions.create(model="tiny", stream=True, max_tokens=4000,
                                             messages=[{"role": "user", "content": "Go on"}],
                                             temperature=0) as stream:
-            for i, _ in enumerate(stream):
-                if i == 3:
-                    break
+            for _ in stream:
+                break
         again = client.chat.completions.create(model="tiny", temperature=0, max_tokens=6,
                                                messages=[{"role": "user", "content": "Hi"}])
         assert again.choices[0].message == r.choices[0].message
