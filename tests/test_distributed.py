@@ -252,6 +252,7 @@ def test_rank_plan_is_what_the_sharded_load_holds(tiny_model, moe, kv_bits):
         assert abs(plan.kv * n - single_plan.kv) <= n  # the plan's int() of each share
 
 
+@pytest.mark.slow
 def test_rank_that_does_not_fit_ends_every_rank(uneven_model):
     """A limit between the two ranks' plans: rank 0 refuses with its own figures, rank 1 ends
     naming rank 0, both before loading, and the launch ends."""
