@@ -178,6 +178,12 @@ class StoppingServer(uvicorn.Server):
     then ends cleanly instead of being killed by the graceful-shutdown timeout (a traceback)."""
 
     def handle_exit(self, sig, frame):
+        import signal
+
+        from .distributed import ending
+
+        if sig == signal.SIGTERM:  # mlx.launch ending the session: a peer may no longer answer
+            ending()
         super().handle_exit(sig, frame)
         scheduler = self.config.app.state.service.scheduler
         if scheduler is not None:

@@ -9,7 +9,9 @@ engine's pipelining. It is timed twice: with the collectives, then with every co
 replaced by the identity (`Comm.enabled = False`: the same compute, wrong numbers); the
 difference is the time communication costs. Bytes per token are counted from the collectives
 the sharded layers build (payload per rank) and converted to bytes each rank sends on a ring.
-Rank 0 prints the report; memory is gathered from every rank.
+Rank 0 prints the report; memory is gathered from every rank: MLX active and peak memory and RSS
+after load and after the run, with that rank's memory plan; run with `-n 1` for the single
+process's figures (the report also carries the single-process plan).
 """
 
 from __future__ import annotations
@@ -29,6 +31,10 @@ def _rss() -> int:
         import resource
 
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # bytes on macOS
+
+
+def _size(b: float) -> str:
+    return f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.1f} MiB"
 
 
 def _timed_run(model, prompt, gen: int, chunk: int, comm):
@@ -72,6 +78,26 @@ def _latency(group, hidden: int, reps: int = 50) -> float:
     return (time.perf_counter() - t) / reps
 
 
+MEMORY_FIELDS = ("weights_bytes", "peak_bytes", "rss_bytes", "bytes_read",
+                 "active_after_load_bytes", "peak_after_load_bytes", "rss_after_load_bytes",
+                 "plan_weights_bytes", "plan_kv_bytes", "plan_total_bytes")
+
+
+def _plans(model_arg, model, sharding, context: int):
+    """(this rank's memory plan, the single process's) at `context` tokens, in the dtype the
+    model was loaded in."""
+    from . import memory
+    from .engine import resolve_model_dir
+
+    folder = resolve_model_dir(model_arg)
+    dtype = str(model.dtype).rsplit(".", 1)[-1]
+    single = memory.plan_for_folder(folder, context, dtype=dtype)
+    if sharding.size == 1:
+        return single, single
+    return memory.plan_for_rank(folder, sharding.rank, sharding.size, sharding.moe, context,
+                                dtype=dtype), single
+
+
 def measure(args) -> dict:
     import mlx.core as mx
     import numpy as np
@@ -91,7 +117,9 @@ def measure(args) -> dict:
     model, comm = engine.model, sharding.comm
     mx.eval(model.parameters())
     load_s = time.perf_counter() - t
+    loaded = [mx.get_active_memory(), mx.get_peak_memory(), _rss()]  # after load, measured
     weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    plan, single = _plans(args.model, model, sharding, prompt_len + gen)
     V = model.config.vocab_size
     prompt = mx.array(np.random.default_rng(args.seed).integers(0, V, (1, prompt_len)))
     _timed_run(model, prompt[:, :32], 4, args.chunk_size, comm)  # warm-up
@@ -102,8 +130,8 @@ def measure(args) -> dict:
     without = _timed_run(model, prompt, gen, args.chunk_size, comm)
     comm.enabled = True
     latency = _latency(group, model.config.hidden_size) if size > 1 else 0.0
-    mem = mx.array([weights >> 10, peak >> 10, _rss() >> 10, sharding.bytes_read >> 10,
-                    int(load_s * 1000)], dtype=mx.int32)  # KiB, and ms
+    kib = [weights, peak, _rss(), sharding.bytes_read, *loaded, plan.weights, plan.kv, plan.total]
+    mem = mx.array([b >> 10 for b in kib] + [int(load_s * 1000)], dtype=mx.int32)  # KiB, ms
     every = np.array(mx.distributed.all_gather(mem[None], group=group)).tolist() if size > 1 \
         else [np.array(mem).tolist()]
     (pf, dec, payload, wire, calls), (pf0, dec0, *_) = with_comm, without
@@ -118,9 +146,12 @@ def measure(args) -> dict:
         "payload_bytes_per_decoded_token": payload,
         "wire_bytes_per_decoded_token": wire,
         "all_sum_latency_s": latency,
-        "per_rank": [{"rank": r, "weights_bytes": m[0] << 10, "peak_bytes": m[1] << 10,
-                      "rss_bytes": m[2] << 10, "bytes_read": m[3] << 10, "load_s": m[4] / 1000}
-                     for r, m in enumerate(every)],
+        # Memory per rank, KiB-rounded: measured after load (MLX active / peak, RSS) and after
+        # the timed run (peak, RSS), against that rank's plan (memory.plan_for_rank at
+        # prompt + gen tokens); with 1 rank these are the single-process figures.
+        "per_rank": [dict(zip(MEMORY_FIELDS, (b << 10 for b in m[:-1])), rank=r,
+                          load_s=m[-1] / 1000) for r, m in enumerate(every)],
+        "single_process_plan": single.to_dict(),
     }
 
 
@@ -142,10 +173,17 @@ def main(args) -> int:
           f"{r['payload_bytes_per_decoded_token'] / 1e3:.1f} kB payload, "
           f"{r['wire_bytes_per_decoded_token'] / 1e3:.1f} kB sent per rank; one all_sum "
           f"{r['all_sum_latency_s'] * 1e6:.0f} us")
+    gib = _size
+    single = r["single_process_plan"]
+    print(f"  memory per rank (one process would plan {gib(single['weights'])} weights, "
+          f"{gib(single['total'])} in all at {r['prompt_tokens'] + r['gen_tokens']} tokens):")
     for m in r["per_rank"]:
-        print(f"  rank {m['rank']}: weights {m['weights_bytes'] / 2**30:.2f} GiB, peak "
-              f"{m['peak_bytes'] / 2**30:.2f} GiB, RSS {m['rss_bytes'] / 2**30:.2f} GiB, read "
-              f"{m['bytes_read'] / 2**30:.2f} GiB, loaded in {m['load_s']:.1f} s")
+        print(f"  rank {m['rank']}: after load MLX active {gib(m['active_after_load_bytes'])}, "
+              f"peak {gib(m['peak_after_load_bytes'])}, RSS {gib(m['rss_after_load_bytes'])}; "
+              f"after the run peak {gib(m['peak_bytes'])}, RSS {gib(m['rss_bytes'])}; weights "
+              f"{gib(m['weights_bytes'])} (plan {gib(m['plan_weights_bytes'])}, total "
+              f"{gib(m['plan_total_bytes'])}); read {gib(m['bytes_read'])}, loaded in "
+              f"{m['load_s']:.1f} s")
     return 0
 
 

@@ -14,11 +14,20 @@ payload (prompt tokens, sampling parameters) with `all_sum` (the others add zero
 is idle it sends a ping every few seconds. Cancellation (a client that left, Ctrl-C) is agreed
 on every `CANCEL_EVERY` tokens with one more all_sum, so every rank stops at the same token.
 
+Before loading, every rank checks its own share against its machine (memory.check_fits through
+`check`) and the ranks agree on the outcome (`agree_fits`), so a rank that does not fit ends
+every rank with one line; after loading, `prepare` (the KV format, the context limit) runs on
+every rank, so all build the same caches.
+
 Failure: a rank whose peer died gets "[ring] connection to a peer was lost" from MLX and ends at
 once; a rank that stopped answering (suspended, unplugged) is caught by each rank's `Watchdog`:
 no collective built and no request received for `OSS_MLX_RANK_TIMEOUT` seconds (default 60)
-ends that rank. Either way the message is one line naming the ranks concerned, and the process
-exits non-zero, which makes mlx.launch stop the remaining ranks.
+ends that rank. A collective already waiting when its peer died may never return (MLX 0.32's
+ring); mlx.launch then SIGTERMs the live ranks, and a serving rank told to stop (`ending`)
+gives its collectives ENDING_GRACE seconds. Either way the message is one line naming the
+ranks concerned, and the process exits non-zero, which makes mlx.launch stop the remaining
+ranks. MLX streams belong to the thread that made them (and `mx.clear_streams()` leaves a
+thread with none): the pinger and the exit hook run their collectives on threads of their own.
 """
 
 from __future__ import annotations
@@ -35,6 +44,11 @@ from .errors import OssMlxError
 
 PING, GENERATE, LOGITS, RESET, STOP = 1, 2, 3, 4, 5
 CANCEL_EVERY = 4  # tokens between two cancellation agreements (each costs one round trip)
+# Seconds a rank asked to stop (SIGTERM: mlx.launch ends the others when a rank fails) waits for
+# its collectives to progress before it ends: under uvicorn's 2 s graceful shutdown, so the
+# last line is ours.
+ENDING_GRACE = 1.5
+_watchdog = None  # this process's Watchdog, once it is a rank of a launch
 
 
 def launched() -> bool:
@@ -90,6 +104,13 @@ class Watchdog:
     def tick(self):
         self.last = time.monotonic()
 
+    def hurry(self, grace: float):
+        """This rank is ending: from now on `grace` seconds without progress end it. (A ring
+        collective in flight when a peer dies can wait forever in MLX 0.32 instead of
+        raising; the launch then SIGTERMs this rank, which is how it learns of it.)"""
+        self.tick()
+        self.timeout = min(self.timeout, grace)
+
     def _watch(self):
         while True:
             time.sleep(min(0.5, self.timeout / 4))
@@ -97,6 +118,15 @@ class Watchdog:
             if idle > self.timeout:
                 fatal(f"rank {self.rank}: no answer from {peers(self.rank, self.size)} for "
                       f"{idle:.0f} s (stopped or unreachable); ending the session")
+
+
+def ending():
+    """Called when this process is told to stop (SIGTERM; serve's app.StoppingServer): a rank
+    of a launch ends on its own once its collectives make no progress for ENDING_GRACE
+    seconds (its peers no longer answer). Ctrl-C does not call it: a long prefill chunk may
+    well run that long, and the session then ends gracefully."""
+    if _watchdog is not None:
+        _watchdog.hurry(ENDING_GRACE)
 
 
 class Link:
@@ -167,6 +197,23 @@ class Link:
         return bool(self._all_sum(flag, behind_decode=True).item())
 
 
+def in_own_thread(fn):
+    """fn() in a new thread, waited for: MLX streams are per thread and `mx.clear_streams()`
+    (scheduler.release_streams) leaves a thread unable to run any MLX op, so work that may come
+    after it (the exit hook) gets fresh ones, released again when it is done."""
+    from .scheduler import release_streams
+
+    def run():
+        try:
+            fn()
+        finally:
+            release_streams()
+
+    t = threading.Thread(target=run, name="oss-mlx-stop")
+    t.start()
+    t.join()
+
+
 class SharedCancel:
     """The `cancel` the engines get on every rank: every CANCEL_EVERY-th check asks rank 0
     (whose `local` event, or `forced`, decides), so every rank stops at the same token. The
@@ -200,6 +247,7 @@ class LeaderEngine:
     def __init__(self, engine, link: Link, pinger: bool = True):
         self.engine, self.link = engine, link
         self._closed = False
+        self._stop = threading.Event()
         if pinger:
             threading.Thread(target=self._ping, daemon=True, name="oss-mlx-ping").start()
 
@@ -207,15 +255,19 @@ class LeaderEngine:
         return getattr(self.engine, name)
 
     def _ping(self):
+        from .scheduler import release_streams
+
         interval = min(5.0, rank_timeout() / 4)
-        while not self._closed:
-            time.sleep(interval)
-            if self.link.lock.acquire(blocking=False):
-                try:
-                    if not self._closed:
-                        self.link.send(PING)
-                finally:
-                    self.link.lock.release()
+        try:
+            while not self._stop.wait(interval):
+                if self.link.lock.acquire(blocking=False):
+                    try:
+                        if not self._closed:
+                            self.link.send(PING)
+                    finally:
+                        self.link.lock.release()
+        finally:
+            release_streams()
 
     def stream(self, conversation, params=None, cancel=None):
         from .engine import SamplingParams
@@ -263,12 +315,15 @@ class LeaderEngine:
             self.engine.reset_cache()
 
     def close(self):
-        """Let the followers end (they exit 0)."""
+        """Let the followers end (they exit 0). Runs at exit (atexit), when the calling thread
+        may have released its MLX streams already (serve does, before it returns): the STOP is
+        sent from a thread of its own, which a lost peer ends like any other collective."""
         if self._closed:
             return
+        self._stop.set()
         with self.link.lock:
             self._closed = True
-            self.link.send(STOP)
+            in_own_thread(lambda: self.link.send(STOP))
 
 
 def follow(engine, link: Link):
@@ -326,24 +381,72 @@ def load_sharded(model, dtype=None, group=None, moe: str | None = None):
     return Engine(m, encoding), sharding
 
 
-def load_engine(model, dtype=None, **engine_kwargs):
+def agree_fits(group, check, moe: str):
+    """Every rank runs `check(rank, size, moe)` (memory.check_fits on its share) and all learn
+    which ranks refused: a rank that does not fit ends with its own one-line refusal, every
+    other rank with one line naming it, before anyone loads (never a hang in a collective)."""
+    import mlx.core as mx
+
+    rank, size = group.rank(), group.size()
+    refusal = None
+    try:
+        check(rank, size, moe)
+    except OssMlxError as e:
+        refusal = e
+    mine = mx.array([int(r == rank and refusal is not None) for r in range(size)], dtype=mx.int32)
+    refused = [r for r, f in enumerate(mx.distributed.all_sum(mine, group=group).tolist()) if f]
+    if refusal is not None:
+        raise refusal
+    if refused:
+        who = " and ".join(f"rank {r}" for r in refused)
+        whose = "its" if len(refused) == 1 else "their"
+        raise OssMlxError(f"rank {rank}: {who} cannot hold {whose} share of the model (see its "
+                          "error); ending the session")
+
+
+def same_cache_budget(prompt_cache, group, requested=None):
+    """The prompt cache evicts by bytes, and every rank must keep the same entries (a rank that
+    resumed from a longer prefix would prefill fewer chunks, and the ranks' collectives would
+    part). Its entries are KV caches, the same size on every rank (equal shares of the KV
+    heads), so one budget for all does it: --cache-memory, else the smallest rank's default
+    (an eighth of each Mac's memory)."""
+    import mlx.core as mx
+
+    if requested is not None:
+        prompt_cache.memory_bytes = int(requested)
+    mine = mx.array([prompt_cache.memory_bytes >> 20], dtype=mx.int32)  # MiB
+    prompt_cache.memory_bytes = min(mx.distributed.all_gather(mine, group=group).tolist()) << 20
+
+
+def load_engine(model, dtype=None, check=None, prepare=None, **engine_kwargs):
     """What the commands call instead of Engine.load (through memory.load_engine): outside a
     launch the same; inside one, rank 0 gets a LeaderEngine back and every other rank follows
-    it, then exits. `engine_kwargs` (the prompt cache's options) reach Engine.load when the
-    model is not split."""
+    it, then exits. `check(rank, size, moe)`: the memory check before loading (each rank its
+    share, see `agree_fits`); `prepare(model)`: after loading, on every rank (the KV format
+    and context limit, memory.apply). `engine_kwargs` (the prompt cache's options) reach
+    Engine.load when the model is not split."""
     from .engine import Engine
 
     dtype = dtype or os.environ.get("OSS_MLX_DTYPE") or None  # e.g. float32 for comparisons
-    if not launched():
-        return Engine.load(model, dtype=dtype, **engine_kwargs)
-    group = init()
-    if group.size() == 1:
-        return Engine.load(model, dtype=dtype, **engine_kwargs)
+    group = init() if launched() else None
+    if group is None or group.size() == 1:
+        if check is not None:
+            check()
+        engine = Engine.load(model, dtype=dtype, **engine_kwargs)
+        if prepare is not None:
+            prepare(engine.model)
+        return engine
     rank, size = group.rank(), group.size()
+    moe = os.environ.get("OSS_MLX_MOE", "tp")
+    if check is not None:
+        agree_fits(group, check, moe)
     if rank != 0:
         # The terminal's Ctrl-C reaches every process of the launch; only rank 0 acts on it.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-    engine, sharding = load_sharded(model, dtype, group)
+    engine, sharding = load_sharded(model, dtype, group, moe)
+    same_cache_budget(engine.prompt_cache, group, engine_kwargs.get("cache_memory"))
+    if prepare is not None:
+        prepare(engine.model)  # identically on every rank: the same caches, the same limits
     watchdog = Watchdog(rank, size, rank_timeout())
     sharding.comm.tick = watchdog.tick
     link = Link(group, watchdog)
@@ -353,6 +456,8 @@ def load_engine(model, dtype=None, **engine_kwargs):
     else:
         link.recv()
     watchdog.start()
+    global _watchdog
+    _watchdog = watchdog
     if rank != 0:
         follow(engine, link)
         sys.stdout.flush()

@@ -22,6 +22,11 @@ Inputs, each from one place:
   (the old and the new buffer are both alive), the dequantized keys/values of one layer on the
   quantized-KV prefill path, and the last position's float32 logits.
 
+Under mlx.launch each rank plans its own share (`plan_for_rank`): the tensors as that rank holds
+them (oss_mlx.shard.local_tensors, from the headers) and the KV cache and buffers of its local
+config (its share of the heads and expert rows); `check_fits(..., rank=, size=)` refuses naming
+the rank.
+
 What the machine allows (`machine_limit`): on macOS the GPU's working set, Metal's
 recommendedMaxWorkingSetSize (mx.device_info), or the iogpu wired limit when the user has set
 `sysctl iogpu.wired_limit_mb`; elsewhere the available RAM (MemAvailable). OSS_MLX_MEMORY_LIMIT
@@ -243,6 +248,29 @@ def plan_for_folder(model_dir, context: int | None = None, kv_bits=None, dtype: 
                  context or cfg.max_context, kv_bits, dtype, chunk, backend)
 
 
+def _rank_plan(cfg, tensors, dense: str, context, kv_bits, dtype, chunk, backend,
+               rank: int, size: int, moe: str = "tp") -> Plan:
+    """One rank's plan under mlx.launch: weights = the arrays its sharded load holds
+    (oss_mlx.shard.local_tensors: its slices, the zeros of the biases rank 0 adds, the padded
+    unembedding rows), KV and buffers from its local config (its share of the heads and of
+    the experts' rows); the gathered logits stay full width."""
+    from .shard import Plan as Share
+    from .shard import local_tensors
+
+    share = Share(cfg, rank, size, moe)
+    return _plan(share.local_config(), local_tensors(share, tensors), dense, context, kv_bits,
+                 dtype, chunk, backend)
+
+
+def plan_for_rank(model_dir, rank: int, size: int, moe: str = "tp", context: int | None = None,
+                  kv_bits=None, dtype: str = "bfloat16", chunk: int = PREFILL_CHUNK,
+                  backend: str | None = None) -> Plan:
+    """`plan_for_folder` for rank `rank` of `size` (its share only)."""
+    cfg, meta = read_folder(model_dir)
+    return _rank_plan(cfg, folder_tensors(Path(model_dir)), dense_label(meta),
+                      context or cfg.max_context, kv_bits, dtype, chunk, backend, rank, size, moe)
+
+
 def plan_for_config(cfg: ModelConfig, context: int | None = None, kv_bits=None,
                     dense_bits: int = 16, dtype: str = "bfloat16", chunk: int = PREFILL_CHUNK,
                     backend: str | None = None) -> Plan:
@@ -322,15 +350,19 @@ def _gb(n: float) -> str:
     return f"{n / GB:.1f} GB"
 
 
-def advice(cfg: ModelConfig, plan: Plan, limit: Limit, tensors=None) -> list[str]:
+def advice(cfg: ModelConfig, plan: Plan, limit: Limit, tensors=None, total=None) -> list[str]:
     """What would fit instead, best first: a shorter context, 8-bit KV, 8-bit dense weights,
-    and on macOS the command that raises the wired limit (and its risk)."""
+    and on macOS the command that raises the wired limit (and its risk). `total(context,
+    kv_bits)`: the planner to ask (one rank's share under a launch, which gets no dense-weight
+    advice: that would need a re-converted folder's headers); default the whole model's."""
     dtype, kv_bits = plan.dtype, plan.kv_bits
     tensors = tensors or config_tensors(cfg, 16 if plan.dense == "bf16" else int(plan.dense[0]))
     out = []
+    whole = total is None
 
-    def total(context, bits, ts=tensors):
-        return _plan(cfg, ts, plan.dense, context, bits, dtype, PREFILL_CHUNK, None).total
+    if whole:
+        def total(context, bits, ts=tensors):
+            return _plan(cfg, ts, plan.dense, context, bits, dtype, PREFILL_CHUNK, None).total
 
     n = max_context_that_fits(lambda c: total(c, kv_bits) <= limit.bytes, plan.context)
     if n:
@@ -342,7 +374,7 @@ def advice(cfg: ModelConfig, plan: Plan, limit: Limit, tensors=None) -> list[str
             m = max_context_that_fits(lambda c: total(c, 8) <= limit.bytes, plan.context)
             if m and m > (n or 0):
                 out.append(f"--kv-bits 8 --max-context {m}")
-    if plan.dense == "bf16":
+    if whole and plan.dense == "bf16":
         q8 = config_tensors(cfg, 8)
         t8 = total(plan.context, kv_bits, q8)
         if t8 <= limit.bytes:
@@ -382,21 +414,34 @@ def add_decode_arguments(parser) -> None:
                              "single-token step, e.g. to compare the two")
 
 
-def check_fits(model_dir, args, dtype: str = "bfloat16") -> Plan:
+def check_fits(model_dir, args, dtype: str = "bfloat16", rank: int = 0, size: int = 1,
+               moe: str = "tp") -> Plan:
     """Before loading: the plan for `args` (max_context, kv_bits); raises one line of advice
-    when it does not fit this machine, unless args.force. Returns the plan."""
+    when it does not fit this machine, unless args.force. Returns the plan. With `size` > 1:
+    rank `rank`'s share of an mlx.launch (each rank checks its own machine; ranks that share
+    one machine are checked one by one, not summed)."""
     cfg, meta = read_folder(model_dir)
     context = getattr(args, "max_context", None) or cfg.max_context
     if not 1 <= context <= cfg.max_context:
         raise OssMlxError(f"a context of {context:,} tokens is outside the model's 1..{cfg.max_context:,} "
                           "(--max-context)")
     tensors = folder_tensors(Path(model_dir))
-    plan = _plan(cfg, tensors, dense_label(meta), context, getattr(args, "kv_bits", None), dtype,
-                 PREFILL_CHUNK, None)
+    kv_bits, dense = getattr(args, "kv_bits", None), dense_label(meta)
+    if size > 1:
+        def total(c, bits):
+            return _rank_plan(cfg, tensors, dense, c, bits, dtype, PREFILL_CHUNK, None, rank,
+                              size, moe).total
+        plan = _rank_plan(cfg, tensors, dense, context, kv_bits, dtype, PREFILL_CHUNK, None,
+                          rank, size, moe)
+    else:
+        total = None
+        plan = _plan(cfg, tensors, dense, context, kv_bits, dtype, PREFILL_CHUNK, None)
     limit = machine_limit()
     if plan.total > limit.bytes and not getattr(args, "force", False):
-        raise OssMlxError(refusal(Path(model_dir).name, plan, limit,
-                                  advice(cfg, plan, limit, tensors)))
+        name = Path(model_dir).name
+        if size > 1:
+            name = f"rank {rank}: its share (1/{size}) of {name}"
+        raise OssMlxError(refusal(name, plan, limit, advice(cfg, plan, limit, tensors, total)))
     return plan
 
 
@@ -444,28 +489,26 @@ def measure(model_dir, context: int, kv_bits=None, chunk: int = PREFILL_CHUNK,
 
 
 def load_engine(model: str, args, **engine_kwargs):
-    """Engine.load after the memory check, with args' KV format and context limit applied
-    (and --no-compile): the one call chat / generate / serve make instead of Engine.load."""
+    """Engine.load after the memory check, with args' KV format, context limit and
+    --no-compile applied: the one call chat / generate / serve make instead of Engine.load.
+    Under mlx.launch every rank checks its own share before loading
+    (oss_mlx.distributed.load_engine) and builds its caches in the same format (its own KV
+    heads quantized with --kv-bits)."""
     from . import distributed
     from .store import resolve_model
 
     engine_kwargs = {"compiled": not getattr(args, "no_compile", False), **engine_kwargs}
-    if distributed.launched():
-        # One rank of an mlx.launch holds a share of the model: the single-process plan does
-        # not apply, and every rank must build the same caches, so the KV format stays float.
-        if getattr(args, "kv_bits", None):
-            raise OssMlxError("--kv-bits is not supported under mlx.launch yet (every rank "
-                              "must build the same caches); leave it out")
-        return distributed.load_engine(model, **engine_kwargs)
     try:
         folder = resolve_model(model)
     except OssMlxError:
         folder = None  # Engine.load says why, in its own words
-    if folder is not None:
-        check_fits(folder, args)
-    engine = distributed.load_engine(model, **engine_kwargs)
-    apply(engine.model, args)
-    return engine
+
+    def check(rank: int = 0, size: int = 1, moe: str = "tp"):
+        if folder is not None:
+            check_fits(folder, args, rank=rank, size=size, moe=moe)
+
+    return distributed.load_engine(model, check=check, prepare=lambda m: apply(m, args),
+                                   **engine_kwargs)
 
 
 # ---- what fits on which Mac (README, `oss-mlx doctor --macs`) -------------------------------

@@ -298,6 +298,59 @@ def _header(path: Path) -> tuple[dict, int]:
     return header, 8 + n
 
 
+@dataclass
+class Cut:
+    """What one rank keeps of one stored tensor: the whole (axis None), zeros of its shape (a
+    bias added once, by rank 0), or `ranges` [(start, stop), ...] of `axis` in stored elements,
+    concatenated, then padded with zero rows to `rows` (the unembedding's equal shares)."""
+
+    axis: int | None = None
+    ranges: list = field(default_factory=list)
+    zeros: bool = False
+    rows: int | None = None
+
+    def shape(self, shape: tuple) -> tuple:
+        """The shape this rank holds, for a stored tensor of `shape`."""
+        if self.axis is None:
+            return tuple(shape)
+        out = list(shape)
+        out[self.axis] = sum(b - a for a, b in self.ranges)
+        if self.rows is not None:
+            out[0] = max(out[0], self.rows)
+        return tuple(out)
+
+
+def cut_of(plan: Plan, name: str, shape: tuple) -> Cut:
+    """The rule (`_RULES`, `_ONCE`) for one stored tensor on `plan`'s rank, from its name and
+    stored shape only: the loader and the memory plan (`local_tensors`) both use it."""
+    module, leaf = _module_of(name)
+    full = f"{module}.{leaf}" if leaf else module
+    if plan.rank != 0 and _ONCE.get(full) in ("*", plan.moe):
+        return Cut(zeros=True)
+    rule = _RULES.get(module)
+    rule = rule and (rule.get("*") or rule.get(plan.moe))
+    if rule is None:
+        return Cut()
+    axis, ranges, logical = rule
+    axis %= len(shape)
+    if leaf == "bias" and axis == len(shape) - 1 and logical is not None:
+        return Cut()  # a bias has no input axis: only output-split ones are cut
+    ratio = shape[axis] / logical(plan.config) if logical else 1
+    kept = []
+    for a, b in ranges(plan):
+        lo, hi = a * ratio, b * ratio
+        if lo != int(lo) or hi != int(hi):
+            raise OssMlxError(f"{name}: cannot split {tuple(shape)} at [{a}, {b}) of axis {axis}")
+        kept.append((int(lo), int(hi)))
+    return Cut(axis, kept, rows=plan.vocab_rows if module == "unembedding" else None)
+
+
+def local_tensors(plan: Plan, tensors) -> list[tuple[str, str, tuple]]:
+    """(name, stored dtype, shape this rank holds) for the (name, dtype, stored shape) of a
+    converted folder (oss_mlx.memory.folder_tensors): a rank's share, from the headers only."""
+    return [(name, dtype, cut_of(plan, name, shape).shape(shape)) for name, dtype, shape in tensors]
+
+
 # ---- loading -------------------------------------------------------------------------------
 
 
@@ -342,31 +395,23 @@ class Sharding:
     def _slice(self, name: str, mm: np.ndarray):
         """(this rank's part of one stored tensor (a numpy memmap), the bytes it requested
         from the file)."""
-        module, leaf = _module_of(name)
-        full = f"{module}.{leaf}" if leaf else module
-        if self.rank != 0 and _ONCE.get(full) in ("*", self.moe):
+        cut = cut_of(self.plan, name, mm.shape)
+        if cut.zeros:
             return np.zeros(mm.shape, mm.dtype), 0  # added once, by rank 0
-        rule = _RULES.get(module)
-        rule = rule and (rule.get("*") or rule.get(self.moe))
-        if rule is None:
+        if cut.axis is None:
             return mm, mm.nbytes
-        axis, ranges, logical = rule
-        axis %= mm.ndim
-        if leaf == "bias" and axis == mm.ndim - 1 and logical is not None:
-            return mm, mm.nbytes  # a bias has no input axis: only output-split ones are cut
-        ratio = mm.shape[axis] / logical(self.plan.config) if logical else 1
         parts = []
-        for a, b in ranges(self.plan):
-            lo, hi = a * ratio, b * ratio
-            if lo != int(lo) or hi != int(hi):
-                raise OssMlxError(f"{name}: cannot split {mm.shape} at [{a}, {b}) of axis {axis}")
+        for lo, hi in cut.ranges:
             index = [slice(None)] * mm.ndim
-            index[axis] = slice(int(lo), int(hi))
+            index[cut.axis] = slice(lo, hi)
             parts.append(mm[tuple(index)])
         requested = sum(p.nbytes for p in parts)
-        out = np.concatenate(parts, axis=axis) if len(parts) > 1 else np.ascontiguousarray(parts[0])
-        if module == "unembedding" and out.shape[0] < self.plan.vocab_rows:
-            pad = np.zeros((self.plan.vocab_rows - out.shape[0],) + out.shape[1:], out.dtype)
+        if len(parts) > 1:
+            out = np.concatenate(parts, axis=cut.axis)
+        else:
+            out = np.ascontiguousarray(parts[0])
+        if cut.rows is not None and out.shape[0] < cut.rows:
+            pad = np.zeros((cut.rows - out.shape[0],) + out.shape[1:], out.dtype)
             out = np.concatenate([out, pad])
         return out, requested
 
