@@ -352,14 +352,17 @@ def serve_two_ranks(model, env=None):
     return p, port, out, err
 
 
-@pytest.mark.slow
-def test_serve_two_ranks_answers_openai_then_ends_when_rank1_dies(tiny_model):
+def openai_client(port):
     from openai import OpenAI
 
+    return OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=60)
+
+
+@pytest.mark.slow
+def test_serve_two_ranks_answers_openai_then_ends_when_rank1_dies(tiny_model):
     p, port, out, err = serve_two_ranks(tiny_model)
     try:
-        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0,
-                        timeout=60)
+        client = openai_client(port)
         r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}],
                                            max_tokens=6, temperature=0)
         assert r.object == "chat.completion"
@@ -412,12 +415,11 @@ def assert_ends_naming_rank1(p, err, within: float = 30):
 
 @pytest.mark.slow
 def test_serve_two_ranks_ends_when_rank1_dies_mid_request(tiny_model):
-    from openai import APIConnectionError, OpenAI
+    from openai import APIConnectionError
 
     p, port, out, err = serve_two_ranks(tiny_model)
     try:
-        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0,
-                        timeout=60)
+        client = openai_client(port)
         # Random weights rarely stream content: the role chunk says the request is accepted,
         # and with max_tokens 4000 it is still generating when rank 1 is killed.
         killed = False
