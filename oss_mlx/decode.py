@@ -395,7 +395,10 @@ class Decoder:
         for layer, (k_buf, v_buf), sliding in zip(m.layers, kv, m._sliding):
             C = k_buf.shape[2]
             if C not in masks:  # slots 0..offset written (a ring of C: all, once offset >= C)
-                masks[C] = (mx.arange(C) <= offset).reshape(1, 1, 1, C)
+                # Additive, in the keys' dtype: on the CPU backend attention under a boolean
+                # mask ran ~15% slower than under the same mask added (32k keys).
+                open_ = (mx.arange(C) <= offset).reshape(1, 1, 1, C)
+                masks[C] = mx.where(open_, 0.0, -mx.inf).astype(k_buf.dtype)
             slot = pos % C if sliding else pos
             att = layer.attention
             q, k, v = att.qkv_rope(x, offset, m._periods)
