@@ -13,7 +13,7 @@ import pytest
 from oss_mlx.decode import FixedKVCache, RingKVCache
 from oss_mlx.model import load
 
-from test_model import counting_model
+from test_model import counting_model, keys_seen
 
 WINDOW = 8  # the tiny preset's sliding window
 
@@ -113,14 +113,7 @@ def test_ring_and_fixed_caches_show_exactly_the_window(chunks):
     """The counting model of test_model: attention outputs n / (n + 1) for n visible keys."""
     model = counting_model()
     cache = [RingKVCache(8), FixedKVCache()]
-    seen = [[], []]
-    for n in chunks:
-        x = mx.zeros((1, n, 64))
-        full, window = model.masks(x, cache)
-        for l, mask in ((0, window), (1, full)):
-            y = model.layers[l].attention(x, mask, cache[l], model._periods)
-            r = np.array(y[0, :, 0], dtype=np.float64)
-            seen[l].extend(np.rint(r / (1 - r)).astype(int))
+    seen = keys_seen(model, cache, chunks)
     pos = np.arange(sum(chunks))
     assert seen[0] == list(np.minimum(pos + 1, 8))
     assert seen[1] == list(pos + 1)

@@ -188,6 +188,20 @@ def counting_model():
     return model
 
 
+def keys_seen(model, cache, chunks) -> list[list[int]]:
+    """Feed `chunks` (token counts) through counting_model's two layers with `cache`; for each
+    layer, how many keys each position's query saw (read back from n / (n + 1))."""
+    seen = [[], []]
+    for n in chunks:
+        x = mx.zeros((1, n, 64))
+        full, window = model.masks(x, cache)
+        for l, mask in ((0, window), (1, full)):
+            y = model.layers[l].attention(x, mask, cache[l], model._periods)
+            r = np.array(y[0, :, 0], dtype=np.float64)
+            seen[l].extend(np.rint(r / (1 - r)).astype(int))
+    return seen
+
+
 @pytest.mark.parametrize(
     "with_cache, chunks",
     [
@@ -202,14 +216,7 @@ def counting_model():
 def test_sliding_layers_see_exactly_the_window(with_cache, chunks):
     model = counting_model()
     cache = model.make_cache() if with_cache else [None, None]
-    seen = [[], []]
-    for n in chunks:
-        x = mx.zeros((1, n, 64))
-        full, window = model.masks(x, cache)
-        for l, mask in ((0, window), (1, full)):
-            y = model.layers[l].attention(x, mask, cache[l], model._periods)
-            r = np.array(y[0, :, 0], dtype=np.float64)
-            seen[l].extend(np.rint(r / (1 - r)).astype(int))
+    seen = keys_seen(model, cache, chunks)
     pos = np.arange(sum(chunks))
     assert seen[0] == list(np.minimum(pos + 1, 8))  # current token + 7 previous
     assert seen[1] == list(pos + 1)
