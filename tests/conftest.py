@@ -51,3 +51,13 @@ def tiny_model_original(tiny_original, tmp_path_factory):
     from oss_mlx.convert.convert import convert
 
     return convert(tiny_original, tmp_path_factory.mktemp("mlx") / "tiny-original")
+
+
+@pytest.fixture(scope="session")
+def encoding(tmp_path_factory):
+    """The harmony encoding over the genuine vocabulary alone (no model): what a scripted
+    engine (tests/scripted.py) needs."""
+    from oss_mlx.harmony import load_encoding
+    from scripted import vocab_dir
+
+    return load_encoding(vocab_dir(tmp_path_factory.mktemp("vocab")))

@@ -17,7 +17,7 @@ import pytest
 from oss_mlx import generate
 from oss_mlx.engine import STOP_REASONS, Engine, SamplingParams
 from oss_mlx.harmony import build_conversation, load_encoding, render_prompt, user_message
-from scripted import ScriptedModel, vocab_dir
+from scripted import ScriptedModel
 
 
 def _no_network_prefix():
@@ -119,11 +119,6 @@ def test_clear_one_line_errors(tiny_model, tmp_path, case):
 
 
 # ---- text output, on a scripted stream ----
-
-
-@pytest.fixture(scope="module")
-def encoding(tmp_path_factory):
-    return load_encoding(vocab_dir(tmp_path_factory.mktemp("vocab")))
 
 
 @pytest.fixture

@@ -13,11 +13,10 @@ import socket
 import httpx
 import openai
 import pytest
-from scripted import ScriptedModel, vocab_dir
+from scripted import ScriptedModel
 from serverkit import JobLog, ServerThread, StrictTransport, gated
 
 from oss_mlx.engine import Engine
-from oss_mlx.harmony import load_encoding
 from oss_mlx.server import create_app
 from oss_mlx.wire import StopFilter
 
@@ -45,11 +44,6 @@ ANSWER_WEATHER = ("<|channel|>analysis<|message|>It is sunny.<|end|>"
 
 
 Gated = gated(ScriptedModel)
-
-
-@pytest.fixture(scope="module")
-def encoding(tmp_path_factory):
-    return load_encoding(vocab_dir(tmp_path_factory.mktemp("vocab")))
 
 
 @pytest.fixture(scope="module")

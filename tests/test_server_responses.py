@@ -17,11 +17,10 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from scripted import ScriptedModel, vocab_dir
+from scripted import ScriptedModel
 from serverkit import ServerThread, StrictTransport, sse_events
 
 from oss_mlx.engine import Engine
-from oss_mlx.harmony import load_encoding
 from oss_mlx.server import create_app
 
 MODEL = "scripted-oss"
@@ -52,11 +51,6 @@ CALL_SHELL = ("<|channel|>analysis<|message|>List them.<|end|><|start|>assistant
               '<|message|>{"command": ["ls", "-la"], "working_directory": "/tmp"}<|call|>')
 ANSWER = ("<|channel|>analysis<|message|>Done.<|end|><|start|>assistant<|channel|>final"
           "<|message|>All done.<|return|>")
-
-
-@pytest.fixture(scope="module")
-def encoding(tmp_path_factory):
-    return load_encoding(vocab_dir(tmp_path_factory.mktemp("vocab")))
 
 
 @pytest.fixture(scope="module")
