@@ -246,8 +246,7 @@ class LeaderEngine:
 
     def __init__(self, engine, link: Link, pinger: bool = True):
         self.engine, self.link = engine, link
-        self._closed = False
-        self._stop = threading.Event()
+        self._closed = threading.Event()  # set by close(): the pinger stops, no more requests
         if pinger:
             threading.Thread(target=self._ping, daemon=True, name="oss-mlx-ping").start()
 
@@ -259,10 +258,10 @@ class LeaderEngine:
 
         interval = min(5.0, rank_timeout() / 4)
         try:
-            while not self._stop.wait(interval):
+            while not self._closed.wait(interval):
                 if self.link.lock.acquire(blocking=False):
                     try:
-                        if not self._closed:
+                        if not self._closed.is_set():
                             self.link.send(PING)
                     finally:
                         self.link.lock.release()
@@ -318,11 +317,10 @@ class LeaderEngine:
         """Let the followers end (they exit 0). Runs at exit (atexit), when the calling thread
         may have released its MLX streams already (serve does, before it returns): the STOP is
         sent from a thread of its own, which a lost peer ends like any other collective."""
-        if self._closed:
+        if self._closed.is_set():
             return
-        self._stop.set()
+        self._closed.set()
         with self.link.lock:
-            self._closed = True
             in_own_thread(lambda: self.link.send(STOP))
 
 
