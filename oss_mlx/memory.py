@@ -35,14 +35,12 @@ recommendedMaxWorkingSetSize (mx.device_info), or the iogpu wired limit when the
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import platform
 import re
 import subprocess
 import sys
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .config import ModelConfig
@@ -427,15 +425,16 @@ def check_fits(model_dir, args, dtype: str = "bfloat16", rank: int = 0, size: in
                           "(--max-context)")
     tensors = folder_tensors(Path(model_dir))
     kv_bits, dense = getattr(args, "kv_bits", None), dense_label(meta)
-    if size > 1:
-        def total(c, bits):
+    def planned(c, bits) -> Plan:  # the whole model's plan, or this rank's share of it
+        if size > 1:
             return _rank_plan(cfg, tensors, dense, c, bits, dtype, PREFILL_CHUNK, None, rank,
-                              size, moe).total
-        plan = _rank_plan(cfg, tensors, dense, context, kv_bits, dtype, PREFILL_CHUNK, None,
-                          rank, size, moe)
-    else:
-        total = None
-        plan = _plan(cfg, tensors, dense, context, kv_bits, dtype, PREFILL_CHUNK, None)
+                              size, moe)
+        return _plan(cfg, tensors, dense, c, bits, dtype, PREFILL_CHUNK, None)
+
+    plan = planned(context, kv_bits)
+    # advice() asks a launched rank's planner; for the whole model it plans itself (and also
+    # offers 8-bit dense weights)
+    total = (lambda c, bits: planned(c, bits).total) if size > 1 else None
     limit = machine_limit()
     if plan.total > limit.bytes and not getattr(args, "force", False):
         name = Path(model_dir).name
