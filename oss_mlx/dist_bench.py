@@ -173,16 +173,15 @@ def main(args) -> int:
           f"{r['payload_bytes_per_decoded_token'] / 1e3:.1f} kB payload, "
           f"{r['wire_bytes_per_decoded_token'] / 1e3:.1f} kB sent per rank; one all_sum "
           f"{r['all_sum_latency_s'] * 1e6:.0f} us")
-    gib = _size
     single = r["single_process_plan"]
-    print(f"  memory per rank (one process would plan {gib(single['weights'])} weights, "
-          f"{gib(single['total'])} in all at {r['prompt_tokens'] + r['gen_tokens']} tokens):")
+    print(f"  memory per rank (one process would plan {_size(single['weights'])} weights, "
+          f"{_size(single['total'])} in all at {r['prompt_tokens'] + r['gen_tokens']} tokens):")
     for m in r["per_rank"]:
-        print(f"  rank {m['rank']}: after load MLX active {gib(m['active_after_load_bytes'])}, "
-              f"peak {gib(m['peak_after_load_bytes'])}, RSS {gib(m['rss_after_load_bytes'])}; "
-              f"after the run peak {gib(m['peak_bytes'])}, RSS {gib(m['rss_bytes'])}; weights "
-              f"{gib(m['weights_bytes'])} (plan {gib(m['plan_weights_bytes'])}, total "
-              f"{gib(m['plan_total_bytes'])}); read {gib(m['bytes_read'])}, loaded in "
+        print(f"  rank {m['rank']}: after load MLX active {_size(m['active_after_load_bytes'])}, "
+              f"peak {_size(m['peak_after_load_bytes'])}, RSS {_size(m['rss_after_load_bytes'])}; "
+              f"after the run peak {_size(m['peak_bytes'])}, RSS {_size(m['rss_bytes'])}; weights "
+              f"{_size(m['weights_bytes'])} (plan {_size(m['plan_weights_bytes'])}, total "
+              f"{_size(m['plan_total_bytes'])}); read {_size(m['bytes_read'])}, loaded in "
               f"{m['load_s']:.1f} s")
     return 0
 

@@ -48,7 +48,6 @@ Choices worth knowing:
   in float32 samples greedily.
 """
 
-import asyncio
 import logging
 
 
@@ -56,7 +55,7 @@ import logging
 # The generation queue lives in oss_mlx.scheduler: one at a time, or --max-concurrency N
 # decoding together in one batched step (oss_mlx.batch).
 
-from .scheduler import Job, Scheduler, events, release_streams  # noqa: E402,F401
+from .scheduler import release_streams  # noqa: E402
 
 log = logging.getLogger("oss_mlx.server")
 
