@@ -27,9 +27,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from constrained import FINAL, Forced, tokens  # noqa: E402
+from support.constrained import FINAL, Forced, tokens  # noqa: E402
 
-from oss_mlx import constrain, harmony  # noqa: E402
+from oss_mlx import harmony  # noqa: E402
+from oss_mlx.harmony import constrain  # noqa: E402
 from oss_mlx.engine import Engine, SamplingParams  # noqa: E402
 
 STRING = {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"],

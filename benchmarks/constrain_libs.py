@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 VOCAB = 201088
-from oss_mlx.convert.vocab import O200K_PATTERN  # noqa: E402  (the one copy of tiktoken's pattern)
+from oss_mlx.checkpoint.vocab import O200K_PATTERN  # noqa: E402  (the one copy of tiktoken's pattern)
 
 SCHEMAS = {
     "tool_args": ({

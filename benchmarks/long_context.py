@@ -20,7 +20,7 @@ import time
 
 import mlx.core as mx
 
-from oss_mlx import bench
+from oss_mlx.bench import harness as bench
 
 
 def _kv(B, H, n, D, dtype, seed):

@@ -33,7 +33,7 @@ import time
 import mlx.core as mx
 import numpy as np
 
-from oss_mlx import memory
+from oss_mlx.engine import memory
 from oss_mlx.model import load
 
 
@@ -128,14 +128,14 @@ def attention_speed(args):
     the 8/4-bit one. Median of --steps calls."""
     from mlx_lm.models.cache import KVCache
 
-    from oss_mlx import kv_quant
+    from oss_mlx.model import kv_quant
 
     sinks = mx.zeros((64,), mx.bfloat16)
     q = mx.random.normal((1, 64, 1, 64)).astype(mx.bfloat16)
     for context in [int(x) for x in args.contexts.split(",")]:
         for bits in (None,) + memory.KV_BITS:
             c = kv_quant.QuantizedKVCache(bits) if bits else KVCache()
-            from oss_mlx.convert.synth import PRESETS
+            from oss_mlx.config import PRESETS
 
             _fill([c], PRESETS["20b"], context, mx.bfloat16)
             k, v = c.keys_and_values() if bits else (c.keys[..., :context, :], c.values[..., :context, :])
@@ -157,8 +157,8 @@ def attention_speed(args):
 
 
 def kv_memory(args):
-    from oss_mlx.convert.synth import PRESETS
-    from oss_mlx.kv_quant import QuantizedKVCache
+    from oss_mlx.config import PRESETS
+    from oss_mlx.model.kv_quant import QuantizedKVCache
     from mlx_lm.models.cache import KVCache, RotatingKVCache
 
     for name in ("20b", "120b"):

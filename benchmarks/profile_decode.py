@@ -21,9 +21,8 @@ from collections import defaultdict
 from pathlib import Path
 
 import mlx.core as mx
-import mlx.nn as nn
 
-from oss_mlx import bench
+from oss_mlx.bench import harness as bench
 
 # (component, pattern on the module path with layer numbers replaced by *), first match wins.
 COMPONENTS = [

@@ -35,7 +35,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from oss_mlx.decode import to_decoder, to_mlx_lm
+from oss_mlx.model.decode import to_decoder, to_mlx_lm
 from oss_mlx.model import load
 
 

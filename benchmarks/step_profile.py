@@ -21,7 +21,7 @@ import time
 
 import mlx.core as mx
 
-from oss_mlx import bench
+from oss_mlx.bench import harness as bench
 
 
 def _baseline(folder: str, model_dir: str, dtype: str) -> bench.Runtime:

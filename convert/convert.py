@@ -1,11 +1,11 @@
 """`oss-mlx convert`: an upstream gpt-oss checkpoint -> a self-contained MLX model folder.
 
-What it does (the output format is the project contract; spec sections 3-4):
+What it does (the output format is the project contract; docs/checkpoint.md §3-4):
 - reads either upstream layout (HF repo root, or `original/`), local or from the Hub;
 - checks every tensor's name, dtype and shape against the config before writing anything;
 - expert weights: a lossless repack, no dequantize/requantize: the U8 blocks [E, out, in/32, 16]
   viewed as little-endian uint32 and flattened are MLX's `mxfp4` weight [E, out, in/8] (same
-  nibble order, spec 4.5); the E8M0 scales are MLX's scales as they are. The gate/up rows are
+  nibble order, docs/checkpoint.md §4.5); the E8M0 scales are MLX's scales as they are. The gate/up rows are
   de-interleaved (upstream row 2u = gate u, 2u+1 = up u -> gate rows first, then up rows);
   MXFP4 blocks never straddle rows, so this is a pure permutation of bytes;
 - dense weights stay bf16, or with `--dense-bits 8` (or 4) attention qkv/out, embedding and
@@ -31,21 +31,13 @@ import numpy as np
 from oss_mlx.config import ModelConfig
 from oss_mlx.errors import OssMlxError
 
-from . import layout as L
-from . import stio
-from . import vocab
+from oss_mlx.checkpoint import layout as L
+from oss_mlx.checkpoint import files
+from oss_mlx.checkpoint import safetensors as stio
+from oss_mlx.convert.progress import Progress
+from oss_mlx.checkpoint import vocab
 
 MAX_SHARD_BYTES = 5_000_000_000  # as mlx-lm's save: a few large files, each mmap-friendly
-DENSE_Q8 = {"mode": "affine", "group_size": 64, "bits": 8,
-            "modules": ["embedding", "attention.qkv", "attention.out", "unembedding"]}
-DENSE_BITS = (16, 8, 4)
-
-
-def dense_quantization(bits: int) -> dict | None:
-    """config.json's quantization.dense for `--dense-bits bits` (None: bf16). 4 bits keeps
-    8-bit's modules and group size (64), so only the bits differ."""
-    return None if bits == 16 else {**DENSE_Q8, "bits": bits}
-EXPERTS_MXFP4 = {"mode": "mxfp4", "group_size": 32, "bits": 4}
 HUB_FILES = ["config.json", "model*.safetensors", "model.safetensors.index.json", "tokenizer.json"]
 
 
@@ -141,7 +133,7 @@ def _load_tensors(folder: Path) -> dict[str, stio.TensorInfo]:
 
 
 def _check_tensors(src: Source) -> None:
-    """Names, dtypes and shapes exactly as the config implies (spec 3.1/3.2)."""
+    """Names, dtypes and shapes exactly as the config implies (docs/checkpoint.md §3.1/3.2)."""
     expected = {name: (dtype, shape) for entry in L.entries(src.config)
                 for name, dtype, shape in src.parts(*entry)}
     missing = [n for n in expected if n not in src.tensors]
@@ -259,7 +251,7 @@ def _quantize_rows(parts: list[stio.TensorInfo], cols: int, bits: int = 8):
     scales, biases = [], []
     for rows in _row_chunks(parts, cols * 2):
         w = mx.array(rows.view(np.uint16)).view(mx.bfloat16)
-        wq, s, b = mx.quantize(w, group_size=DENSE_Q8["group_size"], bits=bits)
+        wq, s, b = mx.quantize(w, group_size=L.DENSE_Q8["group_size"], bits=bits)
         mx.eval(wq, s, b)
         yield np.array(wq)
         scales.append(np.array(s.view(mx.uint16)))
@@ -304,7 +296,7 @@ def _jobs(src: Source, dense_bits: int) -> list[stio.Job]:
     cfg = src.config
     if src.layout == "mlx-lm":
         return [_mlx_lm_job(src, entry) for entry in L.entries(cfg)]
-    quantized = {f"{m}.weight" for m in DENSE_Q8["modules"]} if dense_bits < 16 else set()
+    quantized = {f"{m}.weight" for m in L.DENSE_Q8["modules"]} if dense_bits < 16 else set()
     jobs = []
     for ours, orig, hf, dtype, shape in L.entries(cfg):
         parts = [src.tensors[n] for n, _, _ in src.parts(ours, orig, hf, dtype, shape)]
@@ -367,11 +359,11 @@ def convert(src, out=None, dense_bits: int = 16, force: bool = False, vocab_file
     from oss_mlx import __version__
     from oss_mlx.store import store_path_for
 
-    if dense_bits not in DENSE_BITS:
+    if dense_bits not in L.DENSE_BITS:
         raise OssMlxError(f"--dense-bits must be 16, 8 or 4, not {dense_bits}")
     source = open_source(src)
     c = source.config
-    dense = dense_quantization(dense_bits)
+    dense = L.dense_quantization(dense_bits)
     if source.layout == "mlx-lm":
         dense = _mlx_lm_dense_choice(source, dense_bits)
     if dense_bits < 16 and (c.hidden_size % 64 or (c.num_attention_heads * c.head_dim) % 64):
@@ -382,28 +374,28 @@ def convert(src, out=None, dense_bits: int = 16, force: bool = False, vocab_file
     tiktoken, vocab_from = _vocabulary(source, vocab_file)
     jobs = _jobs(source, dense_bits)
     total = sum(j.nbytes for j in jobs)
-    stio.disk_check(out.parent, total + len(tiktoken) + (1 << 20))
+    files.disk_check(out.parent, total + len(tiktoken) + (1 << 20))
 
     import mlx.core as mx
 
-    with stio.AtomicFolder(out, replace=force) as tmp:
-        with stio.Progress(total, f"convert -> {out.name}") as advance:
+    with files.AtomicFolder(out, replace=force) as tmp:
+        with Progress(total, f"convert -> {out.name}") as advance:
             hashes = stio.write_shards(
                 tmp, jobs, MAX_SHARD_BYTES, lambda i, n: f"model-{i + 1:05d}-of-{n:05d}.safetensors",
                 metadata={"format": "mlx"}, on_bytes=advance)
         config = {
             "model_type": "gpt_oss", "format": "oss-mlx", "format_version": 1,
             "model": source.config.to_dict(),
-            "quantization": {"experts": dict(EXPERTS_MXFP4),
+            "quantization": {"experts": dict(L.EXPERTS_MXFP4),
                              "dense": dense},
             "dtype": "bfloat16",
         }
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         (tmp / vocab.O200K_FILE).write_bytes(tiktoken)
-        files = {}
+        listed = {}
         for f in sorted(tmp.iterdir()):
             sha = hashes.get(f.name) or stio.file_sha256(f)
-            files[f.name] = {"sha256": sha, "bytes": f.stat().st_size}
+            listed[f.name] = {"sha256": sha, "bytes": f.stat().st_size}
         manifest = {
             "format": "oss-mlx", "format_version": 1,
             "source": source.origin, "source_folder": str(source.folder),
@@ -413,7 +405,7 @@ def convert(src, out=None, dense_bits: int = 16, force: bool = False, vocab_file
             "versions": {"oss-mlx": __version__, "mlx": mx.__version__,
                          "python": platform.python_version()},
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "files": files,
+            "files": listed,
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return out
@@ -424,7 +416,7 @@ def add_arguments(parser) -> None:
                         help="HF repo folder, `original/` folder, or Hub id (openai/gpt-oss-20b)")
     parser.add_argument("-o", "--out", metavar="OUT", default=None,
                         help="output folder (default: the local model store, see `oss-mlx list`)")
-    parser.add_argument("--dense-bits", type=int, choices=list(DENSE_BITS), default=16,
+    parser.add_argument("--dense-bits", type=int, choices=list(L.DENSE_BITS), default=16,
                         help="16: bf16 dense weights (default); 8 or 4: 8-/4-bit "
                              "attention/embeddings (affine, group 64)")
     parser.add_argument("--force", action="store_true", help="replace OUT if it exists")

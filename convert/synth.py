@@ -2,7 +2,7 @@
 
 The project's stand-in for the real checkpoints in tests, benchmarks and demos: same tensor
 names, shapes, dtypes, MXFP4 expert encoding, sharding, configs and tokenizer files as
-`openai/gpt-oss-{20b,120b}` (spec sections 2-4), with random values.
+`openai/gpt-oss-{20b,120b}` (docs/checkpoint.md §2-4), with random values.
 
 - Every tensor gets its own random stream, seeded by (seed, tensor name), and is generated in
   fixed-size row chunks: the values do not depend on the layout (HF's q/k/v are row slices of
@@ -24,35 +24,21 @@ from pathlib import Path
 
 import numpy as np
 
-from oss_mlx.config import ModelConfig
+from oss_mlx.config import PRESETS, PRESET_HELP, ModelConfig
 from oss_mlx.errors import OssMlxError
 
-from . import layout as L
-from . import stio
-from . import vocab
+from oss_mlx.checkpoint import layout as L
+from oss_mlx.checkpoint import files
+from oss_mlx.checkpoint import safetensors as stio
+from oss_mlx.convert.progress import Progress
+from oss_mlx.checkpoint import vocab
 
-PRESETS = {
-    "tiny": ModelConfig(num_hidden_layers=4, num_experts=8, experts_per_token=4, hidden_size=64,
-                        intermediate_size=64, head_dim=64, num_attention_heads=4,
-                        num_key_value_heads=2, sliding_window=8),
-    "small": ModelConfig(num_hidden_layers=8, num_experts=16, experts_per_token=4, hidden_size=512,
-                         intermediate_size=512, head_dim=64, num_attention_heads=8,
-                         num_key_value_heads=2, sliding_window=128),
-    "20b": ModelConfig(num_hidden_layers=24, num_experts=32),
-    # The 20b's layer structure (24 layers, sliding/full, sinks, 32 experts top-4, window 128)
-    # at small widths and a small vocabulary: decode is bound by kernel count, not bytes
-    # (the latency-bound benchmark, benchmarks/README.md).
-    "narrow": ModelConfig(num_hidden_layers=24, num_experts=32, experts_per_token=4,
-                          vocab_size=4096, hidden_size=128, intermediate_size=128, head_dim=64,
-                          num_attention_heads=8, num_key_value_heads=2, sliding_window=128),
-    "120b": ModelConfig(num_hidden_layers=36, num_experts=128),
-}
-# Upstream shard sizes (spec 2.4): HF 4.8e9 bytes, 0-based names; original 120b has 7 shards.
+# Upstream shard sizes (docs/checkpoint.md §2.4): HF 4.8e9 bytes, 0-based names; original 120b has 7 shards.
 HF_SHARD_BYTES = 4_800_000_000
 ORIGINAL_SHARD_BYTES = 10_000_000_000
 CHUNK_ELEMS = 1 << 24
 
-# The original config keys, in upstream order (spec 2.2).
+# The original config keys, in upstream order (docs/checkpoint.md §2.2).
 ORIGINAL_KEYS = ["num_hidden_layers", "num_experts", "experts_per_token", "vocab_size",
                  "hidden_size", "intermediate_size", "swiglu_limit", "head_dim",
                  "num_attention_heads", "num_key_value_heads", "sliding_window",
@@ -67,7 +53,7 @@ def original_config(cfg: ModelConfig) -> dict:
 
 
 def hf_config(cfg: ModelConfig) -> dict:
-    """config.json of the HF repo root (spec 2.1), with this model's dimensions."""
+    """config.json of the HF repo root (docs/checkpoint.md §2.1), with this model's dimensions."""
     return {
         "architectures": ["GptOssForCausalLM"],
         "attention_bias": True,
@@ -192,19 +178,21 @@ def _jobs(cfg: ModelConfig, layout: str, seed: int) -> list[stio.Job]:
 
 
 def synth(out, preset: str = "tiny", layout: str = "hf", layers: int | None = None,
-          seed: int = 0, force: bool = False, max_shard_bytes: int | None = None) -> Path:
+          seed: int = 0, force: bool = False, max_shard_bytes: int | None = None,
+          config: ModelConfig | None = None) -> Path:
     """Write a random-weight checkpoint to `out` and return its path.
 
     layout "hf": `out` is an HF repo root (configs, sharded safetensors + index, tokenizer files).
     layout "original": `out` is the content of `original/` (config.json, dtypes.json,
     model.safetensors), with no tokenizer. Same seed => same values in both layouts.
-    `max_shard_bytes` overrides the preset's sharding (tests use it to get several shards).
+    `max_shard_bytes` overrides the preset's sharding (tests use it to get several shards);
+    `config` replaces the preset's dimensions altogether (a shape no preset has).
     """
-    if preset not in PRESETS:
+    if config is None and preset not in PRESETS:
         raise OssMlxError(f"unknown preset {preset!r} (choose from {', '.join(PRESETS)})")
     if layout not in ("hf", "original"):
         raise OssMlxError(f"unknown layout {layout!r} (choose hf or original)")
-    cfg = PRESETS[preset]
+    cfg = config or PRESETS[preset]
     if layers is not None:
         if layers < 1:
             raise OssMlxError("--layers must be at least 1")
@@ -215,9 +203,9 @@ def synth(out, preset: str = "tiny", layout: str = "hf", layers: int | None = No
 
     jobs = _jobs(cfg, layout, seed)
     total = sum(j.nbytes for j in jobs)
-    stio.disk_check(out.parent, total + (30 << 20))
+    files.disk_check(out.parent, total + (30 << 20))
     big = total > 1_000_000_000
-    with stio.AtomicFolder(out, replace=force) as tmp:
+    with files.AtomicFolder(out, replace=force) as tmp:
         if layout == "hf":
             limit = max_shard_bytes or (HF_SHARD_BYTES if big else None)
             _write_json(tmp / "config.json", hf_config(cfg))
@@ -235,7 +223,7 @@ def synth(out, preset: str = "tiny", layout: str = "hf", layers: int | None = No
                          "UE8" if t.name.endswith(".scales") else t.dtype)
                 for j in jobs for t in j.tensors})
             name = lambda i, n: f"model--{i + 1:05d}-of-{n:05d}.safetensors"  # noqa: E731
-        with stio.Progress(total, f"synth {preset} ({layout})") as advance:
+        with Progress(total, f"synth {preset} ({layout})") as advance:
             if limit is None:
                 stio.write_shards(tmp, jobs, total + 1, lambda i, n: "model.safetensors",
                                   metadata={"format": "pt"}, index=None, on_bytes=advance)
@@ -249,7 +237,7 @@ def _write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n")
 
 
-# A harmony chat template (spec 5.2-5.5): system message as harmony renders it, a leading
+# A harmony chat template (docs/harmony.md §5.2-5.5): system message as harmony renders it, a leading
 # system/developer message as developer instructions, function tools, past assistant turns as
 # final answers (with analysis only for a pending tool call), tool results on commentary.
 CHAT_TEMPLATE = r"""{#- gpt-oss harmony chat template (oss-mlx synth). All text is emitted by
@@ -332,7 +320,7 @@ CHAT_TEMPLATE = r"""{#- gpt-oss harmony chat template (oss-mlx synth). All text 
 def add_arguments(parser) -> None:
     parser.add_argument("out", metavar="OUT", help="folder to create")
     parser.add_argument("--preset", choices=list(PRESETS), default="tiny",
-                        help="model dimensions: tiny (unit tests), small, 20b, 120b (real sizes)")
+                        help=f"model dimensions: {PRESET_HELP} (default: tiny)")
     parser.add_argument("--layers", type=int, default=None, help="override the number of layers")
     parser.add_argument("--layout", choices=["hf", "original"], default="hf",
                         help="hf: HF repo root; original: the `original/` folder")

@@ -5,7 +5,7 @@ __version__ = "0.1.0"
 
 def load(path, dtype=None):
     """Load a converted model folder (or a name in the local model store)."""
-    from .model import load as _load
+    from oss_mlx.model import load as _load
 
     return _load(path, dtype=dtype)
 

@@ -1,21 +1,20 @@
-"""Model configuration: one internal dataclass, read from either upstream config.
+"""Model configuration: one internal dataclass, read from either upstream config, the model
+shapes oss-mlx knows (PRESETS), and the one reader of a converted folder's config.json.
 
 Field names are exactly the keys of the `original/config.json` layout (OpenAI's
-`ModelConfig`, spec section 2.2), with the 120b values as defaults; the few constants that
-upstream hard-codes (eps, swiglu alpha) are fields too so the model never hides a literal.
+`ModelConfig`, docs/checkpoint.md §2.2), with the 120b values as defaults; the few constants
+that upstream hard-codes (eps, swiglu alpha) are fields too so the model never hides a literal.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
-from .errors import OssMlxError
-
-# Reasoning efforts of the harmony system message (spec 5.3), in order; the one list every
-# command, the chat REPL and the server read (oss_mlx.harmony re-exports it).
-EFFORTS = ("low", "medium", "high")
+from oss_mlx.errors import OssMlxError
 
 
 @dataclass
@@ -36,7 +35,7 @@ class ModelConfig:
     rope_scaling_factor: float = 32.0
     rope_ntk_alpha: float = 1.0
     rope_ntk_beta: float = 32.0
-    # Not in the original config; upstream hard-codes them (spec 1.1, 2.2).
+    # Not in the original config; upstream hard-codes them (docs/model.md §1.1, docs/checkpoint.md §2.2).
     rms_norm_eps: float = 1e-5
     swiglu_alpha: float = 1.702
 
@@ -46,7 +45,7 @@ class ModelConfig:
         return int(self.initial_context_length * self.rope_scaling_factor)
 
     def is_sliding(self, layer: int) -> bool:
-        """Even layers use the sliding window, odd layers full attention (spec 1.5)."""
+        """Even layers use the sliding window, odd layers full attention (docs/model.md §1.5)."""
         return layer % 2 == 0
 
     @property
@@ -104,3 +103,95 @@ class ModelConfig:
             )
         except (KeyError, TypeError) as e:
             raise OssMlxError(f"not a gpt-oss config: missing or malformed key {e}") from None
+
+
+# ---- the shapes oss-mlx knows ----------------------------------------------------------------
+
+PRESETS = {
+    # Unit tests: every mechanism (window 8, 4 layers, 8 experts top-4) at toy widths.
+    "tiny": ModelConfig(num_hidden_layers=4, num_experts=8, experts_per_token=4, hidden_size=64,
+                        intermediate_size=64, head_dim=64, num_attention_heads=4,
+                        num_key_value_heads=2, sliding_window=8),
+    "small": ModelConfig(num_hidden_layers=8, num_experts=16, experts_per_token=4, hidden_size=512,
+                         intermediate_size=512, head_dim=64, num_attention_heads=8,
+                         num_key_value_heads=2, sliding_window=128),
+    # The published models (docs/model.md §1.1).
+    "20b": ModelConfig(num_hidden_layers=24, num_experts=32),
+    # The 20b's layer structure (24 layers, sliding/full, sinks, 32 experts top-4, window 128)
+    # at small widths and a small vocabulary: decode is bound by kernel count, not bytes (the
+    # latency-bound benchmark, docs/benchmarks.md).
+    "narrow": ModelConfig(num_hidden_layers=24, num_experts=32, experts_per_token=4,
+                          vocab_size=4096, hidden_size=128, intermediate_size=128, head_dim=64,
+                          num_attention_heads=8, num_key_value_heads=2, sliding_window=128),
+    "120b": ModelConfig(num_hidden_layers=36, num_experts=128),
+}
+PRESET_HELP = ("tiny (unit tests: 4 layers, width 64, window 8), small (8 layers, width 512), "
+               "20b and 120b (the published shapes), narrow (the 20b's 24 layers and 32 "
+               "experts at width 128 with a 4,096-token vocabulary: decode bound by kernel "
+               "count)")
+
+
+# ---- a converted folder's config.json --------------------------------------------------------
+
+FORMAT = "oss-mlx"  # config.json["format"] of a folder `oss-mlx convert` wrote
+
+
+class NotAModelFolder(OssMlxError):
+    """The folder has no oss-mlx config.json: it is something else (or nothing)."""
+
+
+class BrokenModelFolder(OssMlxError):
+    """The folder says it is an oss-mlx model, but its config.json cannot be used."""
+
+
+@dataclass
+class ModelFolder:
+    """A converted model folder's config.json: the model's config and the whole file (`meta`:
+    format, quantization, dtype)."""
+
+    path: Path
+    config: ModelConfig
+    meta: dict
+
+    @property
+    def quantization(self) -> dict:
+        return self.meta.get("quantization") or {}
+
+    @property
+    def dense_label(self) -> str:
+        """"bf16", or "8-bit" / "4-bit" for affine-quantized dense weights."""
+        dense = self.quantization.get("dense")
+        return f"{dense['bits']}-bit" if dense else "bf16"
+
+
+def read_model_folder(path) -> ModelFolder:
+    """The one reader of a converted folder's config.json. NotAModelFolder when the folder
+    holds no oss-mlx config.json (missing, or another project's); BrokenModelFolder, saying
+    why, when it claims to be one but cannot be read."""
+    path = Path(path)
+    cfg = path / "config.json"
+    try:
+        text = cfg.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise NotAModelFolder(f"{path} is not an oss-mlx model folder (no config.json)") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise BrokenModelFolder(f"{cfg}: unreadable ({getattr(e, 'strerror', None) or e})") from None
+    try:
+        meta = json.loads(text)
+    except ValueError as e:
+        # Damaged, or another project's file: a converted folder has our manifest beside it.
+        if FORMAT not in text and not (path / "manifest.json").is_file():
+            raise NotAModelFolder(f"{path} is not an oss-mlx model folder "
+                                  "(its config.json is not JSON)") from None
+        raise BrokenModelFolder(f"{cfg} is not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise NotAModelFolder(f"{path} is not an oss-mlx model folder (no oss-mlx config.json)")
+    model = meta.get("model")
+    if not isinstance(model, dict):
+        raise BrokenModelFolder(f"{cfg} has no model configuration (\"model\")")
+    try:
+        config = ModelConfig.from_dict(model)
+        config.max_context  # noqa: B018 - a non-number fails here, not at the first request
+    except (TypeError, ValueError) as e:
+        raise BrokenModelFolder(f"{cfg}: malformed model configuration ({e})") from None
+    return ModelFolder(path, config, meta)

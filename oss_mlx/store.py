@@ -13,7 +13,8 @@ import os
 import re
 from pathlib import Path
 
-from .errors import OssMlxError
+from oss_mlx.config import BrokenModelFolder, NotAModelFolder, read_model_folder
+from oss_mlx.errors import OssMlxError
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -48,12 +49,24 @@ def store_path_for(src: str | os.PathLike, dense_bits: int = 16) -> Path:
 
 
 def read_model_config(path: Path) -> dict | None:
-    """The converted folder's config.json, or None if `path` is not an oss-mlx model folder."""
+    """The converted folder's config.json, or None if `path` is not a usable oss-mlx model
+    folder (config.read_model_folder says why)."""
     try:
-        cfg = json.loads((path / "config.json").read_text())
-    except (OSError, ValueError):
+        return read_model_folder(path).meta
+    except OssMlxError:
         return None
-    return cfg if isinstance(cfg, dict) and cfg.get("format") == "oss-mlx" else None
+
+
+def model_status(path: Path) -> str | None:
+    """None for a usable converted folder, "missing" for no oss-mlx model at all, else why the
+    folder is broken (its config.json cannot be read)."""
+    try:
+        read_model_folder(path)
+    except BrokenModelFolder as e:
+        return str(e)
+    except NotAModelFolder:
+        return "missing"
+    return None
 
 
 def model_arg(folder: Path) -> str:
@@ -94,13 +107,13 @@ def resolve_model(name_or_path: str | os.PathLike) -> Path:
     """
     s = str(name_or_path)
     p = Path(s).expanduser()
-    if p.is_dir() and read_model_config(p) is not None:
+    if p.is_dir() and _usable(p):
         return p
     explicit = _explicit_path(s)
     if not explicit or HUB_ID.match(s):
         name = s.split("/")[-1]
         entry = store_root() / name
-        if name not in ("", ".", "..") and read_model_config(entry) is not None:
+        if name not in ("", ".", "..") and entry.is_dir() and _usable(entry, store_name=name):
             return entry
     if p.is_file():
         raise OssMlxError(f"{s} is a file, not a model folder: --model takes a converted model "
@@ -118,6 +131,18 @@ def resolve_model(name_or_path: str | os.PathLike) -> Path:
     if explicit and not HUB_ID.match(s):
         raise OssMlxError(f"no such model folder: {s}")
     raise OssMlxError(_not_in_store(s))
+
+
+def _usable(folder: Path, store_name: str | None = None) -> bool:
+    """Whether `folder` is a usable converted model; a broken one is an error that says why."""
+    status = model_status(folder)
+    if status is None:
+        return True
+    if status == "missing":
+        return False
+    fix = (f"re-convert it (oss-mlx convert SRC --force) or remove it (oss-mlx rm {store_name})"
+           if store_name else "re-convert it with oss-mlx convert SRC --force")
+    raise OssMlxError(f"model {store_name or str(folder)!r} is broken: {status}; {fix}")
 
 
 def _not_in_store(s: str) -> str:
@@ -138,30 +163,53 @@ def _not_in_store(s: str) -> str:
 
 
 def list_models() -> list[dict]:
-    """One dict per converted model in the store, sorted by name."""
+    """One dict per model in the store, sorted by name; a broken one (its config.json cannot
+    be read) is listed too, with `broken` saying why (else None)."""
     root = store_root()
     rows = []
     if not root.is_dir():
         return rows
     for entry in sorted(root.iterdir()):
-        cfg = read_model_config(entry) if entry.is_dir() else None
-        if cfg is None:
+        if not entry.is_dir() or entry.name.startswith("."):
+            continue  # a converter's temporary folder, or a stray file
+        try:
+            folder = read_model_folder(entry)
+        except NotAModelFolder:
             continue
-        m = cfg.get("model", {})
-        q = cfg.get("quantization") or {}
+        except BrokenModelFolder as e:
+            rows.append({"name": entry.name, "path": str(entry), "size": folder_size(entry),
+                         "broken": str(e), "dense": "?", "experts": "?", "layers": None,
+                         "num_experts": None, "top_k": None})
+            continue
+        q, c = folder.quantization, folder.config
         dense = q.get("dense")
-        experts = q.get("experts") or {}
         rows.append({
-            "name": entry.name,
-            "path": str(entry),
-            "size": sum(f.stat().st_size for f in entry.rglob("*") if f.is_file()),
-            "dense": f"{dense['mode']} {dense['bits']}-bit" if dense else cfg.get("dtype", "?"),
-            "experts": experts.get("mode", "?"),
-            "layers": m.get("num_hidden_layers"),
-            "num_experts": m.get("num_experts"),
-            "top_k": m.get("experts_per_token"),
+            "name": entry.name, "path": str(entry), "size": folder_size(entry), "broken": None,
+            "dense": f"{dense['mode']} {dense['bits']}-bit" if dense else folder.meta.get("dtype", "?"),
+            "experts": (q.get("experts") or {}).get("mode", "?"),
+            "layers": c.num_hidden_layers, "num_experts": c.num_experts,
+            "top_k": c.experts_per_token,
         })
     return rows
+
+
+def folder_size(folder: Path) -> int:
+    return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file())
+
+
+def remove_model(name: str) -> int:
+    """Delete the store entry `name` (usable or broken); returns the bytes freed. Only a
+    folder directly in the store that holds a model (or a broken one) is removed."""
+    import shutil
+
+    entry = store_root() / name
+    if "/" in name or os.sep in name or name in ("", ".", "..") or not entry.is_dir():
+        raise OssMlxError(_not_in_store(name))
+    if model_status(entry) == "missing":
+        raise OssMlxError(f"{entry} is not a model folder; not removing it")
+    size = folder_size(entry)
+    shutil.rmtree(entry)
+    return size
 
 
 def human_size(n: float) -> str:
@@ -170,32 +218,3 @@ def human_size(n: float) -> str:
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1000
     return f"{n:.1f} TB"
-
-
-# ---- `oss-mlx list` ---------------------------------------------------------------------
-
-
-def add_arguments(parser) -> None:
-    parser.add_argument("--json", action="store_true", help="print the list as JSON")
-
-
-def main(args) -> int:
-    rows = list_models()
-    if getattr(args, "json", False):
-        print(json.dumps(rows, indent=2))
-        return 0
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console()
-    if not rows:
-        console.print(f"No models in {store_root()}. Get one with: oss-mlx convert openai/gpt-oss-20b")
-        return 0
-    table = Table(title=f"Models in {store_root()}", title_justify="left")
-    for col in ("name", "size", "dense", "experts", "layers", "experts/top-k"):
-        table.add_column(col, no_wrap=True, justify="right" if col in ("size", "layers") else "left")
-    for r in rows:
-        table.add_row(r["name"], human_size(r["size"]), r["dense"], r["experts"], str(r["layers"]),
-                      f"{r['num_experts']}/top-{r['top_k']}")
-    console.print(table)
-    return 0

@@ -58,6 +58,15 @@ def encoding(tmp_path_factory):
     """The harmony encoding over the genuine vocabulary alone (no model): what a scripted
     engine (tests/scripted.py) needs."""
     from oss_mlx.harmony import load_encoding
-    from scripted import vocab_dir
+    from support.scripted import vocab_dir
 
     return load_encoding(vocab_dir(tmp_path_factory.mktemp("vocab")))
+
+
+@pytest.fixture(scope="session")
+def scripted_dir(tmp_path_factory):
+    """A folder the commands take as a converted model (the vocabulary and an oss-mlx
+    config.json, no weights): what a scripted engine needs behind the real CLI."""
+    from support.scripted import scripted_model_dir
+
+    return scripted_model_dir(tmp_path_factory.mktemp("scripted-model"))

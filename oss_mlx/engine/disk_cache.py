@@ -1,0 +1,182 @@
+"""The prompt cache on disk: one entry per safetensors file (its layers, tokens and snapshots,
+and JSON metadata), written atomically, checked against the model's fingerprint when read, and
+`DiskCache`, the folder of evicted entries a later hit (also after a restart) restores."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from oss_mlx.defaults import DISK_CACHE_SIZE, parse_size
+from oss_mlx.errors import OssMlxError
+from oss_mlx.checkpoint.files import atomic_path
+from oss_mlx.engine.kv_adapter import KVAdapter
+from oss_mlx.engine.prompt_cache import Entry, Snapshot
+
+log = logging.getLogger("oss_mlx.prompt_cache")
+
+FORMAT_VERSION = 1  # of the files written by save_entry
+
+
+def save_entry(path, entry: Entry, fingerprint: str, adapter: KVAdapter, extra: dict | None = None):
+    """Write `entry` (caches, tokens, snapshots) to `path` atomically; `extra`: more JSON
+    metadata (read back by `read_extra`)."""
+    import mlx.core as mx
+
+    arrays = {"tokens": mx.array(entry.tokens)}
+    layers = []
+    for i, c in enumerate(entry.cache):
+        a, meta = adapter.to_state(c)
+        arrays.update({f"layer.{i}.{k}": v for k, v in a.items()})
+        layers.append(meta)
+    snaps = []
+    for j, s in enumerate(entry.snapshots):
+        metas = {}
+        for i, c in s.layers.items():
+            a, metas[str(i)] = adapter.to_state(c)
+            arrays.update({f"snap.{j}.{i}.{k}": v for k, v in a.items()})
+        snaps.append({"pos": s.pos, "layers": metas, "complete": s.complete})
+    meta = {"format": FORMAT_VERSION, "model": fingerprint, "key": entry.key,
+            "layers": layers, "snapshots": snaps, "extra": extra or {}}
+    path = Path(path)
+    with atomic_path(path, suffix=".safetensors") as tmp:  # never half a file under its name
+        mx.save_safetensors(str(tmp), arrays, metadata={"oss_mlx_prompt_cache": json.dumps(meta)})
+
+
+def _read_meta(path) -> tuple[dict, np.ndarray]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="numpy") as f:
+        meta = json.loads((f.metadata() or {})["oss_mlx_prompt_cache"])
+        tokens = f.get_tensor("tokens")
+    return meta, tokens
+
+
+def check_entry(path, fingerprint: str) -> tuple[dict, np.ndarray]:
+    """The metadata and tokens of a cache file; ValueError saying why it cannot be used."""
+    try:
+        meta, tokens = _read_meta(path)
+    except Exception as e:  # noqa: BLE001 - any damage reads as one reason
+        raise ValueError(f"unreadable ({type(e).__name__})") from None
+    if meta.get("format") != FORMAT_VERSION:
+        raise ValueError(f"cache format {meta.get('format')}, this version reads {FORMAT_VERSION}")
+    if meta.get("model") != fingerprint:
+        raise ValueError("written for another model or converter version")
+    return meta, tokens
+
+
+def load_entry(path, fingerprint: str, adapter: KVAdapter, make_cache) -> Entry:
+    """Read a file written by save_entry; ValueError when it does not fit this model."""
+    import mlx.core as mx
+
+    meta, tokens = check_entry(path, fingerprint)
+    try:
+        arrays = mx.load(str(path))
+        like = make_cache()
+        if len(meta["layers"]) != len(like):
+            raise ValueError("layer count differs")
+
+        def layer(prefix, m, i):
+            names = {k: f"{prefix}.{k}" for k in ("keys", "values")}
+            a = {k: arrays[n] for k, n in names.items() if n in arrays}
+            return adapter.from_state(a, m, like[i])
+
+        cache = [layer(f"layer.{i}", m, i) for i, m in enumerate(meta["layers"])]
+        snaps = []
+        for j, s in enumerate(meta["snapshots"]):
+            ls = {int(i): layer(f"snap.{j}.{i}", m, int(i)) for i, m in s["layers"].items()}
+            snaps.append(Snapshot(int(s["pos"]), ls, sum(adapter.nbytes(c) for c in ls.values()),
+                                  all(adapter.holds_all(c) for c in ls.values())))
+    except ValueError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"damaged ({type(e).__name__}: {e})") from None
+    if {adapter.offset(c) for c in cache} != {len(tokens)}:
+        raise ValueError("its caches do not hold its token list")
+    mx.eval([a for c in cache for a in adapter.arrays(c)])
+    entry = Entry(tokens.astype(np.int32), cache, snaps, meta.get("key"))
+    entry.extra = meta.get("extra") or {}
+    return entry
+
+
+def warn_unusable(path, why: str):
+    print(f"oss-mlx: warning: ignoring prompt cache file {path}: {why}", flush=True)
+
+
+class DiskCache:
+    """Evicted entries kept in a folder (one safetensors file each), bounded by `max_bytes`
+    (oldest files go first), indexed by their token lists so a later hit, also after a restart,
+    can restore them. Files for another model or damaged ones are ignored with a warning."""
+
+    def __init__(self, folder, fingerprint: str, max_bytes: int = parse_size(DISK_CACHE_SIZE),
+                 extra: Callable[[Entry], dict] | None = None):
+        self.folder = Path(folder).expanduser()
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise OssMlxError(f"cannot use {self.folder} as the prompt cache folder: "
+                              f"{e.strerror or e}") from None
+        self.fingerprint = fingerprint
+        self.max_bytes = max_bytes
+        self.extra = extra  # more to write beside an entry (the engine: its token history)
+        self._index: dict[Path, Entry] = {}
+        for path in sorted(self.folder.glob("*.safetensors")):
+            if path.name.startswith("."):  # a writer's temporary file (files.atomic_path)
+                continue
+            try:
+                meta, tokens = check_entry(path, fingerprint)
+            except ValueError as e:
+                warn_unusable(path, str(e))
+                continue
+            self._index[path] = self._stub(path, meta, tokens)
+
+    @staticmethod
+    def _stub(path, meta, tokens) -> Entry:
+        snaps = [Snapshot(int(s["pos"]), {}, 0, bool(s.get("complete")))
+                 for s in meta["snapshots"]]
+        return Entry(tokens.astype(np.int32), None, snaps, meta.get("key"), path=path,
+                     extra=meta.get("extra") or {})
+
+    def entries(self) -> list[Entry]:
+        return list(self._index.values())
+
+    def put(self, entry: Entry, adapter: KVAdapter):
+        digest = hashlib.sha256(entry.tokens.tobytes()).hexdigest()[:32]
+        path = self.folder / f"{digest}.safetensors"
+        try:
+            save_entry(path, entry, self.fingerprint, adapter,
+                       self.extra(entry) if self.extra else None)
+        except (OSError, RuntimeError) as e:  # a full disk: the entry is only lost
+            log.warning("cannot write %s: %s", path, e)
+            return
+        stubs = [Snapshot(s.pos, {}, 0, s.complete) for s in entry.snapshots]
+        self._index[path] = Entry(entry.tokens, None, stubs, entry.key, path=path)
+        self._bound()
+
+    def _bound(self):
+        files = sorted(self._index, key=lambda p: p.stat().st_mtime if p.exists() else 0)
+        total = sum(p.stat().st_size for p in files if p.exists())
+        while files and total > self.max_bytes:
+            p = files.pop(0)
+            total -= p.stat().st_size if p.exists() else 0
+            self._index.pop(p, None)
+            p.unlink(missing_ok=True)
+
+    def load(self, stub: Entry, adapter: KVAdapter, make_cache) -> Entry | None:
+        """The full entry for an index stub (the file is removed: the entry is in memory now)."""
+        self._index.pop(stub.path, None)
+        try:
+            entry = load_entry(stub.path, self.fingerprint, adapter, make_cache)
+        except ValueError as e:
+            warn_unusable(stub.path, str(e))
+            return None
+        finally:
+            stub.path.unlink(missing_ok=True)
+        entry.nbytes = (sum(adapter.nbytes(c) for c in entry.cache)
+                        + sum(s.nbytes for s in entry.snapshots))
+        return entry

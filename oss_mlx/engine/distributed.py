@@ -1,0 +1,437 @@
+"""Running one model across the ranks of an `mlx.launch` (several Macs, or processes on one).
+
+    mlx.launch --backend ring -n 2 --hosts 127.0.0.1 -- oss-mlx generate --model M --prompt Hi
+    mlx.launch --hostfile hosts.json -- oss-mlx serve --model gpt-oss-120b
+
+Every command that loads a model calls `load_engine(model)`. Outside a launch that is
+`Engine.load`. Inside one, every rank loads its share (`oss_mlx.shard`); rank 0 gets a
+`LeaderEngine` and goes on to own the terminal or the HTTP server; every other rank stays in
+`follow()` and never returns: it runs exactly the requests rank 0 sends it, so all ranks call
+the same collectives in the same order and sample the same tokens (same logits, same seed).
+
+The request channel (`Link`) is mx.distributed itself: rank 0 broadcasts an op and its JSON
+payload (prompt tokens, sampling parameters) with `all_sum` (the others add zeros). While rank 0
+is idle it sends a ping every few seconds. Cancellation (a client that left, Ctrl-C) is agreed
+on every `CANCEL_EVERY` tokens with one more all_sum, so every rank stops at the same token.
+
+Before loading, every rank checks its own share against its machine (memory.check_fits through
+`check`) and the ranks agree on the outcome (`agree_fits`), so a rank that does not fit ends
+every rank with one line; after loading, `prepare` (the KV format, the context limit) runs on
+every rank, so all build the same caches.
+
+Failure: a rank whose peer died gets "[ring] connection to a peer was lost" from MLX and ends at
+once; a rank that stopped answering (suspended, unplugged) is caught by each rank's `Watchdog`:
+no collective built and no request received for `OSS_MLX_RANK_TIMEOUT` seconds (default 60)
+ends that rank. A collective already waiting when its peer died may never return (MLX 0.32's
+ring); mlx.launch then SIGTERMs the live ranks, and a serving rank told to stop (`ending`)
+gives its collectives ENDING_GRACE seconds. Either way the message is one line naming the
+ranks concerned, and the process exits non-zero, which makes mlx.launch stop the remaining
+ranks. MLX streams belong to the thread that made them (and `mx.clear_streams()` leaves a
+thread with none): the pinger and the exit hook run their collectives on threads of their own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from dataclasses import asdict
+
+from oss_mlx.defaults import MOE_SPLIT
+from oss_mlx.engine.threads import in_own_thread, release_streams
+from oss_mlx.errors import OssMlxError
+
+PING, GENERATE, LOGITS, RESET, STOP = 1, 2, 3, 4, 5
+CANCEL_EVERY = 4  # tokens between two cancellation agreements (each costs one round trip)
+# Seconds a rank asked to stop (SIGTERM: mlx.launch ends the others when a rank fails) waits for
+# its collectives to progress before it ends: under uvicorn's 2 s graceful shutdown, so the
+# last line is ours.
+ENDING_GRACE = 1.5
+_watchdog = None  # this process's Watchdog, once it is a rank of a launch
+
+
+def launched() -> bool:
+    """Whether this process was started by mlx.launch (or MPI) as one rank of several."""
+    return "MLX_RANK" in os.environ or "OMPI_COMM_WORLD_RANK" in os.environ
+
+
+def rank_timeout() -> float:
+    try:
+        return max(float(os.environ.get("OSS_MLX_RANK_TIMEOUT", "60")), 1.0)
+    except ValueError:
+        raise OssMlxError("OSS_MLX_RANK_TIMEOUT must be a number of seconds") from None
+
+
+def peers(rank: int, size: int) -> str:
+    """The ranks a ring neighbour's failure can be: "rank 1", or "rank 3 or rank 1"."""
+    left, right = (rank - 1) % size, (rank + 1) % size
+    return f"rank {left}" if left == right else f"rank {left} or rank {right}"
+
+
+def fatal(message: str):
+    """End this rank now with one line (never a traceback, never a hang)."""
+    try:
+        sys.stderr.write(f"oss-mlx: error: {message}\n")
+        sys.stderr.flush()
+    finally:
+        os._exit(1)
+
+
+def lost(rank: int, size: int, error: BaseException):
+    text = str(error)
+    if "peer" in text or "[ring]" in text or "connection" in text:
+        fatal(f"rank {rank}: lost the connection to {peers(rank, size)} (it ended or cannot be "
+              f"reached); ending the session")
+    fatal(f"rank {rank}: {type(error).__name__}: {text}; ending the session (the ranks would "
+          f"no longer agree)")
+
+
+class Watchdog:
+    """Ends this rank when nothing has progressed for `timeout` seconds: progress is a
+    collective built (`tick`, from the sharded layers and the Link)."""
+
+    def __init__(self, rank: int, size: int, timeout: float):
+        self.rank, self.size, self.timeout = rank, size, timeout
+        self.last = time.monotonic()
+        self._thread = threading.Thread(target=self._watch, daemon=True, name="oss-mlx-watchdog")
+
+    def start(self):
+        self.tick()
+        self._thread.start()
+        return self
+
+    def tick(self):
+        self.last = time.monotonic()
+
+    def hurry(self, grace: float):
+        """This rank is ending: from now on `grace` seconds without progress end it. (A ring
+        collective in flight when a peer dies can wait forever in MLX 0.32 instead of
+        raising; the launch then SIGTERMs this rank, which is how it learns of it.)"""
+        self.tick()
+        self.timeout = min(self.timeout, grace)
+
+    def _watch(self):
+        while True:
+            time.sleep(min(0.5, self.timeout / 4))
+            idle = time.monotonic() - self.last
+            if idle > self.timeout:
+                fatal(f"rank {self.rank}: no answer from {peers(self.rank, self.size)} for "
+                      f"{idle:.0f} s (stopped or unreachable); ending the session")
+
+
+def ending():
+    """Called when this process is told to stop (SIGTERM; serve's app.StoppingServer): a rank
+    of a launch ends on its own once its collectives make no progress for ENDING_GRACE
+    seconds (its peers no longer answer). Ctrl-C does not call it: a long prefill chunk may
+    well run that long, and the session then ends gracefully."""
+    if _watchdog is not None:
+        _watchdog.hurry(ENDING_GRACE)
+
+
+class Link:
+    """Rank 0's requests to the other ranks, over mx.distributed collectives only."""
+
+    def __init__(self, group, watchdog: Watchdog | None = None):
+        self.group = group
+        self.rank, self.size = group.rank(), group.size()
+        self.watchdog = watchdog
+        self.lock = threading.Lock()  # one conversation with the ranks at a time (rank 0)
+        self._local = threading.local()
+
+    def _stream(self, behind_decode: bool):
+        """The engine's generation stream for the cancel agreement (it must follow the decode
+        step already queued there); else a stream of this thread's own (MLX streams belong to
+        the thread that made them: the pinger and the exit hook are other threads), used only
+        while nothing else is queued."""
+        import mlx.core as mx
+
+        if behind_decode:
+            from mlx_lm.generate import generation_stream
+
+            return generation_stream
+        if getattr(self._local, "stream", None) is None:
+            self._local.stream = mx.new_stream(mx.default_device())
+        return self._local.stream
+
+    def _all_sum(self, array, behind_decode: bool = False):
+        """all_sum of `array`, evaluated now (a lost peer ends this rank)."""
+        import mlx.core as mx
+
+        try:
+            with mx.stream(self._stream(behind_decode)):
+                out = mx.distributed.all_sum(array, group=self.group)
+                mx.eval(out)
+        except Exception as e:  # noqa: BLE001 - a lost peer: end every rank, one line
+            lost(self.rank, self.size, e)
+        if self.watchdog is not None:
+            self.watchdog.tick()
+        return out
+
+    def send(self, op: int, payload=None):
+        """Rank 0: broadcast an op and its JSON payload (every other rank is in `recv`)."""
+        import mlx.core as mx
+        import numpy as np
+
+        data = json.dumps(payload).encode() if payload is not None else b""
+        self._all_sum(mx.array([op, len(data)], dtype=mx.int32))
+        if data:
+            self._all_sum(mx.array(np.frombuffer(data, dtype=np.uint8)))
+
+    def recv(self):
+        """Every rank but 0: the next (op, payload) from rank 0."""
+        import mlx.core as mx
+
+        op, n = self._all_sum(mx.zeros((2,), dtype=mx.int32)).tolist()
+        payload = None
+        if n:
+            data = self._all_sum(mx.zeros((n,), dtype=mx.uint8))
+            payload = json.loads(bytes(memoryview(data)))
+        return op, payload
+
+    def agree(self, flag: bool) -> bool:
+        """True on every rank when rank 0 says so (the others pass False)."""
+        import mlx.core as mx
+
+        flag = mx.array([int(flag) if self.rank == 0 else 0])
+        return bool(self._all_sum(flag, behind_decode=True).item())
+
+
+class SharedCancel:
+    """The `cancel` the engines get on every rank: every CANCEL_EVERY-th check asks rank 0
+    (whose `local` event, or `forced`, decides), so every rank stops at the same token. The
+    engine checks it at the same points on every rank (same tokens, same stop decisions)."""
+
+    def __init__(self, link: Link, local=None):
+        self.link, self.local = link, local
+        self.forced = False
+        self.checks = 0
+
+    def is_set(self) -> bool:
+        self.checks += 1
+        if self.checks % CANCEL_EVERY:
+            return False
+        mine = self.forced or (self.local is not None and self.local.is_set())
+        return self.link.agree(mine)
+
+
+def _params_payload(params) -> dict:
+    try:
+        d = asdict(params)
+        json.dumps(d)
+    except TypeError as e:
+        raise OssMlxError(f"this sampling request cannot run distributed ({e})") from None
+    return d
+
+
+class LeaderEngine:
+    """Rank 0's engine: the Engine interface, each request first broadcast to the followers."""
+
+    def __init__(self, engine, link: Link, pinger: bool = True):
+        self.engine, self.link = engine, link
+        self._closed = threading.Event()  # set by close(): the pinger stops, no more requests
+        if pinger:
+            threading.Thread(target=self._ping, daemon=True, name="oss-mlx-ping").start()
+
+    def __getattr__(self, name):  # render, encoding, max_context, model, cached_tokens, ...
+        return getattr(self.engine, name)
+
+    def _ping(self):
+        interval = min(5.0, rank_timeout() / 4)
+        try:
+            while not self._closed.wait(interval):
+                if self.link.lock.acquire(blocking=False):
+                    try:
+                        if not self._closed.is_set():
+                            self.link.send(PING)
+                    finally:
+                        self.link.lock.release()
+        finally:
+            release_streams()
+
+    def stream(self, conversation, params=None, cancel=None):
+        from oss_mlx.engine.types import SamplingParams
+
+        params = params or SamplingParams()
+        if isinstance(conversation, (list, tuple)) and conversation and isinstance(conversation[0], int):
+            prompt = list(conversation)
+        else:
+            prompt = self.engine.render(conversation)
+        payload = {"tokens": prompt, "params": _params_payload(params)}
+        with self.link.lock:
+            self.link.send(GENERATE, payload)
+            shared = SharedCancel(self.link, cancel)
+            inner = self.engine.stream(prompt, params, shared)
+            try:
+                yield from inner
+            except GeneratorExit:
+                # The consumer left: the followers are still generating. Stop together at the
+                # next agreement, then return.
+                shared.forced = True
+                for _ in inner:
+                    pass
+                raise
+            except OssMlxError:
+                raise  # raised identically on every rank (e.g. the prompt is too long)
+            except KeyboardInterrupt:
+                fatal("rank 0: interrupted; ending the session on every rank")
+            except BaseException as e:  # noqa: BLE001 - the ranks would disagree from here on
+                lost(self.link.rank, self.link.size, e)
+
+    def complete(self, conversation, params=None, cancel=None):
+        for ev in self.stream(conversation, params, cancel):
+            if ev.type == "done":
+                return ev.completion
+        raise RuntimeError("stream ended without a done event")  # pragma: no cover
+
+    def logits(self, prompt):
+        with self.link.lock:
+            self.link.send(LOGITS, {"tokens": list(prompt)})
+            return self.engine.logits(prompt)
+
+    def reset_cache(self):
+        with self.link.lock:
+            self.link.send(RESET)
+            self.engine.reset_cache()
+
+    def close(self):
+        """Let the followers end (they exit 0). Runs at exit (atexit), when the calling thread
+        may have released its MLX streams already (serve does, before it returns): the STOP is
+        sent from a thread of its own, which a lost peer ends like any other collective."""
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        with self.link.lock:
+            in_own_thread(lambda: self.link.send(STOP))
+
+
+def follow(engine, link: Link):
+    """Every rank but 0: run rank 0's requests until it says STOP."""
+    from oss_mlx.engine.types import SamplingParams
+
+    while True:
+        op, payload = link.recv()
+        try:
+            if op == STOP:
+                return
+            if op == GENERATE:
+                params = SamplingParams(**payload["params"])
+                for _ in engine.stream(payload["tokens"], params, SharedCancel(link)):
+                    pass
+            elif op == LOGITS:
+                engine.logits(payload["tokens"])
+            elif op == RESET:
+                engine.reset_cache()
+        except OssMlxError:
+            pass  # rank 0 met the same error and reported it
+        except Exception as e:  # noqa: BLE001
+            lost(link.rank, link.size, e)
+
+
+# ---- start-up ------------------------------------------------------------------------------
+
+
+def init():
+    """The launch's group (its size may be 1)."""
+    import mlx.core as mx
+
+    hostfile = os.environ.get("MLX_HOSTFILE")
+    if hostfile and os.path.isfile(hostfile) and not open(hostfile).read().strip():
+        os.environ.pop("MLX_HOSTFILE")  # `mlx.launch -n 1` writes an empty one: one rank alone
+        return mx.distributed.init()
+    try:
+        return mx.distributed.init(strict=True)
+    except RuntimeError as e:
+        raise OssMlxError(f"cannot join the distributed launch: {e}") from None
+
+
+def load_sharded(model, dtype=None, group=None, moe: str | None = None):
+    """(Engine over this rank's share of `model`, its Sharding)."""
+    from oss_mlx.engine.engine import Engine
+    from oss_mlx.harmony.encoding import load_encoding
+    from oss_mlx.model import default_dtype, load
+    from oss_mlx.model.shard import Sharding
+    from oss_mlx.store import resolve_model
+
+    group = group or init()
+    folder = resolve_model(model)
+    encoding = load_encoding(folder)
+    sharding = Sharding(group, moe=moe or os.environ.get("OSS_MLX_MOE", MOE_SPLIT))
+    m = load(folder, dtype=dtype or default_dtype(), shard=sharding)
+    return Engine(m, encoding), sharding
+
+
+def agree_fits(group, check, moe: str):
+    """Every rank runs `check(rank, size, moe)` (memory.check_fits on its share) and all learn
+    which ranks refused: a rank that does not fit ends with its own one-line refusal, every
+    other rank with one line naming it, before anyone loads (never a hang in a collective)."""
+    import mlx.core as mx
+
+    rank, size = group.rank(), group.size()
+    refusal = None
+    try:
+        check(rank, size, moe)
+    except OssMlxError as e:
+        refusal = e
+    mine = mx.array([int(r == rank and refusal is not None) for r in range(size)], dtype=mx.int32)
+    refused = [r for r, f in enumerate(mx.distributed.all_sum(mine, group=group).tolist()) if f]
+    if refusal is not None:
+        raise refusal
+    if refused:
+        who = " and ".join(f"rank {r}" for r in refused)
+        whose = "its" if len(refused) == 1 else "their"
+        raise OssMlxError(f"rank {rank}: {who} cannot hold {whose} share of the model (see its "
+                          "error); ending the session")
+
+
+def same_cache_budget(prompt_cache, group, requested=None):
+    """The prompt cache evicts by bytes, and every rank must keep the same entries (a rank that
+    resumed from a longer prefix would prefill fewer chunks, and the ranks' collectives would
+    part). Its entries are KV caches, the same size on every rank (equal shares of the KV
+    heads), so one budget for all does it: --cache-memory, else the smallest rank's default
+    (an eighth of each Mac's memory)."""
+    import mlx.core as mx
+
+    if requested is not None:
+        prompt_cache.memory_bytes = int(requested)
+    mine = mx.array([prompt_cache.memory_bytes >> 20], dtype=mx.int32)  # MiB
+    prompt_cache.memory_bytes = min(mx.distributed.all_gather(mine, group=group).tolist()) << 20
+
+
+def launch_engine(model, group, dtype, check, prepare, engine_kwargs: dict):
+    """This rank's engine in a launch of several ranks (loading.load_engine calls it): every
+    rank checks its share (`check(rank, size, moe)`, see `agree_fits`), loads it, and runs
+    `prepare(model)` (the KV format and context limit); rank 0 gets a LeaderEngine back, every
+    other rank follows it and exits. Of `engine_kwargs` only the prompt cache's budget applies
+    (one for all ranks, `same_cache_budget`)."""
+    rank, size = group.rank(), group.size()
+    moe = os.environ.get("OSS_MLX_MOE", MOE_SPLIT)
+    agree_fits(group, check, moe)
+    if rank != 0:
+        # The terminal's Ctrl-C reaches every process of the launch; only rank 0 acts on it.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    engine, sharding = load_sharded(model, dtype, group, moe)
+    same_cache_budget(engine.prompt_cache, group, engine_kwargs.get("cache_memory"))
+    prepare(engine.model)  # identically on every rank: the same caches, the same limits
+    watchdog = Watchdog(rank, size, rank_timeout())
+    sharding.comm.tick = watchdog.tick
+    link = Link(group, watchdog)
+    # Everyone loaded: the first ping doubles as the barrier, then the watchdogs start.
+    if rank == 0:
+        link.send(PING)
+    else:
+        link.recv()
+    watchdog.start()
+    global _watchdog
+    _watchdog = watchdog
+    if rank != 0:
+        follow(engine, link)
+        sys.stdout.flush()
+        os._exit(0)  # never back into rank 0's command (its server, its terminal)
+    leader = LeaderEngine(engine, link)
+    import atexit
+
+    atexit.register(leader.close)
+    return leader

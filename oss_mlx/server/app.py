@@ -1,0 +1,191 @@
+"""The FastAPI app of `oss-mlx serve`: one `Service` on `app.state`, module-level routes.
+
+Routes: GET /health (open), and behind the API key GET /v1/models, GET /v1/models/{name},
+POST /v1/chat/completions (chat_completions.py), POST /v1/responses, GET and DELETE
+/v1/responses/{id} (responses.py). GET /openapi.json publishes the schema, request bodies
+included. Errors are OpenAI error objects; a 405 keeps its `Allow` header.
+"""
+
+# No `from __future__ import annotations`: FastAPI reads the route annotations at run time.
+
+import functools
+import hmac
+import threading
+from contextlib import asynccontextmanager
+
+import uvicorn
+from fastapi import Request
+
+from oss_mlx.server.chat_completions import chat_completions
+from oss_mlx.server.protocol import APIError, ChatRequest, ResponsesRequest
+from oss_mlx.server.responses import create_response, delete_response, retrieve_response
+from oss_mlx.engine.scheduler import Scheduler
+from oss_mlx.server.service import Service
+
+
+# --------------------------------------------------------------------------------------------
+# The app: a Service on app.state, module-level routes (chat_completions.py, responses.py).
+
+
+@asynccontextmanager
+async def lifespan(app):
+    service = app.state.service
+    service.scheduler = Scheduler(service.engine, service.max_concurrency)
+    # The grammar library's view of the vocabulary takes a second or so: build it now. Joined
+    # at shutdown: a thread still inside llguidance while the interpreter finalizes can crash
+    # the process (SIGSEGV on a Ctrl-C that comes right after start-up).
+    from oss_mlx.harmony import constrain
+
+    warm = threading.Thread(target=constrain.tokenizer, args=(service.engine.encoding,),
+                            name="oss-mlx-grammar-vocab")
+    warm.start()
+    yield
+    service.scheduler.close()
+    warm.join()
+
+
+async def authorize(request: Request):
+    # A dependency, not an HTTP middleware: Starlette's BaseHTTPMiddleware would hide the
+    # client's disconnect from the routes, and disconnects cancel generations.
+    api_key = request.app.state.service.api_key
+    if api_key:
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(),
+                                                                 api_key.encode()):
+            raise APIError(401, "invalid or missing API key: send "
+                                "`Authorization: Bearer <key>`", code="invalid_api_key")
+
+
+def error_response(e: APIError, headers=None):
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse(e.body(), status_code=e.status, headers=headers)
+
+
+async def api_error(request, e: APIError):
+    return error_response(e)
+
+
+def allowed_methods(request) -> str:
+    """The methods some route serves at this path (for a 405's `Allow` header)."""
+    from starlette.routing import Match
+
+    methods = set()
+    for route in request.app.routes:
+        if route.matches(request.scope)[0] != Match.NONE:
+            methods |= set(getattr(route, "methods", None) or ())
+    return ", ".join(sorted(methods))
+
+
+async def http_error(request, e):
+    code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
+    headers = {"Allow": allowed_methods(request)} if e.status_code == 405 else None
+    return error_response(APIError(e.status_code, f"{request.method} {request.url.path}: "
+                                                  f"{e.detail}", code=code), headers=headers)
+
+
+async def internal_error(request, e):  # a bug of ours: say so, keep serving
+    return error_response(APIError(500, f"internal error: {type(e).__name__}: {e}",
+                                   type="server_error"))
+
+
+async def health(request: Request):
+    return {"status": "ok", "model": request.app.state.service.model_name}
+
+
+def model_card(service: Service) -> dict:
+    return {"id": service.model_name, "object": "model", "created": service.created,
+            "owned_by": "oss-mlx"}
+
+
+async def list_models(request: Request):
+    return {"object": "list", "data": [model_card(request.app.state.service)]}
+
+
+async def get_model(request: Request, name: str):
+    service = request.app.state.service
+    service.check_model(name)
+    return model_card(service)
+
+
+# (path, methods, route, the request model documented in /openapi.json); a path may have one
+# route per method.
+ROUTES = [
+    ("/v1/models", ["GET"], list_models, None),
+    ("/v1/models/{name:path}", ["GET"], get_model, None),
+    ("/v1/chat/completions", ["POST"], chat_completions, ChatRequest),
+    ("/v1/responses", ["POST"], create_response, ResponsesRequest),
+    ("/v1/responses/{response_id}", ["GET"], retrieve_response, None),
+    ("/v1/responses/{response_id}", ["DELETE"], delete_response, None),
+]
+
+
+def request_body(model) -> dict:
+    """The OpenAPI `requestBody` of a route whose JSON body `model` describes."""
+    return {"requestBody": {"required": True, "content": {"application/json": {
+        "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}}
+
+
+def openapi(app) -> dict:
+    """FastAPI's schema plus the request bodies (the routes parse their JSON themselves, to
+    answer with OpenAI error objects, so FastAPI does not see them)."""
+    if app.openapi_schema is None:
+        from fastapi.openapi.utils import get_openapi
+
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for model in (ChatRequest, ResponsesRequest):
+            body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            components.update(body.pop("$defs", {}))
+            components[model.__name__] = body
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
+def create_app(engine, model_name: str, api_key: str | None = None,
+               default_max_tokens: int | None = None, constrain_tools: bool = True,
+               max_concurrency: int = 1):
+    """The FastAPI app serving `engine` as model `model_name` (a bearer `api_key` if given).
+
+    default_max_tokens: the budget of a request that names none (None: the rest of the context,
+    as OpenAI does). constrain_tools: constrain every tool call's arguments to its schema
+    (oss_mlx.constrain); structured outputs (response_format, text.format) are always honoured. max_concurrency:
+    how many requests decode at once (batched; see oss_mlx.scheduler); 1 serves them one at a
+    time.
+    """
+    from fastapi import Depends, FastAPI
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    from oss_mlx import __version__
+
+    app = FastAPI(title="oss-mlx", version=__version__, lifespan=lifespan, docs_url=None,
+                  redoc_url=None, openapi_url="/openapi.json")
+    app.state.service = Service(engine, model_name, api_key, default_max_tokens,
+                                constrain_tools, max_concurrency=max_concurrency)
+    app.add_exception_handler(APIError, api_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(Exception, internal_error)
+    app.add_api_route("/health", health, methods=["GET"])  # open: no key needed
+    for path, methods, route, model in ROUTES:
+        app.add_api_route(path, route, methods=methods, dependencies=[Depends(authorize)],
+                          openapi_extra=request_body(model) if model else None)
+    app.openapi = functools.partial(openapi, app)
+    return app
+
+
+class StoppingServer(uvicorn.Server):
+    """uvicorn, cancelling every generation as soon as a shutdown begins: a stream in flight
+    then ends cleanly instead of being killed by the graceful-shutdown timeout (a traceback)."""
+
+    def handle_exit(self, sig, frame):
+        import signal
+
+        from oss_mlx.engine.distributed import ending
+
+        if sig == signal.SIGTERM:  # mlx.launch ending the session: a peer may no longer answer
+            ending()
+        super().handle_exit(sig, frame)
+        scheduler = self.config.app.state.service.scheduler
+        if scheduler is not None:
+            scheduler.cancel_all()
+
