@@ -33,8 +33,8 @@ NUMBERED = {"model": (1, 1), "checkpoint": (2, 4), "harmony": (5, 5), "traps": (
 NUM = r"\d+(?:\.\d+)*"
 HEADING = re.compile(rf"^(#{{2,4}})\s+({NUM})\.?\s+\S")
 PAGE = r"docs/([A-Za-z0-9_-]+)\.md"
-CITATION = re.compile(
-    PAGE + rf"((?:\s*(?:,|/|and)?\s*§\s*{NUM}(?:\s*[-–]\s*§?\s*{NUM})?)*)")
+ONE = rf"{NUM}(?:\s*[-–]\s*§?\s*{NUM})?"  # a section, or a range on one page
+CITATION = re.compile(PAGE + rf"((?:\s*§\s*{ONE})(?:\s*(?:,|/|and)\s*§?\s*{ONE})*)?")
 LINK = re.compile(r"\]\(([A-Za-z0-9_-]+\.md)(#[^)\s]*)?\)")
 
 
@@ -66,7 +66,7 @@ def _citations():
     for f in _files():
         for i, line in enumerate(f.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
             for m in CITATION.finditer(line):
-                yield f, i, m.group(1), re.findall(NUM, m.group(2))
+                yield f, i, m.group(1), re.findall(NUM, m.group(2) or "")
 
 
 def test_pages_number_their_headings_as_one_tree():
