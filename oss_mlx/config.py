@@ -119,7 +119,7 @@ PRESETS = {
     "20b": ModelConfig(num_hidden_layers=24, num_experts=32),
     # The 20b's layer structure (24 layers, sliding/full, sinks, 32 experts top-4, window 128)
     # at small widths and a small vocabulary: decode is bound by kernel count, not bytes (the
-    # latency-bound benchmark, docs/benchmarks.md).
+    # latency-bound benchmark, benchmarks/README.md).
     "narrow": ModelConfig(num_hidden_layers=24, num_experts=32, experts_per_token=4,
                           vocab_size=4096, hidden_size=128, intermediate_size=128, head_dim=64,
                           num_attention_heads=8, num_key_value_heads=2, sliding_window=128),

@@ -154,8 +154,6 @@ def test_stale_pattern_catches_the_old_forms():
         assert not STALE.search(fine), fine
 
 
-@pytest.mark.xfail(strict=True, reason="the code still cites 'spec N.N' until the lead rewrites "
-                   "the citations as docs/<page>.md §<n> citations; remove this mark then")
 def test_no_bare_spec_citations_remain():
     this = Path(__file__).resolve()
     stale = [f"{f.relative_to(ROOT)}: {m.group(0)!r}"
