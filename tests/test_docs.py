@@ -12,7 +12,6 @@ import re
 import tokenize
 from pathlib import Path
 
-import pytest
 
 
 def _root() -> Path:
