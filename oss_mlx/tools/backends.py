@@ -187,8 +187,11 @@ def _best_line(text: str, terms) -> int:
     return best
 
 
+_LINK = re.compile(r"【\d+†([^†】]+)(?:†[^†】]+)?】")
+
+
 def _snippet(text: str, terms, width: int = 240) -> str:
-    flat = " ".join(text.split())
+    flat = " ".join(_LINK.sub(r"\1", text).split())  # a link's text, not its reference
     low = flat.lower()
     pos = [low.find(t) for t in terms if low.find(t) >= 0]
     start = max(0, min(pos) - width // 4) if pos else 0

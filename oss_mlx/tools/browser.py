@@ -34,28 +34,31 @@ class ToolUsageError(Exception):
 
 @dataclass
 class BrowserState:
-    pages: dict = field(default_factory=dict)  # url -> Page
-    stack: list = field(default_factory=list)  # urls, in display order; index = cursor
+    pages: dict = field(default_factory=dict)  # url -> Page: links already fetched
+    # Pages in display order; index = cursor. Pages, not URLs as in the reference, whose
+    # search pages all have the URL "" (there, cursor 0 would show the latest search).
+    stack: list = field(default_factory=list)
 
     @property
     def cursor(self) -> int:
         return len(self.stack) - 1
 
     def add(self, page: Page):
-        self.pages[page.url] = page
-        self.stack.append(page.url)
+        if page.url:
+            self.pages[page.url] = page
+        self.stack.append(page)
 
     def get(self, cursor: int = -1) -> Page:
         if self.cursor < 0:
             raise ToolUsageError("No pages to access!")
         if cursor == -1 or cursor == self.cursor:
-            return self.pages[self.stack[-1]]
+            return self.stack[-1]
         if not isinstance(cursor, int) or isinstance(cursor, bool):
             raise ToolUsageError(f"`cursor` should be an integer, not `{type(cursor).__name__}`")
         if not 0 <= cursor <= self.cursor:
             raise ToolUsageError(f"Cursor `{cursor}` is out of range. "
                                  f"Available cursor indices: [0 - {self.cursor}].")
-        return self.pages[self.stack[cursor]]
+        return self.stack[cursor]
 
 
 class Browser:
@@ -186,7 +189,8 @@ class Browser:
             out.append(text[last:m.start()])
             last = m.end()
             cursor = int(m.group("cursor"))
-            url = self.state.stack[cursor] if cursor < len(self.state.stack) else ""
+            url = self.state.stack[cursor].url if cursor < len(self.state.stack) else ""
+            url = url.split("/find?pattern=")[0]  # a find page cites the page it searched
             if not url:
                 out.append(m.group(0))
                 continue
@@ -201,13 +205,12 @@ class Browser:
 
 
 def _display_name(url: str) -> str:
-    base = url.split("/find?pattern=")[0]
-    if base.startswith("file://"):
-        return unquote(base.rsplit("/", 1)[-1])
+    if url.startswith("file://"):
+        return unquote(url.rsplit("/", 1)[-1])
     try:
-        return unquote(base).split("/")[2]
+        return unquote(url).split("/")[2]
     except IndexError:
-        return base
+        return url
 
 
 def _arguments(text: str) -> dict | None:
