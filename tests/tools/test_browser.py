@@ -193,5 +193,6 @@ def test_a_configured_web_search_endpoint(encoding):
         assert "L1: URL: https://trams.example/28" in shown and "Tram 28 climbs to the castle." in shown
     finally:
         server.shutdown()
+        server.server_close()  # the port refuses connections from now on
     dead = Browser(HttpJson(base + "/search"), encoding=encoding)
     assert dead.call("search", '{"query": "x"}').startswith("Error during search for `x`: ")
