@@ -2,6 +2,8 @@
 
     python benchmarks/sandbox_compare.py [--only NAME,...] [--json OUT.json]
 
+Run it with a Python that has oss-mlx installed (the native row) and the candidates.
+
 Each candidate runs in its own subprocess with a time limit, so one that hangs or is missing
 does not stop the others; a candidate that is not installed, or cannot run on this machine
 (no Docker daemon, no network to pull an image), is reported with the error it gave.
