@@ -30,6 +30,16 @@ def text_reply(text: str) -> str:
     return f"<|channel|>analysis<|message|>Answer.<|end|><|start|>assistant<|channel|>final<|message|>{text}<|return|>"
 
 
+def good_call(i: int) -> str:
+    """The agent loop's right call number i (1-based): read step k, then record its value."""
+    from oss_mlx.eval.agent_loop import step_value
+
+    k = (i + 1) // 2
+    if i % 2:
+        return call_reply("get_task", {"step": k}, analysis=(i == 1))
+    return call_reply("record", {"key": f"step-{k}", "value": step_value(k)}, analysis=False)
+
+
 def scripted_engine(encoding, replies=(), max_context: int = 8192):
     model = ScriptedModel(*replies, encoding=encoding, max_context=max_context)
     return Engine(model, encoding), model

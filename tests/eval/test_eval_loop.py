@@ -5,21 +5,13 @@ from __future__ import annotations
 import json
 
 import pytest
-from evalkit import call_reply, scripted_engine, text_reply
+from evalkit import call_reply, good_call, scripted_engine, text_reply
 
 from oss_mlx.eval.agent_loop import run_loop, step_value
 from oss_mlx.eval.settings import Settings
 
 CONSTRAINED = Settings(model="scripted", reasoning="low", date="2026-01-01")
 FREE = Settings(model="scripted", reasoning="low", date="2026-01-01", constrain=False)
-
-
-def good_call(i: int) -> str:
-    """The right call number i (1-based): read step k, then record it."""
-    k = (i + 1) // 2
-    if i % 2:
-        return call_reply("get_task", {"step": k}, analysis=(i == 1))
-    return call_reply("record", {"key": f"step-{k}", "value": step_value(k)}, analysis=False)
 
 
 BREAKS = {
