@@ -185,8 +185,12 @@ def _show(out, console, path, key, context_full, args):
 if __name__ == "__main__":  # pragma: no cover - the CLI wiring comes with the layout change
     import argparse
 
+    from .. import memory  # until the CLI wiring brings the shared model options
+
     parser = argparse.ArgumentParser(prog="oss-mlx eval tools")
     add_arguments(parser)
+    memory.add_memory_arguments(parser)
+    memory.add_decode_arguments(parser)
     try:
         sys.exit(main(parser.parse_args()))
     except OssMlxError as e:
