@@ -32,8 +32,9 @@ def add_arguments(p):
     p.add_argument("--model", default="gpt-oss-20b",
                    help="converted model folder or model-store name (default: gpt-oss-20b)")
     p.add_argument("--categories", nargs="+", default=None, metavar="CATEGORY",
-                   help=f"BFCL categories and/or {LOOP} (default: {' '.join(bfcl.DEFAULT_CATEGORIES)} "
-                        f"{LOOP}); 'simple' means simple_python")
+                   help=f"BFCL categories and/or {LOOP} (default: "
+                        f"{' '.join(bfcl.DEFAULT_CATEGORIES)} {LOOP}); 'simple' means "
+                        "simple_python")
     p.add_argument("--limit", type=int, default=None, metavar="N",
                    help="the first N cases of each category (default: all)")
     p.add_argument("--reasoning", choices=EFFORTS, default="medium",

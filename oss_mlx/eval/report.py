@@ -44,7 +44,7 @@ def progress(console, total: int, done: int = 0, correct: int = 0):
 def _fmt_time(s: float) -> str:
     if s < 60:
         return f"{s:.1f} s"
-    m, s = divmod(int(round(s)), 60)
+    m, s = divmod(round(s), 60)
     return f"{m // 60}:{m % 60:02d}:{s:02d}" if m >= 60 else f"{m}:{s:02d}"
 
 

@@ -27,7 +27,8 @@ def call_reply(name: str, args: dict, analysis: bool = True) -> str:
 
 
 def text_reply(text: str) -> str:
-    return f"<|channel|>analysis<|message|>Answer.<|end|><|start|>assistant<|channel|>final<|message|>{text}<|return|>"
+    return ("<|channel|>analysis<|message|>Answer.<|end|><|start|>assistant"
+            f"<|channel|>final<|message|>{text}<|return|>")
 
 
 def good_call(i: int) -> str:

@@ -218,7 +218,8 @@ def test_tool_conversion_matches_bfcl_on_every_case():
     n = 0
     for cat in bfcl.DEFAULT_CATEGORIES:
         for case in bfcl.load_cases(cat):
-            theirs = convert(case.functions, GORILLA_TO_OPENAPI, b.enums.ModelStyle.OPENAI_RESPONSES)
+            theirs = convert(case.functions, GORILLA_TO_OPENAPI,
+                             b.enums.ModelStyle.OPENAI_RESPONSES)
             assert [{k: v for k, v in t.items() if k != "type"} for t in theirs] == \
                 openai_tools(case.functions), case.id
             n += 1

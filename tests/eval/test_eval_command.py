@@ -41,7 +41,8 @@ def wide(monkeypatch):
 
 
 def test_a_run_shows_the_table_and_writes_every_case(encoding, tmp_path, capsys, wide):
-    engine, model = scripted_engine(encoding, right_replies(2) + [good_call(i) for i in (1, 2, 3, 4)])
+    engine, model = scripted_engine(encoding,
+                                    right_replies(2) + [good_call(i) for i in (1, 2, 3, 4)])
     out = tmp_path / "r.jsonl"
     args = parse("--categories", "simple", "irrelevance", "agent_loop", "--limit", "2",
                  "--loop-calls", "4", "--json", str(out), "--plot", str(tmp_path / "acc.png"))
@@ -112,7 +113,7 @@ def test_runs_with_other_settings_share_the_file(encoding, tmp_path):
         engine, _ = scripted_engine(encoding, right_replies(1))
         args = parse("--categories", "simple,irrelevance", "--limit", "1", "--json", str(out),
                      *flags)
-        assert command.main(args, load_engine=lambda m: engine) == 0
+        assert command.main(args, load_engine=lambda m, e=engine: e) == 0
     from oss_mlx.eval.results import summarize
 
     runs = summarize(read_lines(out))

@@ -18,15 +18,15 @@ BREAKS = {
     # the call written into the answer text instead of a tool message
     "call_in_content": (CONSTRAINED, text_reply('functions.get_task({"step": 9})')),
     # a control token inside the arguments: the harmony stream no longer parses
-    "malformed": (FREE, '<|channel|>commentary to=functions.get_task <|constrain|>json'
-                        '<|message|>{"step": 9<|channel|>}<|call|>'),
+    "malformed": (FREE, ('<|channel|>commentary to=functions.get_task <|constrain|>json'
+                         '<|message|>{"step": 9<|channel|>}<|call|>')),
     "bad_arguments": (FREE, call_reply("get_task", {"step": "nine"}, analysis=False)),
-    "bad_json": (FREE, '<|channel|>commentary to=functions.get_task <|constrain|>json'
-                       '<|message|>{"step": 9,,}<|call|>'),
+    "bad_json": (FREE, ('<|channel|>commentary to=functions.get_task <|constrain|>json'
+                        '<|message|>{"step": 9,,}<|call|>')),
     "unknown_tool": (FREE, call_reply("get_weather", {"city": "Paris"}, analysis=False)),
-    "bad_stop": (FREE, '<|channel|>commentary to=functions.get_task <|constrain|>json'
-                       '<|message|>{"step": 9}<|end|><|start|>assistant<|channel|>final'
-                       '<|message|>Done.<|return|>'),
+    "bad_stop": (FREE, ('<|channel|>commentary to=functions.get_task <|constrain|>json'
+                        '<|message|>{"step": 9}<|end|><|start|>assistant<|channel|>final'
+                        '<|message|>Done.<|return|>')),
 }
 
 
@@ -59,6 +59,7 @@ def test_a_clean_loop_of_32_calls_has_no_break(encoding):
     assert (report.first_break, report.kind, report.calls, report.end) == (None, None, 32,
                                                                             "completed")
     assert report.generated_tokens == sum(t["generated_tokens"] for t in report.turns) > 32 * 10
+    assert len(model.prompts) == 32 and not model.queue
 
 
 def test_a_full_context_ends_the_loop_without_a_break(encoding):
