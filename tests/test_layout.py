@@ -44,7 +44,7 @@ BELOW = {
     "server": {FOUNDATION, "harmony", "engine", "tools"},
     "eval": {FOUNDATION, "harmony", "engine", "tools", "server"},
     "convert": {FOUNDATION},
-    "bench": {FOUNDATION, "model", "harmony", "engine", "tools", "server", "convert"},
+    "bench": {FOUNDATION, "model", "harmony", "engine", "tools", "server", "eval", "convert"},
     "cli": {FOUNDATION, "model", "harmony", "engine", "tools", "server", "eval", "convert",
             "bench"},
     "root": {FOUNDATION, "model"},

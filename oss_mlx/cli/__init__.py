@@ -23,6 +23,7 @@ COMMANDS = {
     "list": ("oss_mlx.cli.list", "list the converted models in the local model store"),
     "rm": ("oss_mlx.cli.rm", "remove a model from the local model store"),
     "bench": ("oss_mlx.cli.bench", "measure prefill/decode tokens/s and memory"),
+    "eval": ("oss_mlx.cli.eval", "measure tool calling on this machine (BFCL, a long agent loop)"),
     "doctor": ("oss_mlx.cli.doctor", "check the machine and the model store; what fits in memory"),
     "synth": ("oss_mlx.convert.synth", "write a random-weight gpt-oss checkpoint in an upstream layout"),
 }

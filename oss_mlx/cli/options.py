@@ -79,27 +79,38 @@ def add_model(parser, demo: bool = True) -> None:
 # ---- the conversation -------------------------------------------------------------------------
 
 
-def add_conversation(parser) -> None:
-    """--reasoning and --system: the harmony system and developer messages."""
+def add_reasoning(parser) -> None:
+    """--reasoning: the effort of the harmony system message."""
     parser.add_argument("--reasoning", choices=EFFORTS, default="medium", metavar="EFFORT",
                         help=f"reasoning effort: {', '.join(EFFORTS)} (default: medium)")
+
+
+def add_conversation(parser) -> None:
+    """--reasoning and --system: the harmony system and developer messages."""
+    add_reasoning(parser)
     parser.add_argument("--system", "--developer", dest="system", metavar="TEXT", default=None,
                         help="instructions for the model (the harmony developer message)")
 
 
-def add_sampling(parser, max_tokens_default: str) -> None:
-    """--max-tokens, --temperature, --top-p and --seed; `max_tokens_default` says in the help
-    what no --max-tokens means for this command."""
-    parser.add_argument("--max-tokens", metavar="N", type=positive_int, default=None,
+def add_sampling(parser, max_tokens_default: str | int, temperature: float = 1.0,
+                 seed: int | None = None) -> None:
+    """--max-tokens, --temperature, --top-p and --seed. `max_tokens_default`: what no
+    --max-tokens means for this command (a number is the default itself); `temperature` and
+    `seed`: this command's defaults (eval scores greedily)."""
+    number = isinstance(max_tokens_default, int)
+    parser.add_argument("--max-tokens", metavar="N", type=positive_int,
+                        default=max_tokens_default if number else None,
                         help=f"most tokens per answer, reasoning included (default: "
                              f"{max_tokens_default})")
+    why = "OpenAI's advice" if temperature == 1.0 else "greedy, for scores that repeat"
     parser.add_argument("--temperature", metavar="T", type=lambda t: _unit(t, 0, 2),
-                        default=1.0, help="sampling temperature in [0, 2], 0 = greedy "
-                                          "(default: 1.0, OpenAI's advice)")
+                        default=temperature, help=f"sampling temperature in [0, 2], 0 = greedy "
+                                                  f"(default: {temperature:g}, {why})")
     parser.add_argument("--top-p", metavar="P", type=lambda t: _unit(t, 0, 1, low_open=True),
                         default=1.0, help="nucleus sampling, in (0, 1] (default: 1.0 = off)")
-    parser.add_argument("--seed", metavar="S", type=_seed, default=None,
-                        help="random seed, 0..2**64-1, for repeatable output (default: random)")
+    parser.add_argument("--seed", metavar="S", type=_seed, default=seed,
+                        help="random seed, 0..2**64-1, for repeatable output (default: "
+                             f"{'random' if seed is None else seed})")
 
 
 # ---- loading ----------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """`oss-mlx eval`: measure tool calling on the user's own machine (issue 23).
 
-    from oss_mlx.eval import bfcl, run_case, run_loop, Settings, plot_accuracy
+    from oss_mlx.eval import bfcl, run_case, run_loop, Settings
 
     settings = Settings(model="gpt-oss-20b", reasoning="low")     # constrain=True by default
     for case in bfcl.load_cases("simple_python", limit=10):       # real BFCL cases, offline
@@ -14,12 +14,11 @@ table), plot (accuracy per setting), command (`oss-mlx eval tools`). Importing t
 needs neither bfcl-eval nor mlx; they load when used.
 """
 
-from . import bfcl
-from .agent_loop import LoopReport, run_loop
-from .plot import plot_accuracy
-from .results import ResultsFile, read_lines, summarize
-from .runner import run_case
-from .settings import Settings
+from oss_mlx.eval import bfcl
+from oss_mlx.eval.agent_loop import LoopReport, run_loop
+from oss_mlx.eval.results import ResultsFile, read_lines, summarize
+from oss_mlx.eval.runner import run_case
+from oss_mlx.eval.settings import Settings
 
 __all__ = ["bfcl", "run_case", "run_loop", "LoopReport", "Settings", "ResultsFile",
-           "read_lines", "summarize", "plot_accuracy"]
+           "read_lines", "summarize"]

@@ -27,8 +27,8 @@ import json
 import re
 from dataclasses import dataclass, field
 
-from .functions import ToolSchema
-from .turns import constraint_spec, looks_like_call, run_turn
+from oss_mlx.eval.functions import ToolSchema
+from oss_mlx.eval.turns import constraint_spec, looks_like_call, run_turn
 
 DEFAULT_CALLS = 32
 
@@ -154,7 +154,7 @@ class LoopReport:
 def run_loop(engine, settings, target: int = DEFAULT_CALLS, on_turn=None) -> LoopReport:
     """Run the checklist until `target` well-formed calls, a break, or another end.
     on_turn(report): called after each turn (progress)."""
-    from ..harmony import build_conversation, tool_result_message, user_message
+    from oss_mlx.harmony import build_conversation, tool_result_message, user_message
 
     steps = (target + 1) // 2  # a read and a record per step
     spec = constraint_spec([ToolSchema(t["name"], t["parameters"]) for t in TOOLS],

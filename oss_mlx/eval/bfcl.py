@@ -36,7 +36,7 @@ import types
 from dataclasses import dataclass, field
 from functools import lru_cache
 
-from ..errors import OssMlxError
+from oss_mlx.errors import OssMlxError
 
 # The bfcl-eval release this module was written and tested against (the data's v4 files).
 TESTED_VERSION = "2026.3.23"
@@ -140,7 +140,7 @@ def _modules():
     # The first import of bfcl_eval.constants.eval_config makes three folders under
     # $BFCL_PROJECT_ROOT, by default beside site-packages (read-only for a system Python);
     # point it at our own cache folder for that import.
-    from ..store import home
+    from oss_mlx.store import home
 
     old = os.environ.get("BFCL_PROJECT_ROOT")
     if old is None:

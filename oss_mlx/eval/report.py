@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
-from .results import CategoryStats, RunSummary
+from oss_mlx.eval.results import CategoryStats, RunSummary
 
 COLUMNS = ("category", "accuracy", "correct / count", "tok/s", "wall time")
 

@@ -4,7 +4,7 @@ plots.
 Each line is one JSON object: a "run" line (the settings of a run; `run` is their key), then
 a "case" line per finished BFCL case and a "loop" line for the agent loop, each carrying its
 run's key. Several runs (settings) can share one file: that is how accuracy per setting is
-compared (plot.plot_accuracy). A line is appended with one write and flushed to disk before the
+compared (oss_mlx/bench/plot.py, plot_accuracy). A line is appended with one write and flushed to disk before the
 next case starts, so an interruption loses at most the case in flight; a line cut short by a
 crash is dropped when the file is next opened.
 """
@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import OssMlxError
+from oss_mlx.errors import OssMlxError
 
 
 def read_lines(path) -> list[dict]:
@@ -74,7 +74,7 @@ class ResultsFile:
         if path.exists():
             _drop_torn_tail(path)
         if header is None:
-            from . import bfcl
+            from oss_mlx.eval import bfcl
 
             out.append({"kind": "run", "settings": {**settings.identity(), "date": settings.date},
                         "label": settings.label(), "bfcl_version": bfcl.version()})

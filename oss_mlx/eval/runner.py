@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import time
 
-from . import bfcl
-from .functions import harmony_tools, openai_tools, tool_schemas
-from .turns import looks_like_call, run_turn
+from oss_mlx.eval import bfcl
+from oss_mlx.eval.functions import harmony_tools, openai_tools, tool_schemas
+from oss_mlx.eval.turns import looks_like_call, run_turn
 
 MAX_CALLS = 10  # the largest BFCL parallel case has 8 calls
 STAND_IN_RESULT = '{"status": "done"}'
@@ -26,7 +26,7 @@ STAND_IN_RESULT = '{"status": "done"}'
 
 def case_messages(case: bfcl.Case):
     """(instructions or None, harmony messages) for the case's one turn."""
-    from ..harmony import assistant_message, user_message
+    from oss_mlx.harmony import assistant_message, user_message
 
     instructions, messages = [], []
     for m in case.messages:
@@ -41,8 +41,8 @@ def case_messages(case: bfcl.Case):
 
 def run_case(engine, case: bfcl.Case, settings) -> dict:
     """Run one case and score it; the record that goes to the results file."""
-    from ..harmony import build_conversation, tool_result_message
-    from .turns import constraint_spec
+    from oss_mlx.harmony import build_conversation, tool_result_message
+    from oss_mlx.eval.turns import constraint_spec
 
     tools = openai_tools(case.functions)
     spec = constraint_spec(tool_schemas(tools), settings.constrain)

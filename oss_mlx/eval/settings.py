@@ -53,7 +53,7 @@ class Settings:
         return ", ".join(parts)
 
     def sampling(self, processors: list):
-        from ..engine import SamplingParams
+        from oss_mlx.engine import SamplingParams
 
         return SamplingParams(temperature=self.temperature, seed=self.seed,
                               max_tokens=self.max_tokens, logits_processors=processors)

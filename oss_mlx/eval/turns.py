@@ -8,17 +8,7 @@ import re
 import time
 from dataclasses import dataclass, field
 
-from ..errors import OssMlxError
-
-
-def _constrain():
-    # The constraint module moves into harmony/ with the layout change (issue 19); until then it
-    # is oss_mlx.constrain.
-    try:
-        from ..harmony import constrain
-    except ImportError:
-        from .. import constrain
-    return constrain
+from oss_mlx.errors import OssMlxError
 
 
 def constraint_spec(tools: list, on: bool = True):
@@ -26,13 +16,17 @@ def constraint_spec(tools: list, on: bool = True):
     there are no tools). tools: objects with name, parameters, strict (functions.ToolSchema)."""
     if not on or not tools:
         return None
-    spec, _ = _constrain().request_spec(None, "tools", tools, True)
+    from oss_mlx.server.constraints import request_spec
+
+    spec, _ = request_spec(None, "tools", tools, True)
     return spec
 
 
 def processors(engine, spec) -> list:
     """A fresh logits processor per turn: it follows one turn's harmony stream."""
-    return [_constrain().processor(engine.encoding, spec)] if spec else []
+    from oss_mlx.harmony.constrain import processor
+
+    return [processor(engine.encoding, spec)] if spec else []
 
 
 @dataclass

@@ -12,14 +12,14 @@ over a backend the user picks, and the turn loop that runs them (docs/harmony.md
 Nothing here imports a UI; chat, generate and serve build on these names.
 """
 
-from .backends import BackendError, HttpJson, LocalFolder, web_backend
-from .browser import Browser
-from .documents import pdf_support
-from .python_tool import PythonSession, ToolResult
-from .sandbox import Limits, Support
-from .sandbox import support as python_support
-from .toolbox import Toolbox, call_name
-from .turn import ToolEvent, TurnDone, run_turn
+from oss_mlx.tools.backends import BackendError, HttpJson, LocalFolder, web_backend
+from oss_mlx.tools.browser import Browser
+from oss_mlx.tools.documents import pdf_support
+from oss_mlx.tools.python_tool import PythonSession, ToolResult
+from oss_mlx.tools.sandbox import Limits, Support
+from oss_mlx.tools.sandbox import support as python_support
+from oss_mlx.tools.toolbox import Toolbox, call_name
+from oss_mlx.tools.turn import ToolEvent, TurnDone, run_turn
 
 __all__ = [
     "Toolbox", "PythonSession", "ToolResult", "Limits", "Support", "python_support",

@@ -26,8 +26,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import documents
-from .pages import Page, Snippet, clean_text, domain, html_page, with_url
+from oss_mlx.tools import documents
+from oss_mlx.tools.pages import Page, Snippet, clean_text, domain, html_page, with_url
 
 
 class BackendError(Exception):
@@ -179,7 +179,7 @@ def _bm25(terms, e: _Entry, entries, k1: float = 1.2, b: float = 0.75) -> float:
 
 def _best_line(text: str, terms) -> int:
     """The wrapped line (as the browser numbers them) with the most query words."""
-    from .pages import wrap_lines
+    from oss_mlx.tools.pages import wrap_lines
 
     lines = wrap_lines(text)
     want = set(terms)

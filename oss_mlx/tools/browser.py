@@ -19,8 +19,8 @@ import re
 from dataclasses import dataclass, field
 from urllib.parse import quote, unquote
 
-from .backends import BackendError, maybe_truncate
-from .pages import Page, Snippet, join_lines, wrap_lines
+from oss_mlx.tools.backends import BackendError, maybe_truncate
+from oss_mlx.tools.pages import Page, Snippet, join_lines, wrap_lines
 
 FUNCTIONS = ("search", "open", "find")
 VIEW_TOKENS = 1024  # how much of a page one display shows, in tokens

@@ -26,8 +26,8 @@ import time
 import weakref
 from dataclasses import dataclass
 
-from ..errors import OssMlxError
-from .sandbox import Limits, make_workdir, remove_workdir, support, worker_command
+from oss_mlx.errors import OssMlxError
+from oss_mlx.tools.sandbox import Limits, make_workdir, remove_workdir, support, worker_command
 
 EMPTY = ("[WARN] No output available. Use print() to output anything to stdout to receive "
          "the output")  # the words of OpenAI's reference python tool

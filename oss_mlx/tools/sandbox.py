@@ -17,7 +17,7 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from . import seatbelt
+from oss_mlx.tools import seatbelt
 
 SANDBOX_EXEC = "/usr/bin/sandbox-exec"
 WORKER = Path(__file__).with_name("worker.py")

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 from openai_harmony import Conversation, Message, Role, SystemContent, ToolNamespaceConfig
 
-from .browser import Browser
-from .python_tool import PythonSession
+from oss_mlx.tools.browser import Browser
+from oss_mlx.tools.python_tool import PythonSession
 
 _DRIVE = "The drive at '/mnt/data' can be used to save and persist user files."
 _OUR_DRIVE = ("The current working directory can be used to save files; it is deleted when "
@@ -83,7 +83,7 @@ class Toolbox:
     def call(self, message: Message, cancel=None) -> tuple[str, str | None]:
         """Run the model's call to a built-in tool: (the tool message's text, an error kind
         or None). Never raises for what the call does."""
-        from ..harmony import message_text
+        from oss_mlx.harmony import message_text
 
         name = call_name(message.recipient)
         text = message_text(message)

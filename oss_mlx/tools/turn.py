@@ -27,8 +27,8 @@ from typing import Iterator, Optional
 
 from openai_harmony import Conversation, Message
 
-from ..harmony import tool_result_message
-from .toolbox import Toolbox, call_name
+from oss_mlx.harmony import tool_result_message
+from oss_mlx.tools.toolbox import Toolbox, call_name
 
 MAX_TOOL_CALLS = 32  # per turn: a model that keeps calling is stopped, not looped forever
 

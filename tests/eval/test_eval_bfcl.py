@@ -17,7 +17,7 @@ pytest.importorskip("bfcl_eval", reason="bfcl-eval is not installed (pip install
                                         "bfcl-eval, see pyproject's eval extra)")
 jsonschema = pytest.importorskip("jsonschema")
 
-from evalkit import (bfcl_function, call_reply, correct_calls, dummy_args,  # noqa: E402
+from support.evalkit import (bfcl_function, call_reply, correct_calls, dummy_args,  # noqa: E402
                      scripted_engine, text_reply, wrong_calls)
 
 from oss_mlx.eval import bfcl  # noqa: E402

@@ -11,19 +11,28 @@ import pytest
 pytest.importorskip("bfcl_eval", reason="bfcl-eval is not installed (pip install --no-deps "
                                         "bfcl-eval, see pyproject's eval extra)")
 
-from evalkit import (call_reply, correct_calls, good_call, scripted_engine,  # noqa: E402
+from support.evalkit import (call_reply, correct_calls, good_call, scripted_engine,  # noqa: E402
                      text_reply)
 
 from oss_mlx.engine import Engine  # noqa: E402
 from oss_mlx.errors import OssMlxError  # noqa: E402
-from oss_mlx.eval import bfcl, command  # noqa: E402
+from oss_mlx.cli import eval as command  # noqa: E402
+from oss_mlx.eval import bfcl  # noqa: E402
 from oss_mlx.eval.results import read_lines  # noqa: E402
+
+
+SCRIPTED_DIR = None  # set for each test: the folder the command resolves as the model
+
+
+@pytest.fixture(autouse=True)
+def _scripted_dir(scripted_dir, monkeypatch):
+    monkeypatch.setattr(sys.modules[__name__], "SCRIPTED_DIR", scripted_dir)
 
 
 def parse(*argv):
     p = argparse.ArgumentParser()
     command.add_arguments(p)
-    return p.parse_args(["--model", "scripted", "--reasoning", "low", *argv])
+    return p.parse_args(["tools", "--model", str(SCRIPTED_DIR), "--reasoning", "low", *argv])
 
 
 def right_replies(limit: int) -> list[str]:
@@ -80,7 +89,7 @@ class Interrupted(Engine):
 
 def test_an_interrupted_run_resumes_without_rerunning_finished_cases(encoding, tmp_path, capsys,
                                                                     wide):
-    from scripted import ScriptedModel
+    from support.scripted import ScriptedModel
 
     out = tmp_path / "r.jsonl"
     args = parse("--categories", "simple", "irrelevance", "--limit", "2", "--json", str(out))
@@ -117,8 +126,9 @@ def test_runs_with_other_settings_share_the_file(encoding, tmp_path):
     from oss_mlx.eval.results import summarize
 
     runs = summarize(read_lines(out))
-    assert [r.label for r in runs] == ["scripted, reasoning low, constrained",
-                                       "scripted, reasoning low, unconstrained"]
+    name = SCRIPTED_DIR.name  # the model is named after its folder
+    assert [r.label for r in runs] == [f"{name}, reasoning low, constrained",
+                                       f"{name}, reasoning low, unconstrained"]
     assert [r.overall.count for r in runs] == [2, 2]
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from evalkit import call_reply, good_call, scripted_engine, text_reply
+from support.evalkit import call_reply, good_call, scripted_engine, text_reply
 
 from oss_mlx.eval.agent_loop import run_loop, step_value
 from oss_mlx.eval.settings import Settings

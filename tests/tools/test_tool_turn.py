@@ -13,7 +13,7 @@ from oss_mlx.engine import Engine, SamplingParams
 from oss_mlx.harmony import build_conversation, user_message
 from oss_mlx.tools import Browser, LocalFolder, PythonSession, Toolbox, python_support, run_turn
 from oss_mlx.tools.toolbox import browser_config, python_config
-from scripted import ScriptedModel
+from support.scripted import ScriptedModel
 
 START, ASSISTANT_WORD = 200006, "assistant"
 GREEDY = SamplingParams(temperature=0, max_tokens=300)

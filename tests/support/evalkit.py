@@ -12,7 +12,7 @@ import ast
 import json
 from pathlib import Path
 
-from scripted import ScriptedModel
+from support.scripted import ScriptedModel
 
 from oss_mlx.engine import Engine
 

@@ -13,32 +13,26 @@ plot.plot_accuracy draws.
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
-from ..errors import OssMlxError
-
-try:  # the allowed values move to defaults.py with the layout change (issue 19)
-    from ..defaults import EFFORTS
-except ImportError:
-    from ..config import EFFORTS
+from oss_mlx.cli import options
+from oss_mlx.errors import OssMlxError
 
 LOOP = "agent_loop"
 
 
 def add_arguments(p):
-    from . import agent_loop, bfcl
+    from oss_mlx.eval import agent_loop, bfcl
 
-    p.add_argument("--model", default="gpt-oss-20b",
-                   help="converted model folder or model-store name (default: gpt-oss-20b)")
+    p.add_argument("suite", choices=["tools"], help="what to evaluate: tools (tool calling)")
+    options.add_model(p)
     p.add_argument("--categories", nargs="+", default=None, metavar="CATEGORY",
                    help=f"BFCL categories and/or {LOOP} (default: "
                         f"{' '.join(bfcl.DEFAULT_CATEGORIES)} {LOOP}); 'simple' means "
                         "simple_python")
     p.add_argument("--limit", type=int, default=None, metavar="N",
                    help="the first N cases of each category (default: all)")
-    p.add_argument("--reasoning", choices=EFFORTS, default="medium",
-                   help="reasoning effort (default: medium)")
+    options.add_reasoning(p)
     p.add_argument("--no-constrain-tools", action="store_true",
                    help="let the model write tool arguments freely instead of constraining them "
                         "to each tool's schema (to compare the two)")
@@ -47,21 +41,19 @@ def add_arguments(p):
                         " runs with other settings may share it")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run of the same settings in that file")
-    p.add_argument("--max-tokens", type=int, default=4096,
-                   help="most tokens per model turn, reasoning included (default: 4096)")
-    p.add_argument("--temperature", type=float, default=0.0,
-                   help="0 = greedy (default; BFCL uses 0.001)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    options.add_sampling(p, 4096, temperature=0.0, seed=0)
     p.add_argument("--loop-calls", type=int, default=agent_loop.DEFAULT_CALLS, metavar="N",
                    help=f"calls the agent loop asks for (default: {agent_loop.DEFAULT_CALLS})")
     p.add_argument("--plot", default=None, metavar="PNG",
-                   help="also draw accuracy per setting of every run in the file (matplotlib)")
+                   help="also draw accuracy per setting of every run in the file (needs the "
+                        "bench extra)")
+    options.add_loading(p)
 
 
 def selected_categories(values) -> tuple[list[str], bool]:
     """(BFCL categories in BFCL's names, whether the agent loop runs); OssMlxError for an
     unknown name."""
-    from . import bfcl
+    from oss_mlx.eval import bfcl
 
     if not values:
         return list(bfcl.DEFAULT_CATEGORIES), True
@@ -76,8 +68,8 @@ def selected_categories(values) -> tuple[list[str], bool]:
     return cats, loop
 
 
-def settings_from(args):
-    from .settings import Settings
+def settings_from(args, model: str):
+    from oss_mlx.eval.settings import Settings
 
     if args.limit is not None and args.limit < 1:
         raise OssMlxError("--limit must be at least 1")
@@ -86,64 +78,66 @@ def settings_from(args):
     if args.temperature < 0:
         raise OssMlxError("--temperature must be >= 0")
     extra = {k: getattr(args, k, None) for k in ("kv_bits", "max_context")}
-    return Settings(model=args.model, reasoning=args.reasoning,
+    return Settings(model=model, reasoning=args.reasoning,
                     constrain=not args.no_constrain_tools, temperature=args.temperature,
                     max_tokens=args.max_tokens, seed=args.seed,
                     extra={k: v for k, v in extra.items() if v is not None})
 
 
 def default_path(model: str) -> Path:
-    from ..store import home
+    from oss_mlx.store import home
 
     name = model.rstrip("/").split("/")[-1] or "model"
     return home() / "eval" / f"tools-{name}.jsonl"
 
 
-def _load_engine(args):
-    # The memory-checked loader of generate/chat/serve; it moves to engine/ with the layout
-    # change (issue 19).
-    try:
-        from ..engine.loading import load_engine
-    except ImportError:
-        from ..memory import load_engine
-    return load_engine(args.model, args)
-
-
 def main(args, load_engine=None) -> int:
-    """`load_engine(model)` builds the engine (default: the memory-checked loader that
+    """`load_engine(folder)` builds the engine (default: the memory-checked loader that
     generate and chat use); tests pass one over a scripted model."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # offline: the model folder has everything
-    from rich.console import Console
+    from contextlib import ExitStack
 
-    from . import bfcl
-    from .results import ResultsFile
+    from oss_mlx.cli.models import choose
+    from oss_mlx.cli.output import console as make_console
+    from oss_mlx.eval import bfcl
+    from oss_mlx.eval.results import ResultsFile
 
     categories, loop = selected_categories(args.categories)
-    settings = settings_from(args)
-    cases = [c for cat in categories for c in bfcl.load_cases(cat, args.limit)]
-    path = Path(args.json).expanduser() if args.json else default_path(args.model)
-    results = ResultsFile.open(path, settings, args.resume)
-    engine = load_engine(args.model) if load_engine else _load_engine(args)
-    console, out = Console(stderr=True), Console()
-    installed = bfcl.version()
-    if cases and installed != bfcl.TESTED_VERSION:
-        console.print(f"note: bfcl-eval {installed} is installed; oss-mlx was checked against "
-                      f"{bfcl.TESTED_VERSION}: its data or rules may differ", soft_wrap=True)
-    try:
-        context_full = _run(engine, cases, loop, settings, results, args, console)
-    except KeyboardInterrupt:
-        console.print(f"interrupted: {len(results.done)} finished results are saved in {path}; "
-                      "run the same command with --resume to go on", soft_wrap=True)
-        return 130
+    with ExitStack() as stack:
+        chosen = choose(args, stack)
+        settings = settings_from(args, chosen.name)
+        cases = [c for cat in categories for c in bfcl.load_cases(cat, args.limit)]
+        path = Path(args.json).expanduser() if args.json else default_path(chosen.name)
+        results = ResultsFile.open(path, settings, args.resume)
+        engine = _engine(chosen, args, load_engine)
+        console, out = make_console(stderr=True), make_console()
+        installed = bfcl.version()
+        if cases and installed != bfcl.TESTED_VERSION:
+            console.print(f"note: bfcl-eval {installed} is installed; oss-mlx was checked "
+                          f"against {bfcl.TESTED_VERSION}: its data or rules may differ")
+        try:
+            context_full = _run(engine, cases, loop, settings, results, args, console)
+        except KeyboardInterrupt:
+            console.print(f"interrupted: {len(results.done)} finished results are saved in "
+                          f"{path}; run the same command with --resume to go on")
+            return 130
     _show(out, console, path, results.key, context_full, args)
     return 0
 
 
+def _engine(chosen, args, load_engine):
+    if load_engine is not None:
+        return load_engine(chosen.folder)
+    from oss_mlx.engine.loading import load_engine as load
+
+    return load(str(chosen.folder), options.load_options(args))
+
+
 def _run(engine, cases, loop, settings, results, args, console) -> int:
     """Run what is not finished yet; returns how many cases did not fit the context."""
-    from . import agent_loop
-    from .report import progress
-    from .runner import run_case
+    from oss_mlx.eval import agent_loop
+    from oss_mlx.eval.report import progress
+    from oss_mlx.eval.runner import run_case
 
     todo = [c for c in cases if c.id not in results.done]
     finished = [results.done[c.id] for c in cases if c.id in results.done]
@@ -165,8 +159,8 @@ def _run(engine, cases, loop, settings, results, args, console) -> int:
 
 
 def _show(out, console, path, key, context_full, args):
-    from .report import loop_text, results_table
-    from .results import read_lines, summarize
+    from oss_mlx.eval.report import loop_text, results_table
+    from oss_mlx.eval.results import read_lines, summarize
 
     run = next(r for r in summarize(read_lines(path)) if r.key == key)
     out.print(results_table(run))
@@ -178,22 +172,6 @@ def _show(out, console, path, key, context_full, args):
                       soft_wrap=True)
     console.print(f"results: {path}", soft_wrap=True)
     if args.plot:
-        from .plot import plot_accuracy
+        from oss_mlx.bench.plot import plot_accuracy
 
         console.print(f"plot: {plot_accuracy(path, args.plot)}", soft_wrap=True)
-
-
-if __name__ == "__main__":  # pragma: no cover - the CLI wiring comes with the layout change
-    import argparse
-
-    from .. import memory  # until the CLI wiring brings the shared model options
-
-    parser = argparse.ArgumentParser(prog="oss-mlx eval tools")
-    add_arguments(parser)
-    memory.add_memory_arguments(parser)
-    memory.add_decode_arguments(parser)
-    try:
-        sys.exit(main(parser.parse_args()))
-    except OssMlxError as e:
-        print(f"oss-mlx: error: {e}", file=sys.stderr)
-        sys.exit(1)
