@@ -33,6 +33,7 @@ import time
 import mlx.core as mx
 import numpy as np
 
+from oss_mlx.defaults import KV_BITS
 from oss_mlx.engine import memory
 from oss_mlx.model import load
 
@@ -70,7 +71,7 @@ def error(args):
     rng = np.random.default_rng(0)
     tokens = mx.array(rng.integers(0, ref_model.config.vocab_size, (1, args.positions)),
                       dtype=mx.int32)
-    runs = {f"kv {b}-bit": (ref_model, b) for b in memory.KV_BITS}
+    runs = {f"kv {b}-bit": (ref_model, b) for b in KV_BITS}
     runs.update({f"dense {f}": (load(f, dtype=dtype), None) for f in args.dense or []})
     caches = {k: m.make_cache(kv_bits=b) for k, (m, b) in runs.items()}
     ref_cache = ref_model.make_cache()
@@ -103,7 +104,7 @@ def speed(args):
     cfg = model.config
     rows = []
     for context in [int(x) for x in args.contexts.split(",")]:
-        for bits in (None,) + memory.KV_BITS:
+        for bits in (None,) + KV_BITS:
             cache = model.make_cache(kv_bits=bits)
             _fill(cache, cfg, context, model.dtype)
             y = mx.array([[1]])
@@ -133,7 +134,7 @@ def attention_speed(args):
     sinks = mx.zeros((64,), mx.bfloat16)
     q = mx.random.normal((1, 64, 1, 64)).astype(mx.bfloat16)
     for context in [int(x) for x in args.contexts.split(",")]:
-        for bits in (None,) + memory.KV_BITS:
+        for bits in (None,) + KV_BITS:
             c = kv_quant.QuantizedKVCache(bits) if bits else KVCache()
             from oss_mlx.config import PRESETS
 
@@ -165,7 +166,7 @@ def kv_memory(args):
         cfg = PRESETS[name]
         n_sliding, n_full = memory._layers(cfg)
         for context in [int(x) for x in args.contexts.split(",")]:
-            for bits in (None,) + memory.KV_BITS:
+            for bits in (None,) + KV_BITS:
                 full = QuantizedKVCache(bits) if bits else KVCache()
                 _fill([full], cfg, context, mx.bfloat16)
                 sliding = RotatingKVCache(max_size=cfg.sliding_window)

@@ -23,6 +23,8 @@ from pathlib import Path
 import mlx.core as mx
 
 from oss_mlx.bench import harness as bench
+from oss_mlx.bench.checkpoints import SYNTH_PRESETS, cache_root, source_of, synth_checkpoint
+from oss_mlx.bench.roofline import machine_info
 
 # (component, pattern on the module path with layer numbers replaced by *), first match wins.
 COMPONENTS = [
@@ -126,7 +128,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--model")
-    src.add_argument("--synth", choices=bench.SYNTH_PRESETS)
+    src.add_argument("--synth", choices=SYNTH_PRESETS)
     ap.add_argument("--layers", type=int)
     ap.add_argument("--source", help="HF checkpoint for mlx-lm (default: from the manifest)")
     ap.add_argument("--dtype", default="auto,float32")
@@ -140,10 +142,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     if args.synth:
-        source, model_dir = bench.synth_checkpoint(args.synth, args.layers, 0, bench._cache_root(None))
+        source, model_dir = synth_checkpoint(args.synth, args.layers, 0, cache_root(None))
     else:
         model_dir = Path(args.model)
-        source = Path(args.source) if args.source else bench._source_of(model_dir)
+        source = Path(args.source) if args.source else source_of(model_dir)
 
     table: dict[str, dict[str, float]] = {}
     totals: dict[str, float] = {}
@@ -174,7 +176,7 @@ def main(argv=None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(
             {"components": table, "totals": totals, "modules": raw,
-             "machine": bench.machine_info(), "load_average": os.getloadavg(),
+             "machine": machine_info(), "load_average": os.getloadavg(),
              "prompt_tokens": args.prompt_tokens, "prefill": args.prefill,
              "steps": args.steps}, indent=2) + "\n")
     return 0
