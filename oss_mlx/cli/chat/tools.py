@@ -156,3 +156,18 @@ class ChatTools:
         if ev.type == "tool_result":
             console.print()
 
+
+
+def markdown(text: str):
+    """The answer as rich renders markdown, with links to local files kept as links: a citation
+    of a document under --browse is a file:// URL, which markdown-it refuses by default (rich
+    then shows the link's source instead of a hyperlink)."""
+    from markdown_it import MarkdownIt
+    from rich.markdown import Markdown
+
+    md = Markdown(text)
+    parser = MarkdownIt().enable("strikethrough").enable("table")
+    default = parser.validateLink
+    parser.validateLink = lambda url: url.strip().lower().startswith("file://") or default(url)
+    md.parsed = parser.parse(text)
+    return md
