@@ -145,6 +145,19 @@ def from_args(args) -> ToolChoice:
                   getattr(args, "browse", None), getattr(args, "search_url", None))
 
 
+def serve_tools(choice: ToolChoice, encoding, args):
+    """The server's BuiltinTools for --builtin-tools (None when it runs none), said in a line."""
+    from oss_mlx.server.builtin_tools import BuiltinTools
+
+    if not choice.names:
+        return None
+    hosted = {"python": "code_interpreter", "browser": "web_search"}
+    print(f"oss-mlx: built-in tools: {choice.describe()}, for the Responses requests that "
+          f"ask for {' or '.join(hosted[n] for n in choice.names)}", flush=True)
+    return BuiltinTools(choice.python, choice.backend, encoding=encoding,
+                        max_sessions=args.tool_sessions, idle_s=args.tool_idle)
+
+
 def turn_events(engine, conversation, params, cancel, box, on_tool=None):
     """The events of one turn: `engine.stream`'s when `box` is None. Else the model's turn with
     the built-in tools run between its calls (run_turn): `on_tool(ToolEvent)` is told of each
