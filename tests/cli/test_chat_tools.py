@@ -91,7 +91,8 @@ def test_browsing_a_folder_in_a_piped_chat(monkeypatch, capsys, encoding, script
     oracle = Browser(LocalFolder(notes), encoding=encoding)
     pages = [oracle.call("search", '{"query": "tram castle"}'), oracle.call("open", '{"id": 0}'),
              oracle.call("find", '{"pattern": "tram"}')]
-    assert pages[0].startswith("[0] tram castle\n") and "【0†Trip to Lisbon†trip.md】" in pages[0]
+    assert pages[0].startswith("[0] tram castle\n")
+    assert "【0†Trip to Lisbon†trip.md】" in pages[0]
     assert pages[1].startswith(f"[1] Trip to Lisbon ({trip})")
     assert pages[2].startswith("[2] Find results for text: `tram` in `Trip to Lisbon`")
     assert "secret" not in "".join(pages).lower()
@@ -99,7 +100,8 @@ def test_browsing_a_folder_in_a_piped_chat(monkeypatch, capsys, encoding, script
     first = first_prompt(encoding, system(browser_config(oracle)), "How do I get to the castle?")
     check_tool_prompts(encoding, engine.rendered, model.prompts, BROWSE_TURN, results, first=first)
     assert "sources=local files" in encoding.decode(engine.rendered[0])
-    assert '→ browser.search {"query": "tram castle"}\n← browser.search\n  [0] tram castle' in err
+    assert ('→ browser.search {"query": "tram castle"}\n← browser.search\n'
+            '  [0] tram castle') in err
 
 
 def test_options_are_checked_before_the_model_loads(monkeypatch, capsys, scripted_dir, tmp_path):
@@ -131,7 +133,8 @@ def test_without_a_sandbox_python_is_not_offered(monkeypatch, capsys, encoding, 
                         "--tools", "python") == 0
     out, err = capsys.readouterr()
     assert out == "Hi.\n"
-    assert err.count("python tool off: Landlock is not enabled in this kernel") == 2  # start, /tools
+    # Said once at the start and once at /tools python on.
+    assert err.count("python tool off: Landlock is not enabled in this kernel") == 2
     assert "# Tools" not in encoding.decode(engine.rendered[0])  # not declared to the model
 
 
@@ -181,8 +184,9 @@ def test_tty_python_session(scripted_dir, tmp_path):
     out = command(child, "What is 6*7+1?")
     # The reasoning, the call and its output, the next call, then the answer.
     # (A spinner says the code is running, until its output is in.)
-    assert re.search(r"Let me compute\.\s+→ python\s+x = 6 \* 7\s+print\(x\)\s.*?← python\s+42"
-                     r"\s+→ python\s+print\(x \+ 1\)\s.*?← python\s+43\s.*?It is 43\.", out, re.S), out
+    assert re.search(r"Let me compute\.\s+→ python\s+x = 6 \* 7\s+print\(x\)\s.*?"
+                     r"← python\s+42\s+→ python\s+print\(x \+ 1\)\s.*?← python\s+43\s.*?"
+                     r"It is 43\.", out, re.S), out
     assert "running python… (Ctrl-C stops it)" in out
 
     assert "tools: python" in command(child, "/tools")
@@ -204,7 +208,6 @@ def test_tty_python_session(scripted_dir, tmp_path):
 def test_tty_browser_citation_is_a_link(scripted_dir, tmp_path):
     notes = write_notes(tmp_path)
     child = spawn(tmp_path, BROWSE_TURN, "--model", str(scripted_dir), "--browse", str(notes))
-    raw = ""
     child.sendline("How do I get to the castle?")
     child.expect_exact(PROMPT)
     raw = child.before
@@ -212,5 +215,5 @@ def test_tty_browser_citation_is_a_link(scripted_dir, tmp_path):
     assert '→ browser.search {"query": "tram castle"}' in out and "← browser.find" in out
     assert re.search(r"Take the tram 28\s+\(trip\.md\)\s*\.", out), out
     trip = (notes / "trip.md").resolve().as_uri()
-    assert f"\x1b]8;id=" in raw and f";{trip}\x1b\\" in raw  # a terminal hyperlink to the file
+    assert "\x1b]8;id=" in raw and f";{trip}\x1b\\" in raw  # a terminal hyperlink to the file
     finish(child)

@@ -283,3 +283,61 @@ def test_a_busy_server_tells_the_model(client, srv, encoding):
     finally:
         for s in held:
             srv.tools.release(s)
+
+
+# ---- the command ------------------------------------------------------------------------------
+
+
+@needs_sandbox
+def test_the_serve_command(tmp_path, notes):
+    """`serve --builtin-tools python --browse FOLDER` (tests/support/serve_scripted.py: the real
+    command on a scripted engine) says what it runs, runs it, and leaves no worker folder
+    behind when it stops."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import threading
+
+    from support import SUPPORT, child_env
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    replies = [x for r in PYTHON_TURN for x in ("--reply", r)]
+    proc = subprocess.Popen(
+        [sys.executable, str(SUPPORT / "serve_scripted.py"), "--port", str(port),
+         "--builtin-tools", "python", "--browse", str(notes), *replies],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=child_env({**os.environ, "TMPDIR": str(tmp), "PYTHONUNBUFFERED": "1"}))
+    watchdog = threading.Timer(120, proc.kill)
+    watchdog.start()
+    try:
+        lines = []
+        while "serving" not in (line := proc.stdout.readline()):
+            assert line, f"serve exited: {''.join(lines)}"
+            lines.append(line)
+        said = (f"oss-mlx: built-in tools: python ({python_support().kind} sandbox) · browser "
+                f"over {notes}, for the Responses requests that ask for code_interpreter or "
+                "web_search\n")
+        assert said in lines, lines
+        transport = StrictTransport()
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x",
+                               max_retries=0, http_client=httpx.Client(transport=transport,
+                                                                       timeout=60))
+        r = client.responses.create(model="scripted-oss", input="6*7+1?", tools=[CODE])
+        assert [o.outputs[0].logs for o in r.output if o.type == "code_interpreter_call"] == [
+            "42\n", "43\n"]
+        assert r.output_text == "It is 43." and not transport.failures
+        assert len(list(tmp.glob("oss-mlx-python-*"))) == 1  # the conversation's folder
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
+        assert not list(tmp.glob("oss-mlx-python-*"))  # removed with its worker
+    finally:
+        watchdog.cancel()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -9,8 +9,8 @@ from oss_mlx.tools import Browser, LocalFolder
 from oss_mlx.tools.citations import CitationStream
 from support.tooluse import write_notes
 
-ANSWER = ("Take the tram 28 【1†L4-L5】, then walk 【2†L0】. Not a citation: 【 or 【x†y】 "
-          "or 【9†L1】 (no such page), and a bracket at the very end 【1†L2")
+ANSWER = ("Take the tram 28 【1†L4-L5】, then walk 【2†L0】. Not a citation: 【 or "
+          "【x†y】 or 【9†L1】 (no such page), and a bracket at the very end 【1†L2")
 
 
 @pytest.fixture
@@ -39,4 +39,5 @@ def test_streamed_citations_match_cite(browser, size):
 
 def test_no_browser_passes_text_through():
     cites = CitationStream(None)
-    assert cites.feed("a 【1†L2】 b") == "a 【1†L2】 b" and cites.flush() == "" and cites.take() == []
+    assert cites.feed("a 【1†L2】 b") == "a 【1†L2】 b"
+    assert cites.flush() == "" and cites.take() == []
