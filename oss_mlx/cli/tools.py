@@ -45,7 +45,7 @@ def add_backend(parser) -> None:
 
 def add_arguments(parser) -> None:
     """chat and generate: --tools, --browse, --search-url."""
-    parser.add_argument("--tools", metavar="LIST", type=tool_list, default=[],
+    parser.add_argument("--tools", metavar="LIST", type=tool_list, default=None,
                         help="offer gpt-oss's built-in tools: python (runs the model's code in "
                              "a sandbox, no network, its own folder), browser (needs --browse "
                              "or --search-url); comma-separated")
@@ -54,7 +54,7 @@ def add_arguments(parser) -> None:
 
 def add_serve_arguments(parser) -> None:
     """serve: --builtin-tools, --browse, --search-url, and the bounds on tool sessions."""
-    parser.add_argument("--builtin-tools", metavar="LIST", type=tool_list, default=[],
+    parser.add_argument("--builtin-tools", metavar="LIST", type=tool_list, default=None,
                         help="run gpt-oss's built-in tools here for the Responses requests "
                              "that ask for them: python (a `code_interpreter` tool), browser "
                              "(`web_search`, over --browse or --search-url); comma-separated")

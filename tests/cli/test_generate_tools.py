@@ -106,3 +106,65 @@ def test_without_a_sandbox_the_reason_is_one_line(capsys, encoding, scripted_dir
     out, err = capsys.readouterr()
     assert out == "Hi.\n" and err == "oss-mlx: note: python tool off: no sandbox for win32\n"
     assert "# Tools" not in encoding.decode(engine.rendered[0])
+
+
+class _SearchEndpoint:
+    """A search endpoint on loopback (GET /search?q=&n= -> JSON results) whose one result is a
+    page it serves itself (GET /tram28 -> HTML)."""
+
+    def __enter__(self):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from urllib.parse import urlparse
+
+        base = {}
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                if urlparse(self.path).path == "/search":
+                    body, kind = json.dumps({"results": [{
+                        "title": "Tram 28", "url": base["url"] + "/tram28",
+                        "snippet": "The tram to the castle."}]}), "application/json"
+                else:
+                    body, kind = ("<html><head><title>Tram 28</title></head><body><p>Tram 28 "
+                                  "climbs from Martim Moniz to the castle.</p></body></html>",
+                                  "text/html")
+                self.send_response(200)
+                self.send_header("content-type", kind)
+                self.end_headers()
+                self.wfile.write(body.encode())
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        base["url"] = self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_configured_search_endpoint(capsys, encoding, scripted_dir):
+    from oss_mlx.tools import HttpJson
+
+    turn = ['<|channel|>analysis to=browser.search code<|message|>{"query": "tram castle"}<|call|>',
+            '<|channel|>analysis to=browser.open code<|message|>{"id": 0}<|call|>',
+            "<|channel|>final<|message|>Tram 28 【1†L3】.<|return|>"]
+    model = ScriptedModel(*turn, encoding=encoding)
+    engine = RecordingEngine(model, encoding)
+    with _SearchEndpoint() as web:
+        assert generate(scripted_dir, engine, "Castle?", "--search-url", web.url + "/search") == 0
+        oracle = Browser(HttpJson(web.url + "/search"), encoding=encoding)
+        pages = [oracle.call("search", '{"query": "tram castle"}'),
+                 oracle.call("open", '{"id": 0}')]
+    out, _ = capsys.readouterr()
+    host = web.url.split("//")[1]
+    assert out == f"Tram 28  ([{host}]({web.url}/tram28)) .\n"
+    assert "climbs from Martim Moniz to the castle" in pages[1]
+    results = [("browser.search", pages[0]), ("browser.open", pages[1])]
+    first = first_prompt(encoding, system(browser_config(oracle)), "Castle?")
+    check_tool_prompts(encoding, engine.rendered, model.prompts, turn, results, first=first)
+    assert "sources=web" in encoding.decode(engine.rendered[0])
