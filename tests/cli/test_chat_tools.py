@@ -205,6 +205,28 @@ def test_tty_python_session(scripted_dir, tmp_path):
     finish(child)
 
 
+@needs_sandbox
+def test_tty_a_cell_that_ignores_ctrl_c(scripted_dir, tmp_path):
+    """A cell that ignores the interrupt is ended (2 s later), the model is told its session
+    was restarted, and the next call runs in a new one."""
+    stubborn = ("<|channel|>analysis to=python code<|message|>import signal\n"
+                "signal.signal(signal.SIGINT, signal.SIG_IGN)\nwhile True:\n    pass<|call|>")
+    after = ["<|channel|>analysis to=python code<|message|>print('fresh')<|call|>",
+             "<|channel|>final<|message|>Back.<|return|>"]
+    child = spawn(tmp_path, [stubborn, *after], "--model", str(scripted_dir), "--tools", "python")
+    child.sendline("Loop.")
+    child.expect_exact("running python")
+    child.sendintr()
+    child.expect_exact(PROMPT)
+    out = plain(child.before)
+    assert ("[ERROR] Execution interrupted by the user. The python session was restarted: its "
+            "variables are lost.") in out
+    assert "[interrupted by the user]" in out and "no harmony message" not in out
+    out = command(child, "Again.")
+    assert re.search(r"← python\s+fresh\s.*Back\.", out, re.S), out
+    finish(child)
+
+
 def test_tty_browser_citation_is_a_link(scripted_dir, tmp_path):
     notes = write_notes(tmp_path)
     child = spawn(tmp_path, BROWSE_TURN, "--model", str(scripted_dir), "--browse", str(notes))
@@ -217,3 +239,31 @@ def test_tty_browser_citation_is_a_link(scripted_dir, tmp_path):
     trip = (notes / "trip.md").resolve().as_uri()
     assert "\x1b]8;id=" in raw and f";{trip}\x1b\\" in raw  # a terminal hyperlink to the file
     finish(child)
+
+
+@needs_sandbox
+def test_a_chat_cut_inside_a_call_restarts_python(monkeypatch, capsys, encoding, scripted_dir):
+    """A KeyboardInterrupt inside a call (a third Ctrl-C, while the cell ignores the first two):
+    the turn ends, the worker is ended rather than left mid-cell, the next call starts anew."""
+    real_run = PythonSession.run
+    sessions = []
+
+    def run(self, code, cancel=None):
+        if code == "cut here":
+            real_run(self, "0")  # the worker and its folder exist
+            sessions.append(self)
+            raise KeyboardInterrupt
+        return real_run(self, code, cancel)
+
+    monkeypatch.setattr(PythonSession, "run", run)
+    model = ScriptedModel("<|channel|>analysis to=python code<|message|>cut here<|call|>",
+                          "<|channel|>analysis to=python code<|message|>print(1)<|call|>",
+                          "<|channel|>final<|message|>One.<|return|>", encoding=encoding)
+    engine = RecordingEngine(model, encoding)
+    assert chat_in_pipe(monkeypatch, scripted_dir, engine, ["first", "second"], "--tools",
+                        "python") == 0
+    out, err = capsys.readouterr()
+    assert out == "One.\n"
+    assert "the python session was restarted: its variables are lost" in err
+    assert sessions[0].workdir is None  # closed: its worker ended, its folder removed
+    assert "[interrupted by the user]" in err and "no harmony message" not in err

@@ -175,7 +175,7 @@ class Chat:
         self.session.turns.append(self._turn(text, completion, streamed, interrupted))
         if completion is None:
             return
-        if not streamed["visible"] and completion.tokens:
+        if not streamed["visible"] and not self.tools.shown and completion.tokens:
             # Nothing parsed as a harmony message (random demo weights do this): show the raw
             # text rather than an empty answer.
             raw = raw_text(self.engine, completion)

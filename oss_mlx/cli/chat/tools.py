@@ -31,7 +31,9 @@ class ChatTools:
         self.on = set(self.choice.names)
         self.python = None  # PythonSession, made at the first turn with python on
         self.browser = None  # Browser, likewise
-        self._status = None
+        self._status = None  # the spinner while python runs
+        self._running = None  # the built-in call running now
+        self.shown = False  # this turn showed a built-in call (it is not an empty answer)
 
     @classmethod
     def from_args(cls, args, view, encoding=None) -> "ChatTools":
@@ -122,12 +124,23 @@ class ChatTools:
         """The turn's events, as engine.stream gives them; with tools on, the built-in calls
         are run and shown here, and citations in the answer become links
         (cli/tools.turn_events)."""
-        return cli_tools.turn_events(engine, conversation, params, cancel, self.toolbox(),
-                                     self._show)
+        self._running, self.shown = None, False
+        try:
+            yield from cli_tools.turn_events(engine, conversation, params, cancel,
+                                             self.toolbox(), self._show)
+        finally:
+            self._stop_status()
+            if self._running == "python" and self.python is not None:
+                # Cut inside a call (a third Ctrl-C): the rest of the cell's output would
+                # reach the next call. The next call starts a new session instead.
+                self.python.close()
+                self.python = None
+                self.view.warn("the python session was restarted: its variables are lost")
 
     def _show(self, ev) -> None:
         """A built-in call as it starts and its result, in the reasoning view."""
         if ev.type == "tool_call":
+            self._running, self.shown = ev.name, True
             self.view.finish()  # closes the reasoning so far; the next delta opens a new one
             self._print(ev)
             console = getattr(self.view, "console", None)
@@ -136,10 +149,14 @@ class ChatTools:
                                               spinner="dots")
                 self._status.start()
         else:
-            if self._status is not None:
-                self._status.stop()
-                self._status = None
+            self._running = None
+            self._stop_status()
             self._print(ev)
+
+    def _stop_status(self) -> None:
+        if self._status is not None:
+            self._status.stop()
+            self._status = None
 
     def _print(self, ev) -> None:
         console = getattr(self.view, "console", None)
