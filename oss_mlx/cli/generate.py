@@ -15,7 +15,7 @@ import json
 import os
 import sys
 
-from oss_mlx.cli import options
+from oss_mlx.cli import options, tools as cli_tools
 from oss_mlx.defaults import DEMO_MAX_TOKENS
 
 
@@ -28,6 +28,7 @@ def add_arguments(p):
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.add_argument("--show-reasoning", action="store_true", help="print the reasoning to stderr")
     p.add_argument("--stats", action="store_true", help="print token counts and speeds to stderr")
+    cli_tools.add_arguments(p)
     options.add_loading(p)
 
 
@@ -60,6 +61,9 @@ def main(args, load_engine=None) -> int:
     from oss_mlx.harmony import build_conversation, user_message
 
     prompt = _read_prompt(args.prompt)
+    tools = cli_tools.from_args(args)  # --tools, --browse: checked before the model loads
+    for note in tools.notes:
+        print(f"oss-mlx: note: {note}", file=sys.stderr)
     with ExitStack() as stack:
         chosen = choose(args, stack)
         if load_engine is None:
@@ -73,13 +77,18 @@ def main(args, load_engine=None) -> int:
         max_tokens = args.max_tokens or (DEMO_MAX_TOKENS if chosen.demo else None)
         params = SamplingParams(temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                                 max_tokens=max_tokens)
-        completion, shown = _stream(engine, conv, params, args)
-    return _report(engine, completion, shown, args)
+        box = cli_tools.GenerateTools(tools, engine.encoding, args.json, args.show_reasoning)
+        stack.callback(box.close)
+        completion, shown = _stream(engine, conv, params, args, box)
+    return _report(engine, completion, shown, args, box.outputs if box.box else None)
 
 
-def _report(engine, completion, shown: bool, args) -> int:
+def _report(engine, completion, shown: bool, args, tool_outputs=None) -> int:
     if args.json:
-        print(json.dumps(completion.to_dict(), ensure_ascii=False))
+        out = completion.to_dict()
+        if tool_outputs is not None:  # --tools: each built-in call, its output and error
+            out["tool_outputs"] = tool_outputs
+        print(json.dumps(out, ensure_ascii=False))
         return 130 if completion.stop_reason == "cancelled" else 0
     for call in completion.tool_calls:
         print(f"oss-mlx: tool call {call['recipient']} {call['arguments']}", file=sys.stderr)
@@ -95,7 +104,7 @@ def _report(engine, completion, shown: bool, args) -> int:
     return 130 if completion.stop_reason == "cancelled" else 0
 
 
-def _stream(engine, conv, params, args):
+def _stream(engine, conv, params, args, tools=None):
     """Run the turn, what the user reads to stdout as it comes (harmony.section_of, the rule
     chat and the server route by too); the first Ctrl-C stops it (the engine returns what was
     made, with its stats), a second one interrupts outright."""
@@ -114,7 +123,8 @@ def _stream(engine, conv, params, args):
     previous = signal.signal(signal.SIGINT, on_sigint)
     completion, in_reasoning, shown, last = None, False, False, ""
     try:
-        for ev in engine.stream(conv, params, cancel=cancel):
+        for ev in (tools.events(engine, conv, params, cancel) if tools is not None
+                   else engine.stream(conv, params, cancel=cancel)):
             if ev.type == "done":
                 completion = ev.completion
                 continue

@@ -11,7 +11,7 @@ tools, stop strings, finish reasons, reasoning kept across tool calls): docs/ser
 
 import logging
 
-from oss_mlx.cli import options
+from oss_mlx.cli import options, tools as cli_tools
 from oss_mlx.defaults import DEFAULT_MODEL, DEMO_MAX_TOKENS
 
 log = logging.getLogger("oss_mlx.server")
@@ -38,6 +38,7 @@ def add_arguments(parser):
     parser.add_argument("--max-concurrency", type=options.positive_int, default=4, metavar="N",
                         help="requests decoded at once in one batched model step; more wait "
                              "their turn in arrival order (1: one at a time)")
+    cli_tools.add_serve_arguments(parser)
     options.add_loading(parser, cache=True)
 
 
@@ -88,6 +89,9 @@ def main(args, engine_factory=None) -> int:
     from oss_mlx.server.app import StoppingServer, create_app
 
     sock = _listen(args.host, args.port)
+    tools = cli_tools.from_args(args)  # --builtin-tools, --browse: checked before the load
+    for note in tools.notes:
+        print(f"oss-mlx: note: {note}", flush=True)
     with contextlib.ExitStack() as stack:
         chosen = choose(args, stack)
         if engine_factory is None:
@@ -100,7 +104,8 @@ def main(args, engine_factory=None) -> int:
         max_tokens = args.max_tokens or (DEMO_MAX_TOKENS if chosen.demo else None)
         app = create_app(engine, name, api_key=args.api_key, default_max_tokens=max_tokens,
                          constrain_tools=args.constrain_tools,
-                         max_concurrency=_concurrency(args.max_concurrency))
+                         max_concurrency=_concurrency(args.max_concurrency),
+                         builtin_tools=cli_tools.serve_tools(tools, engine.encoding, args))
         port = sock.getsockname()[1]
         sock.listen(128)  # from here connections queue until uvicorn accepts them
         print(f"oss-mlx: serving {name!r} at http://{args.host}:{port}/v1"

@@ -184,7 +184,10 @@ def drop_finished_analysis(messages: Iterable[Message]) -> list[Message]:
     """The harmony docs rule (docs/harmony.md §5.7): drop analysis before the last assistant final message.
 
     Analysis after the last final belongs to a turn still in progress (a tool-call sequence) and
-    is kept; everything else (user turns, finals, tool calls, tool results) is kept.
+    is kept; everything else (user turns, finals, function calls and results) is kept. A
+    built-in tool's call and its result are analysis too (the model calls `python` and
+    `browser.*` on the analysis channel, and the result comes back on the call's channel): both
+    go, never a result without its call (openai-harmony's renderer drops them alike).
     """
     messages = list(messages)
     last_final = -1
@@ -193,7 +196,8 @@ def drop_finished_analysis(messages: Iterable[Message]) -> list[Message]:
             last_final = i
     return [
         m for i, m in enumerate(messages)
-        if not (i < last_final and m.author.role == Role.ASSISTANT and m.channel == "analysis")
+        if not (i < last_final and m.author.role in (Role.ASSISTANT, Role.TOOL)
+                and m.channel == "analysis")
     ]
 
 

@@ -41,6 +41,8 @@ async def lifespan(app):
     warm.start()
     yield
     service.scheduler.close()
+    if service.builtins is not None:
+        service.builtins.close()  # the python workers and their folders
     warm.join()
 
 
@@ -144,14 +146,15 @@ def openapi(app) -> dict:
 
 def create_app(engine, model_name: str, api_key: str | None = None,
                default_max_tokens: int | None = None, constrain_tools: bool = True,
-               max_concurrency: int = 1):
+               max_concurrency: int = 1, builtin_tools=None):
     """The FastAPI app serving `engine` as model `model_name` (a bearer `api_key` if given).
 
     default_max_tokens: the budget of a request that names none (None: the rest of the context,
     as OpenAI does). constrain_tools: constrain every tool call's arguments to its schema
     (oss_mlx.constrain); structured outputs (response_format, text.format) are always honoured. max_concurrency:
     how many requests decode at once (batched; see oss_mlx.scheduler); 1 serves them one at a
-    time.
+    time. builtin_tools: gpt-oss's built-in tools run for the Responses requests that ask for
+    them (server/builtin_tools.BuiltinTools; None: hosted tools are left out).
     """
     from fastapi import Depends, FastAPI
     from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -161,7 +164,8 @@ def create_app(engine, model_name: str, api_key: str | None = None,
     app = FastAPI(title="oss-mlx", version=__version__, lifespan=lifespan, docs_url=None,
                   redoc_url=None, openapi_url="/openapi.json")
     app.state.service = Service(engine, model_name, api_key, default_max_tokens,
-                                constrain_tools, max_concurrency=max_concurrency)
+                                constrain_tools, max_concurrency=max_concurrency,
+                                builtins=builtin_tools)
     app.add_exception_handler(APIError, api_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(Exception, internal_error)

@@ -31,7 +31,7 @@ HARMONY_EFFORT = {"none": "low", "minimal": "low", "xhigh": "high", "max": "high
 # of the prompt (and logged once), so a client that always sends them (Codex: web_search) works.
 HOSTED_TOOLS = ("web_search", "web_search_preview", "web_search_preview_2025_03_11",
                 "file_search", "code_interpreter", "image_generation", "computer_use_preview",
-                "computer", "mcp", "tool_search", "apply_patch", "shell")
+                "computer", "mcp", "tool_search", "apply_patch", "shell", "web_search_2025_08_26")
 
 
 # ---- one flat history for both APIs ---------------------------------------------------------
@@ -43,6 +43,7 @@ class Item:
     text: str = ""
     name: str = ""      # tool_call / tool_result: the tool ("get_weather" or "namespace.tool")
     call_id: str = ""   # tool_call / tool_result
+    message: Any = None  # the harmony message itself (a built-in tool's call or result)
 
 
 @dataclass
@@ -181,9 +182,12 @@ def _call_item(it: dict, kind: str, where: str) -> Item:
     return Item("tool_call", text, name=full, call_id=call_id)
 
 
-def responses_items(req: ResponsesRequest, unseal=lambda sealed: None) -> list[Item]:
+def responses_items(req: ResponsesRequest, unseal=lambda sealed: None,
+                    builtin=None) -> list[Item]:
     """The request's instructions and input items. `unseal(encrypted_content)` gives back the
-    reasoning text of a reasoning item this server sealed (None if it cannot)."""
+    reasoning text of a reasoning item this server sealed (None if it cannot). `builtin(item)`:
+    the Items of a built-in tool's call item (code_interpreter_call, web_search_call), None
+    for other kinds (server/builtin_tools.py)."""
     items: list[Item] = []
     if req.instructions:
         items.append(Item("instructions", req.instructions))
@@ -226,6 +230,8 @@ def responses_items(req: ResponsesRequest, unseal=lambda sealed: None) -> list[I
             output = it.get("output")
             text = output if isinstance(output, str) else _text(output, f"{where}.output")
             items.append(Item("tool_result", text, name=name, call_id=call_id))
+        elif builtin is not None and (found := builtin(it)) is not None:
+            items += found
         else:
             raise APIError(400, f"{where}: input item of type {kind!r} is not supported "
                                 f"(message, reasoning, {', '.join(_CALLS + _OUTPUTS)})",
@@ -322,7 +328,9 @@ def conversation(items: list[Item], tools: list[Tool], effort: str | None):
     instructions = "\n\n".join(it.text for it in items if it.kind == "instructions" and it.text)
     history = []
     for i, it in enumerate(items):
-        if it.kind == "user":
+        if it.message is not None:
+            history.append(it.message)
+        elif it.kind == "user":
             history.append(hm.user_message(it.text))
         elif it.kind == "reasoning":  # the renderer drops finished turns' (§5.7)
             history.append(hm.assistant_message(it.text, "analysis"))
@@ -370,11 +378,15 @@ _unserved: set[str] = set()
 
 
 def _hosted(kind: str):
-    """Log once per tool type that a hosted tool is left out."""
+    """Log once per tool type that a hosted tool is left out, and how to serve it when this
+    server can (gpt-oss's built-in tools, server/builtin_tools.py)."""
     if kind not in _unserved:
         _unserved.add(kind)
+        how = ("python" if kind == "code_interpreter" else
+               "browser --browse FOLDER" if kind.startswith("web_search") else None)
         log.warning("the %r tool runs on OpenAI's side and no backend for it is configured "
-                    "here: leaving it out of the prompt", kind)
+                    "here: leaving it out of the prompt%s", kind,
+                    f" (`oss-mlx serve --builtin-tools {how}` runs it here)" if how else "")
 
 
 def _responses_tool(t: ResponsesTool, namespace: str = "functions",

@@ -19,6 +19,7 @@ import copy
 
 from starlette.requests import Request
 
+from oss_mlx.server import builtin_tools
 from oss_mlx.server.conversation import (
     conversation,
     custom_input,
@@ -68,13 +69,19 @@ async def create_response(request: Request):
     service.check_model(req.model)
     inputs = history(service, req)
     effort = req.reasoning.effort if req.reasoning else None
-    tools = select_tools(responses_tools(req), req.tool_choice)
-    items = responses_items(req.model_copy(update={"input": inputs}), service.sealer.unseal)
+    builtins = builtin_tools.served(service, req)  # serve --builtin-tools: run here
+    tools = select_tools(responses_tools(builtin_tools.client_tools(req, builtins)),
+                         req.tool_choice)
+    items = responses_items(req.model_copy(update={"input": inputs}), service.sealer.unseal,
+                            builtin_tools.input_items(service))
     spec, fmt_items = service.constraint((req.text or {}).get("format"), "text.format", tools)
     conv = conversation(
         restore_reasoning(items, service.thoughts.get) + fmt_items, tools, effort)
+    if builtins:
+        conv = service.builtins.declare(conv, builtins)
     prompt = service.prompt_tokens(conv)
-    job = service.scheduler.submit(prompt, service.sampling(req, req.max_output_tokens, spec))
+    job = None if builtins else service.scheduler.submit(
+        prompt, service.sampling(req, req.max_output_tokens, spec))
     reply = Reply(tools=tools)
     seal = service.sealer.seal if "reasoning.encrypted_content" in (req.include or []) else None
     out = OutputItems(seal)
@@ -94,6 +101,10 @@ async def create_response(request: Request):
         "output": [], "usage": None,
     }
     finish = Finish(service, req, inputs, skeleton, reply, out)
+    if builtins:  # the model's calls to them run between its completions (builtin_turn.py)
+        from oss_mlx.server.builtin_turn import respond
+
+        return await respond(service, request, req, builtins, conv, spec, finish, stream)
     if req.stream:
         return sse_response(stream(service, job, finish), job)
     await run(service, job, request, reply)
@@ -122,7 +133,9 @@ class Finish:
         return response
 
 
-async def stream(service: Service, job, finish: Finish):
+async def stream(service: Service, job, finish: Finish, source=None):
+    """The response's events; `source`: the turn's pieces when not the job's alone (built-in
+    tools, builtin_turn.py)."""
     seq = 0
 
     def event(type_: str, **data) -> str:
@@ -134,7 +147,7 @@ async def stream(service: Service, job, finish: Finish):
     yield event("response.created", response=skeleton)
     yield event("response.in_progress", response=skeleton)
     try:
-        async for pieces in generation(service, job, reply):
+        async for pieces in source or generation(service, job, reply):
             for kind, value in pieces:
                 for type_, data in out.close() if kind == "message" else out.feed(kind, value):
                     yield event(type_, **data)

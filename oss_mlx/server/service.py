@@ -101,6 +101,7 @@ class Service:
     thoughts: Memory = field(default_factory=lambda: Memory(4096))  # call id -> reasoning
     responses: Memory = field(default_factory=lambda: Memory(256))  # stored responses
     sealer: Sealer = field(default_factory=Sealer)
+    builtins: Any = None  # serve --builtin-tools: builtin_tools.BuiltinTools
     created: int = field(default_factory=now)
 
     def remember(self, reply: Reply):

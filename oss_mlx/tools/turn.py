@@ -54,6 +54,21 @@ class TurnDone:
     messages: list = field(default_factory=list)
     tool_calls: int = 0
     type: str = "done"
+    completions: list = field(default_factory=list)  # every engine Completion of the turn
+
+    def combined(self):
+        """One Completion for the whole turn, for a caller that shows or records a turn as one
+        answer: the last completion's final text, tokens and stats (its prompt holds the rest),
+        the analysis of every completion, the turn's messages and stop reason, and as
+        tool_calls only the calls left to the caller (stop_reason "tool_call"): the built-in
+        calls that ran are in `messages`, each followed by its result."""
+        from dataclasses import replace
+
+        done = self.completions or [self.completion]
+        calls = self.completion.tool_calls if self.stop_reason == "tool_call" else []
+        return replace(self.completion, messages=list(self.messages), stop_reason=self.stop_reason,
+                       analysis="\n".join(c.analysis for c in done if c.analysis),
+                       tool_calls=list(calls))
 
 
 def run_turn(engine, conversation, toolbox: Toolbox, params=None, cancel=None,
@@ -61,7 +76,7 @@ def run_turn(engine, conversation, toolbox: Toolbox, params=None, cancel=None,
     """Yield the turn's events (engine delta/message events, ToolEvents), then a TurnDone."""
     base = list(toolbox.declare(conversation).messages)
     new: list[Message] = []
-    calls = 0
+    calls, completions = 0, []
     while True:
         completion = None
         for ev in engine.stream(Conversation.from_messages(base + new), params, cancel):
@@ -70,9 +85,10 @@ def run_turn(engine, conversation, toolbox: Toolbox, params=None, cancel=None,
             else:
                 yield ev
         new += completion.messages
-        call = _builtin_call(completion)
+        completions.append(completion)
+        call = builtin_call(completion)
         if call is None or calls >= max_tool_calls:
-            yield TurnDone(completion, completion.stop_reason, new, calls)
+            yield TurnDone(completion, completion.stop_reason, new, calls, completions=completions)
             return
         calls += 1
         name = call_name(call.recipient)
@@ -82,11 +98,11 @@ def run_turn(engine, conversation, toolbox: Toolbox, params=None, cancel=None,
         new.append(result)
         yield ToolEvent("tool_result", name, call.channel, output, result, error)
         if error == "cancelled" or (cancel is not None and cancel.is_set()):
-            yield TurnDone(completion, "cancelled", new, calls)
+            yield TurnDone(completion, "cancelled", new, calls, completions=completions)
             return
 
 
-def _builtin_call(completion) -> Message | None:
+def builtin_call(completion) -> Message | None:
     """The call to run: the last message, when the turn stopped on a call to a built-in tool."""
     if completion.stop_reason != "tool_call" or not completion.messages:
         return None

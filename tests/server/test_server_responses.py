@@ -232,7 +232,8 @@ def test_hosted_tool_is_logged_once(caplog):
             assert [t.name for t in conversation.responses_tools(req)] == ["exec_command"]
     assert [r.getMessage() for r in caplog.records].count(
         "the 'web_search' tool runs on OpenAI's side and no backend for it is configured here: "
-        "leaving it out of the prompt") == 1
+        "leaving it out of the prompt (`oss-mlx serve --builtin-tools browser --browse FOLDER` "
+        "runs it here)") == 1
 
 
 def test_parallel_calls_sent_back_become_pairs(client, srv):

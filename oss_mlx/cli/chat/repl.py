@@ -23,8 +23,9 @@ import os
 import sys
 from pathlib import Path
 
-from oss_mlx.cli import options
+from oss_mlx.cli import options, tools as cli_tools
 from oss_mlx.cli.chat.input import read_pipe, read_tty, save_readline, setup_readline
+from oss_mlx.cli.chat.tools import USAGE as TOOLS_USAGE, ChatTools
 from oss_mlx.cli.chat.session import DEFAULT_MAX_TOKENS, INTERRUPTED_NOTE, Exchange, Session, Settings
 from oss_mlx.cli.chat.view import PipeView, TerminalView, footer_text
 from oss_mlx.defaults import DEMO_MAX_TOKENS, EFFORTS
@@ -42,6 +43,7 @@ COMMANDS = [
     ("/save FILE", "write the conversation (settings + messages) as JSON"),
     ("/load FILE", "restore a conversation written by /save"),
     ("/stats", "statistics of the last answer and the session"),
+    TOOLS_USAGE,
     ("/prompt", "show the conversation as the model will see it (harmony text)"),
     ("/help", "this list"),
     ("/quit", "leave (also Ctrl-D, or Ctrl-C twice at the prompt)"),
@@ -55,6 +57,7 @@ def add_arguments(parser):
     options.add_sampling(parser, f"{DEFAULT_MAX_TOKENS}; {DEMO_MAX_TOKENS} with --demo")
     parser.add_argument("--hide-reasoning", action="store_true",
                         help="do not show the model's reasoning (toggle with /reasoning)")
+    cli_tools.add_arguments(parser)
     options.add_loading(parser)
 
 
@@ -101,6 +104,7 @@ class Chat:
         self.last_stats = None
         self.totals = {"turns": 0, "generated": 0, "prefilled": 0, "cached": 0}
         self.failed = False
+        self.tools = ChatTools(view)  # --tools, /tools (cli/chat/tools.py)
 
     @property
     def max_context(self) -> int:
@@ -136,7 +140,7 @@ class Chat:
         completion, streamed = None, {"final": "", "analysis": "", "visible": False}
         previous = signal.signal(signal.SIGINT, on_sigint)
         try:
-            for ev in self.engine.stream(conversation, self.params(), cancel=cancel):
+            for ev in self.tools.stream(self.engine, conversation, self.params(), cancel):
                 if ev.type == "delta":
                     section = section_of(ev.channel, ev.recipient)
                     streamed["visible"] = streamed["visible"] or section is not None
@@ -171,7 +175,7 @@ class Chat:
         self.session.turns.append(self._turn(text, completion, streamed, interrupted))
         if completion is None:
             return
-        if not streamed["visible"] and completion.tokens:
+        if not streamed["visible"] and not self.tools.shown and completion.tokens:
             # Nothing parsed as a harmony message (random demo weights do this): show the raw
             # text rather than an empty answer.
             raw = raw_text(self.engine, completion)
@@ -267,6 +271,7 @@ class Chat:
             v.info(f"instructions: {s.system}" if s.system else "instructions: (none)")
         elif name == "/reset":
             self.session.turns.clear()
+            self.tools.reset()
             v.info("new conversation")
         elif name == "/undo":
             if self.session.turns:
@@ -282,6 +287,8 @@ class Chat:
             self.show_stats()
         elif name == "/prompt":
             v.info(self.prompt_text())
+        elif name == "/tools":
+            self.tools.command(arg)
         else:
             v.error(suggest(name))
         return True
@@ -294,7 +301,8 @@ class Chat:
         try:
             path = self.session.save(arg, self.model_name)
             v.info(f"saved {exchanges(len(self.session.turns))} to {path}")
-            if self.engine.save_cache(kv_path(path), self.session.conversation()):
+            conversation = self.tools.declare(self.session.conversation())
+            if self.engine.save_cache(kv_path(path), conversation):
                 v.info(f"saved the KV cache to {kv_path(path)} (/load resumes without prefill)")
         except OssMlxError as e:
             v.error(str(e))
@@ -311,6 +319,7 @@ class Chat:
         except OssMlxError as e:
             v.error(str(e))
             return
+        self.tools.reset()  # another conversation: a new python session
         if kv_path(arg).is_file():
             warning = self.engine.load_cache(kv_path(arg))
             if warning:
@@ -325,7 +334,8 @@ class Chat:
             v.note(f"  model: {short(message_text(final)) if final else '…'}{mark}")
 
     def prompt_text(self) -> str:
-        return self.engine.encoding.decode(self.engine.render(self.session.conversation()))
+        conversation = self.tools.declare(self.session.conversation())
+        return self.engine.encoding.decode(self.engine.render(conversation))
 
     def show_stats(self) -> None:
         s, st, v = self.session.settings, self.last_stats, self.view
@@ -394,6 +404,8 @@ def main(args, load_engine=None) -> int:
                       "its answers are noise.")
         with busy("making the demo model…") if args.demo else contextlib.nullcontext():
             chosen = choose(args, stack, view.info, interactive)
+        tools = ChatTools.from_args(args, view)  # checked before the model loads
+        stack.callback(tools.close)
         if load_engine is None:
             from oss_mlx.engine.loading import load_engine as load
 
@@ -402,6 +414,7 @@ def main(args, load_engine=None) -> int:
         with busy(f"loading {chosen.name}…"):
             engine = load_engine(chosen.folder)
         chat = Chat(engine, Session(settings), view, chosen.name)
+        chat.tools, tools.encoding = tools, engine.encoding
         if interactive:
             return repl(chat)
         return batch(chat, sys.stdin)

@@ -94,7 +94,7 @@ class TerminalView:
             self.recipient = recipient
 
     def _close(self, interrupted: bool = False):
-        from rich.markdown import Markdown
+        from oss_mlx.cli.chat.tools import markdown as Markdown  # file:// citations link too
 
         if self.live is not None:
             self.live.stop()
