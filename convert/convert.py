@@ -326,12 +326,16 @@ def _jobs(src: Source, dense_bits: int) -> list[stio.Job]:
 
 
 def _check_out(src: Source, out: Path, force: bool) -> None:
-    from oss_mlx.store import model_arg, read_model_config
+    from oss_mlx.store import converted_from, model_arg, read_model_config
 
     s, o = src.folder.resolve(), out.resolve()
     if o == s or o in s.parents or s in o.parents:
         raise OssMlxError(f"output {out} overlaps the source {src.folder}")
     if out.exists():
+        other = converted_from(out) if read_model_config(out) is not None else None
+        if not force and other is not None and other.resolve() != s:
+            raise OssMlxError(f"{out} already exists and holds another model (converted from "
+                              f"{other}): pass -o FOLDER, or --force to replace it")
         if not force and read_model_config(out) is not None:
             raise OssMlxError(f"{out} already exists: use it with --model {model_arg(out)} "
                               f"(or convert again with --force to replace it)")

@@ -177,6 +177,22 @@ def _jobs(cfg: ModelConfig, layout: str, seed: int) -> list[stio.Job]:
     return jobs
 
 
+def _check_out(out: Path, force: bool) -> None:
+    """`--force` replaces a checkpoint (or an empty folder), never a file or another folder."""
+    from oss_mlx.store import checkpoint_kind
+
+    if not out.exists() and not out.is_symlink():
+        return
+    if not force:
+        raise OssMlxError(f"{out} already exists (use --force to replace it)")
+    if not out.is_dir():
+        raise OssMlxError(f"{out} is a file; --force replaces a checkpoint folder, not a file: "
+                          "choose another OUT")
+    if any(out.iterdir()) and checkpoint_kind(out) != "an upstream gpt-oss checkpoint":
+        raise OssMlxError(f"{out} exists and is not a gpt-oss checkpoint; not replacing it: "
+                          "choose another OUT")
+
+
 def synth(out, preset: str = "tiny", layout: str = "hf", layers: int | None = None,
           seed: int = 0, force: bool = False, max_shard_bytes: int | None = None,
           config: ModelConfig | None = None) -> Path:
@@ -198,8 +214,7 @@ def synth(out, preset: str = "tiny", layout: str = "hf", layers: int | None = No
             raise OssMlxError("--layers must be at least 1")
         cfg = replace(cfg, num_hidden_layers=layers)
     out = Path(out).expanduser()
-    if out.exists() and not force:
-        raise OssMlxError(f"{out} already exists (use --force to replace it)")
+    _check_out(out, force)
 
     jobs = _jobs(cfg, layout, seed)
     total = sum(j.nbytes for j in jobs)

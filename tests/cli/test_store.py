@@ -92,6 +92,7 @@ def test_store_name_wins_over_a_same_named_upstream_folder(home, tmp_path, monke
     with pytest.raises(OssMlxError, match=r"upstream gpt-oss checkpoint.*oss-mlx convert tiny`"):
         store.resolve_model("tiny")
     entry = fake_model(home / "models" / "tiny")
+    (entry / "manifest.json").write_text(json.dumps({"source_folder": str(tmp_path / "tiny")}))
     assert store.resolve_model("tiny") == entry
     with pytest.raises(OssMlxError, match="converted in the store already: use --model tiny$"):
         store.resolve_model("./tiny")
