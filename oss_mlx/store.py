@@ -13,7 +13,8 @@ import os
 import re
 from pathlib import Path
 
-from oss_mlx.config import BrokenModelFolder, NotAModelFolder, read_model_folder
+from oss_mlx.config import (BrokenModelFolder, NotAModelFolder, describe_dense,
+                            read_model_folder)
 from oss_mlx.errors import OssMlxError
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -231,7 +232,7 @@ def list_models() -> list[dict]:
         dense = q.get("dense")
         rows.append({
             "name": entry.name, "path": str(entry), "size": folder_size(entry), "broken": None,
-            "dense": f"{dense['mode']} {dense['bits']}-bit" if dense else folder.meta.get("dtype", "?"),
+            "dense": describe_dense(dense) if dense else folder.meta.get("dtype", "?"),
             "experts": (q.get("experts") or {}).get("mode", "?"),
             "layers": c.num_hidden_layers, "num_experts": c.num_experts,
             "top_k": c.experts_per_token,
