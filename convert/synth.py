@@ -336,10 +336,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("out", metavar="OUT", help="folder to create")
     parser.add_argument("--preset", choices=list(PRESETS), default="tiny",
                         help=f"model dimensions: {PRESET_HELP} (default: tiny)")
-    parser.add_argument("--layers", type=int, default=None, help="override the number of layers")
+    parser.add_argument("--layers", type=int, default=None, metavar="N",
+                        help="keep only the first N layers (default: the preset's)")
     parser.add_argument("--layout", choices=["hf", "original"], default="hf",
                         help="hf: HF repo root; original: the `original/` folder")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, metavar="S",
+                        help="seed of the random weights (the same weights in both layouts)")
     parser.add_argument("--force", action="store_true", help="replace OUT if it exists")
 
 

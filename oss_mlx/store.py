@@ -187,8 +187,10 @@ def _usable(folder: Path, store_name: str | None = None) -> bool:
         return True
     if status == "missing":
         return False
-    fix = (f"re-convert it (oss-mlx convert SRC --force) or remove it (oss-mlx rm {store_name})"
-           if store_name else "re-convert it with oss-mlx convert SRC --force")
+    in_store = store_name or (folder.name if folder.resolve().parent == store_root().resolve()
+                              else None)
+    fix = "re-convert it (oss-mlx convert SRC --force)" + (
+        f" or remove it (oss-mlx rm {in_store})" if in_store else "")
     raise OssMlxError(f"model {store_name or str(folder)!r} is broken: {status}; {fix}")
 
 

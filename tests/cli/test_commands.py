@@ -205,3 +205,228 @@ def test_an_unknown_flag_shows_the_commands_own_usage(argv, capsys):
     assert err.startswith(f"usage: oss-mlx {command} "), err
     assert err.rstrip().endswith(f"oss-mlx {command}: error: unrecognized arguments: "
                                  "--no-such-flag"), err
+
+
+# ---- item 5: a broken store entry is listed as broken, with the reason ------------------------
+
+
+TRUNCATED = '{"model_type": "gpt_oss", "format": "oss-mlx", "format_version": 1, "mod'
+
+
+@pytest.fixture
+def broken_store(home):
+    fake_model(home / "models" / "gpt-oss-20b")
+    broken = fake_model(home / "models" / "broken-20b")
+    (broken / "config.json").write_text(TRUNCATED)  # cut off mid-write
+    return broken
+
+
+def test_list_shows_a_broken_model_and_why(broken_store, capsys):
+    assert main(["list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    row = next(line for line in lines if "broken-20b" in line and "BROKEN" in line)
+    assert "gpt-oss-20b" not in row
+    assert any(line.startswith(f"broken-20b: {broken_store / 'config.json'} is not valid JSON")
+               and line.endswith("(oss-mlx rm broken-20b removes it)") for line in lines), lines
+    assert main(["list", "--json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows["gpt-oss-20b"]["broken"] is None
+    assert rows["broken-20b"]["broken"].startswith(f"{broken_store / 'config.json'} is not valid "
+                                                   "JSON")
+
+
+def test_doctor_reports_a_broken_model_and_fails(broken_store, capsys):
+    assert main(["doctor"]) == 1
+    out = capsys.readouterr().out.splitlines()
+    i = next(i for i, line in enumerate(out) if line.startswith("broken-20b ") and "BROKEN" in line)
+    assert out[i + 1].strip().startswith(f"{broken_store / 'config.json'} is not valid JSON")
+    assert "oss-mlx rm broken-20b" in out[i + 2]
+    assert main(["doctor", "--json"]) == 1
+    models = {m["name"]: m for m in json.loads(capsys.readouterr().out)["models"]}
+    assert not models["broken-20b"]["ok"]
+    assert models["broken-20b"]["problems"][0].startswith(f"{broken_store / 'config.json'} is "
+                                                          "not valid JSON")
+
+
+@pytest.mark.parametrize("how", ["name", "path"])
+def test_a_broken_model_named_or_given_by_path_says_why(broken_store, how, capsys):
+    arg = "broken-20b" if how == "name" else str(broken_store)
+    assert main(["generate", "--model", arg, "--prompt", "hi"]) == 1
+    err = one_line_error(capsys)
+    assert f"model {arg!r} is broken: {broken_store / 'config.json'} is not valid JSON" in err
+    assert err.endswith("; re-convert it (oss-mlx convert SRC --force) or remove it "
+                        "(oss-mlx rm broken-20b)\n"), err
+
+
+# ---- item 11: oss-mlx rm -------------------------------------------------------------------
+
+
+def test_rm_removes_store_models_and_says_what_it_freed(broken_store, home, capsys):
+    from oss_mlx.store import folder_size, human_size
+
+    keep = home / "models" / "gpt-oss-20b"
+    sizes = {n: folder_size(home / "models" / n) for n in ("gpt-oss-20b", "broken-20b")}
+    assert main(["rm", "broken-20b"]) == 0  # a broken one too
+    assert capsys.readouterr().out == f"removed broken-20b ({human_size(sizes['broken-20b'])} freed)\n"
+    assert not broken_store.exists() and keep.is_dir()
+    fake_model(home / "models" / "tiny")
+    assert main(["rm", "gpt-oss-20b", "tiny"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"removed gpt-oss-20b ({human_size(sizes['gpt-oss-20b'])} freed)"
+    assert out[1].startswith("removed tiny (") and sorted((home / "models").iterdir()) == []
+
+
+def test_rm_refuses_what_is_not_a_store_model(home, tmp_path, capsys):
+    fake_model(home / "models" / "gpt-oss-20b")
+    (home / "models" / "notes").mkdir()
+    (home / "models" / "notes" / "a.txt").write_text("keep")
+    outside = fake_model(tmp_path / "mine")
+    cases = {"gpt-oss-2b": "did you mean gpt-oss-20b?",
+             "notes": "is not a model folder; not removing it",
+             str(outside): "is not in the local store",
+             "../models/gpt-oss-20b": "is not in the local store"}
+    for name, why in cases.items():
+        assert main(["rm", name]) == 1
+        assert why in one_line_error(capsys), name
+    assert (home / "models" / "notes" / "a.txt").read_text() == "keep"
+    assert outside.is_dir() and (home / "models" / "gpt-oss-20b").is_dir()
+
+
+# ---- item 8: bench --compare mlx-lm needs the Hugging Face layout, said before loading -------
+
+
+def test_compare_with_mlx_lm_refuses_an_original_layout_source_before_loading(
+        tiny_model_original, capsys):
+    assert main(["bench", "--model", str(tiny_model_original), "--compare", "mlx-lm",
+                 "--prompt-tokens", "8", "--gen-tokens", "2", "--repeat", "1"]) == 1
+    err = one_line_error(capsys)  # nothing logged: no model was loaded
+    assert "--compare mlx-lm reads the Hugging Face layout" in err and "--source DIR" in err
+
+
+# ---- item 1: every documented command runs on a user install (no dev extra) ---------------
+
+
+WITHOUT = """
+import sys
+hidden = set(sys.argv[1].split(","))
+class Hide:  # as on a plain `pip install .`: the dev extra's packages are not there
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in hidden:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+sys.meta_path.insert(0, Hide())
+from oss_mlx.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+DEV_ONLY = "httpx,openai,pytest,pexpect,jsonschema,matplotlib"
+
+
+def test_bench_serve_needs_no_extra(tiny_model, tmp_path):
+    """`bench --serve` on a user install: its clients are the standard library's http.client;
+    its table, piped, is whole lines."""
+    out = tmp_path / "serve.json"
+    r = subprocess.run([sys.executable, "-c", WITHOUT, DEV_ONLY, "bench", "--model",
+                        str(tiny_model), "--serve", "1,2", "--gen-tokens", "4", "--prompt-tokens",
+                        "16", "--serve-requests", "2", "--json", str(out)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(out.read_text())["results"]
+    assert [(row["concurrency"], row["requests"]) for row in rows] == [(1, 2), (2, 4)]
+    assert all(row["completion_tokens"] == 4 * row["requests"] for row in rows)
+    table = [line for line in r.stdout.splitlines() if line.startswith("│")]
+    assert len(table) == 2 and len({line.count("│") for line in table}) == 1, r.stdout
+
+
+# ---- item 9: piped output is plain, whole lines -----------------------------------------------
+
+
+def test_piped_list_is_whole_lines(tmp_path):
+    home = tmp_path / ("a-store-whose-path-is-longer-than-eighty-columns-" * 2)
+    fake_model(home / "models" / "gpt-oss-20b-with-a-long-name-q8")
+    r = run_cli(["list"], env={"OSS_MLX_HOME": str(home), "COLUMNS": "80"})
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0] == f"Models in {home / 'models'}"
+    row = next(line for line in lines if "gpt-oss-20b-with-a-long-name-q8" in line)
+    assert "bfloat16" in row and "32/top-4" in row and "\x1b" not in r.stdout
+
+
+def test_piped_bench_is_whole_lines_and_says_the_quantization_in_words(tiny_model, capsys):
+    assert main(["bench", "--model", str(tiny_model), "--prompt-tokens", "8",
+                 "--gen-tokens", "2", "--repeat", "1", "--warmup", "0"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert f"model: {tiny_model} (4 layers, 8 experts), experts mxfp4, dense bf16" in lines
+    row = next(line for line in lines if line.startswith("│ oss-mlx bfloat16"))
+    assert row.count("│") == 9 and len(row) > 80  # every column on the one line
+    assert any(line.startswith("dtype: oss-mlx") and line.endswith("ours with float32 dense "
+                                                                   "weights.") for line in lines)
+    assert not any("{" in line for line in lines)  # no Python dict
+
+
+def test_piped_doctor_is_whole_lines(tmp_path, monkeypatch, capsys):
+    home = tmp_path / ("a-store-whose-path-is-longer-than-eighty-columns-" * 4)
+    monkeypatch.setenv("OSS_MLX_HOME", str(home))
+    fake_model(home / "models" / "gpt-oss-20b")
+    main(["doctor"])
+    lines = capsys.readouterr().out.splitlines()
+    machine = next(line for line in lines if line.startswith("machine "))
+    assert " · MLX " in machine and len(machine) > 80
+    assert f"store {home / 'models'} · free disk " in "\n".join(lines)
+    rows = [line for line in lines if line.startswith("│ gpt-oss-")]
+    assert len(rows) == 8 and all(line.count("│") == 7 for line in rows)
+
+
+# ---- item 12: --help says every default, with the same placeholders everywhere ---------------
+
+
+def _option_blocks(text: str) -> dict[str, str]:
+    """{first option string: its help text} from a command's --help."""
+    import re
+
+    blocks, current = {}, None
+    for line in text.splitlines():
+        m = re.match(r"^  (-[\w-]+)", line)
+        if m:
+            current = m.group(1)
+            blocks[current] = line
+        elif current and line.startswith("    "):
+            blocks[current] += " " + line.strip()
+        else:
+            current = None
+    return blocks
+
+
+def test_help_says_every_default_and_placeholders_agree():
+    import argparse
+
+    from oss_mlx.cli import COMMANDS, build_parser
+
+    _, commands = build_parser()
+    assert set(commands) == set(COMMANDS)
+    placeholders: dict[str, dict[str, list[str]]] = {}
+    for name, parser in commands.items():
+        blocks = _option_blocks(parser.format_help())
+        usage = parser.format_usage()
+        for action in parser._actions:
+            if not action.option_strings or action.help == argparse.SUPPRESS:
+                continue
+            if action.nargs != 0 and action.default is not None:
+                text = blocks[action.option_strings[0]]
+                assert "default" in text, (name, action.option_strings, text)
+            if action.nargs != 0:
+                flag = action.option_strings[-1]
+                import re
+
+                shown = re.search(re.escape(flag) + r" ([^\]|]+?)(?:\]| \||$)", usage)
+                placeholders.setdefault(flag, {}).setdefault(
+                    shown.group(1).strip() if shown else "?", []).append(name)
+    differing = {flag: seen for flag, seen in placeholders.items() if len(seen) > 1}
+    assert not differing, differing
+
+
+def test_top_level_help_has_examples_and_points_at_the_demo():
+    r = run_cli(["--help"])
+    assert r.returncode == 0
+    assert "examples:" in r.stdout and "oss-mlx chat --demo" in r.stdout
+    assert "oss-mlx convert openai/gpt-oss-20b" in r.stdout
+    r = run_cli([])
+    assert r.returncode == 2 and "oss-mlx chat --demo" in r.stdout
