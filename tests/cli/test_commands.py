@@ -430,3 +430,36 @@ def test_top_level_help_has_examples_and_points_at_the_demo():
     assert "oss-mlx convert openai/gpt-oss-20b" in r.stdout
     r = run_cli([])
     assert r.returncode == 2 and "oss-mlx chat --demo" in r.stdout
+
+
+# ---- item 3: generate takes --model like chat and serve, and --system means the same ----------
+
+
+def test_generate_defaults_to_gpt_oss_20b_like_chat_and_serve(home, capsys):
+    for argv in (["generate", "--prompt", "hi"], ["chat"], ["serve", "--port", "0"]):
+        assert main(argv) == 1
+        err = one_line_error(capsys)
+        assert "gpt-oss-20b is not in the local model store; get it with `oss-mlx convert " \
+               "openai/gpt-oss-20b`" in err and "try the demo: --demo" in err, (argv, err)
+
+
+def test_generate_system_is_the_developer_instructions(encoding, scripted_dir, capsys):
+    """`--system` is the harmony developer message (`# Instructions`) in generate, as in chat;
+    the system message stays the model's own."""
+    from oss_mlx.engine import Engine
+    from support.scripted import ScriptedModel
+
+    seen = []
+
+    class Recording(Engine):
+        def stream(self, conversation, params=None, cancel=None):
+            seen.append(self.encoding.decode(self.render(conversation)))
+            return super().stream(conversation, params, cancel)
+
+    model = ScriptedModel("<|channel|>final<|message|>ok<|return|>", encoding=encoding)
+    assert main(["generate", "--model", str(scripted_dir), "--prompt", "hi", "--system",
+                 "Answer in French."], load_engine=lambda f: Recording(model, encoding)) == 0
+    assert capsys.readouterr().out == "ok\n"
+    system, developer = seen[0].split("<|start|>developer<|message|>")
+    assert "Answer in French." not in system
+    assert developer.startswith("# Instructions\n\nAnswer in French.<|end|>")
