@@ -117,7 +117,7 @@ def test_a_file_is_named_a_file(home, tmp_path):
 
 
 def test_caches_follow_oss_mlx_home(home):
-    """README: OSS_MLX_HOME moves oss-mlx's caches: bench --synth checkpoints and chat history
+    """docs/convert.md: OSS_MLX_HOME moves oss-mlx's caches: bench --synth checkpoints and chat history
     too (bench used ~/.cache/oss-mlx/bench whatever it said)."""
     from oss_mlx.bench.checkpoints import cache_root
     from oss_mlx.cli.chat import input as chat
