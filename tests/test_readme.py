@@ -8,7 +8,8 @@ with three differences a CPU test machine needs and nothing else:
   that names gpt-oss-20b runs unchanged on it (the demo model where a real one is named);
 - answers are capped at a few tokens and benchmarks at a few runs (`oss-mlx` is a wrapper that
   adds `--max-tokens 8` to chat, generate and eval, and shrinks bench's lengths and repeats):
-  random weights never stop by themselves;
+  random weights never stop by themselves; the wrapper also hides the packages only the dev
+  extra installs (httpx, openai, pytest, ...), so every command runs as on a user's install;
 - a server listens on a free port instead of 8000 (the machine is shared), and the client
   examples are pointed at that port.
 
@@ -78,10 +79,19 @@ SHELL = [(section, cmds) for section, lang, text in fenced(README) if lang in ("
 
 
 WRAPPER = '''#!{python}
-"""`oss-mlx` for README's commands on a CPU test machine (tests/test_readme.py)."""
+"""`oss-mlx` for README's commands on a CPU test machine (tests/test_readme.py), as installed by
+`pip install .`: the packages only the dev extra brings cannot be imported."""
 import sys
 
-from oss_mlx.cli import main
+
+class DevOnly:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {{"httpx", "openai", "pytest", "pexpect", "jsonschema"}}:
+            raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+
+
+sys.meta_path.insert(0, DevOnly())
+from oss_mlx.cli import main  # noqa: E402
 
 SHORTER = {{"--prompt-tokens": "16", "--gen-tokens": "4", "--repeat": "1", "--limit": "1",
            "--serve-requests": "1"}}
