@@ -421,6 +421,9 @@ def test_help_says_every_default_and_placeholders_agree():
                     shown.group(1).strip() if shown else "?", []).append(name)
     differing = {flag: seen for flag, seen in placeholders.items() if len(seen) > 1}
     assert not differing, differing
+    for name in ("bench", "synth"):  # what `narrow` is, where it can be chosen
+        text = " ".join(commands[name].format_help().split())
+        assert "narrow (the 20b's" in text, name
 
 
 def test_top_level_help_has_examples_and_points_at_the_demo():
@@ -463,3 +466,13 @@ def test_generate_system_is_the_developer_instructions(encoding, scripted_dir, c
     system, developer = seen[0].split("<|start|>developer<|message|>")
     assert "Answer in French." not in system
     assert developer.startswith("# Instructions\n\nAnswer in French.<|end|>")
+
+
+def test_eval_plot_says_it_needs_the_bench_extra_before_running(home, monkeypatch, capsys):
+    """item 1: a documented option that needs an extra says so before anything loads."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert main(["eval", "tools", "--demo", "--categories", "simple", "--limit", "1",
+                 "--plot", "acc.png"]) == 1
+    assert one_line_error(capsys) == ("oss-mlx: error: drawing needs matplotlib: pip install "
+                                      "'oss-mlx[bench]'\n")
+    assert not (home / "eval").exists()  # no results file: nothing ran
