@@ -1,6 +1,7 @@
 """Decode cost of grammar-constrained decoding (oss_mlx.constrain), through the real engine.
 
-    python benchmarks/constrain_cost.py --model /work/models/20b-L4 --tokens 64 --repeats 3
+    oss-mlx synth 20b-L4-ck --preset 20b --layers 4 && oss-mlx convert 20b-L4-ck -o 20b-L4
+    python benchmarks/constrain_cost.py --model 20b-L4 --tokens 64 --repeats 3
 
 Three runs per repeat, each forced into the final channel by a scripted header (so the model
 writes the same kind of span in all three) and the same seed:

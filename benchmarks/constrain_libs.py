@@ -1,6 +1,9 @@
 """Grammar libraries for constrained decoding, measured on the real o200k (harmony) vocabulary.
 
-    python benchmarks/constrain_libs.py --model /work/models/20b-L4 [--libs llguidance,outlines_core,xgrammar]
+    python benchmarks/constrain_libs.py --model MODEL [--libs llguidance,outlines_core,xgrammar]
+
+MODEL: any converted folder (only its vocabulary is read), e.g. `oss-mlx synth tiny-ck --preset
+tiny && oss-mlx convert tiny-ck -o tiny`, then `--model tiny`.
 
 For each library and each schema: the time to compile the grammar for the 201,088-token
 vocabulary (one-off per tokenizer + per schema), and the per-token cost while writing a valid
@@ -271,7 +274,7 @@ def _rejects(lib, m, enc, bad) -> bool:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="/work/models/20b-L4")
+    ap.add_argument("--model", required=True, help="a converted model folder (its vocabulary)")
     ap.add_argument("--libs", default=",".join(ADAPTERS))
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()

@@ -1,7 +1,7 @@
 """Quantized KV and dense-weight quantization: logit error, memory and decode speed.
 
     python benchmarks/memory_kv.py error --model DIR [--dense DIR8 DIR4] [--positions 2048]
-    python benchmarks/memory_kv.py speed --model /work/models/20b-L4 --contexts 4096,32768
+    python benchmarks/memory_kv.py speed --model DIR --contexts 4096,32768
     python benchmarks/memory_kv.py kv-memory --contexts 32768,131072
 
 error: teacher-forced logits over `positions` random tokens (chunks of --chunk, every position

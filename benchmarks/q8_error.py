@@ -1,7 +1,9 @@
 """The logit error of 8-bit dense weights (`convert --dense-bits 8`) against bf16 dense ones,
 same experts, same prompt, every position of one forward pass:
 
-    python benchmarks/q8_error.py /work/models/20b-L4 /work/models/20b-L4-q8 --tokens 64
+    oss-mlx synth 20b-L4-ck --preset 20b --layers 4
+    oss-mlx convert 20b-L4-ck -o 20b-L4 && oss-mlx convert 20b-L4-ck -o 20b-L4-q8 --dense-bits 8
+    python benchmarks/q8_error.py 20b-L4 20b-L4-q8 --tokens 64
 
 Prints (and with --json writes) the max and mean absolute logit difference, the relative RMS
 error, the KL divergence of the softmaxes (bf16 || q8) and how often the greedy token agrees.

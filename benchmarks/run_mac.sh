@@ -12,4 +12,4 @@ if [ "${RUN_120B:-0}" = 1 ]; then
   oss-mlx bench --synth 120b --prompt-tokens 128,4096,32768 --gen-tokens 128 --repeat 3 \
     --compare mlx-lm --json "benchmarks/results/$chip-120b.json"
 fi
-python3 benchmarks/plot.py benchmarks/results/$chip-*.json -o "benchmarks/results/$chip.png"
+oss-mlx bench --plot "benchmarks/results/$chip.png" --from benchmarks/results/$chip-*.json

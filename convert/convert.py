@@ -49,7 +49,7 @@ class Source:
     tensors: dict[str, stio.TensorInfo]
     origin: str  # what the user passed (path or Hub id)
     revision: str | None = None
-    dense: dict | None = None  # mlx-lm: its dense modules' affine quantization (layout.mlx_lm_dense)
+    dense: dict | None = None  # mlx-lm: {module: its affine quantization} (layout.mlx_lm_dense)
 
     def parts(self, ours, orig, hf, dtype, shape) -> list[tuple[str, str, tuple[int, ...]]]:
         """(source name, dtype, shape) of the tensors that hold our tensor `ours`, in order."""
@@ -281,7 +281,7 @@ def _mlx_lm_job(src: Source, entry) -> stio.Job:
         produce = (lambda p=parts: _per_expert(p)) if len(names) > 1 else (lambda p=parts: _concat_bytes(p))
         return stio.Job([T(ours, kind, out_shape)], produce)
     module = L.module_of(ours)
-    if src.dense is not None and module in src.dense["modules"]:
+    if src.dense is not None and module in src.dense:
         stem = ours[: -len(".weight")]
         n = len(parts) // 3
         rows = sum(t.shape[0] for t in parts[:n])
@@ -326,12 +326,16 @@ def _jobs(src: Source, dense_bits: int) -> list[stio.Job]:
 
 
 def _check_out(src: Source, out: Path, force: bool) -> None:
-    from oss_mlx.store import model_arg, read_model_config
+    from oss_mlx.store import converted_from, model_arg, read_model_config
 
     s, o = src.folder.resolve(), out.resolve()
     if o == s or o in s.parents or s in o.parents:
         raise OssMlxError(f"output {out} overlaps the source {src.folder}")
     if out.exists():
+        other = converted_from(out) if read_model_config(out) is not None else None
+        if not force and other is not None and other.resolve() != s:
+            raise OssMlxError(f"{out} already exists and holds another model (converted from "
+                              f"{other}): pass -o FOLDER, or --force to replace it")
         if not force and read_model_config(out) is not None:
             raise OssMlxError(f"{out} already exists: use it with --model {model_arg(out)} "
                               f"(or convert again with --force to replace it)")
@@ -342,21 +346,27 @@ def _check_out(src: Source, out: Path, force: bool) -> None:
 
 
 def _mlx_lm_dense_choice(source: Source, dense_bits: int) -> dict | None:
-    """An mlx-lm folder's dense weights are copied as they are: say so, and refuse a
-    --dense-bits that would need a lossy requantization."""
-    d = source.dense
-    have = f"affine {d['bits']}-bit, group {d['group_size']}" if d else "bf16"
-    if dense_bits < 16 and (d is None or (d["bits"], d["group_size"]) != (dense_bits, 64)):
+    """An mlx-lm folder's dense weights are copied as they are, each module's quantization
+    kept: say so, and refuse a --dense-bits that would need a lossy requantization. Returns
+    config.json's quantization.dense."""
+    from oss_mlx.config import describe_dense
+
+    dense = L.dense_config(source.dense)
+    kinds = {(q["bits"], q["group_size"]) for q in (source.dense or {}).values()}
+    have = (f"{dense['mode']} {dense['bits']}-bit, group {dense['group_size']}"
+            if len(kinds) == 1 else describe_dense(dense))
+    if dense_bits < 16 and kinds != {(dense_bits, 64)}:
         raise OssMlxError(f"{source.folder} is an mlx-lm folder with {have} dense weights; it is "
                           f"converted losslessly as it is: leave out --dense-bits {dense_bits}")
     print(f"oss-mlx: note: {source.folder} is an mlx-lm gpt_oss folder: converting it losslessly "
           f"(experts already mxfp4, dense weights kept {have})", file=sys.stderr)
-    return d
+    return dense
 
 
 def convert(src, out=None, dense_bits: int = 16, force: bool = False, vocab_file=None) -> Path:
     """Convert `src` (folder or Hub id) into the MLX model folder `out` (default: the store)."""
     from oss_mlx import __version__
+    from oss_mlx.config import dense_bits as dense_bits_of
     from oss_mlx.store import store_path_for
 
     if dense_bits not in L.DENSE_BITS:
@@ -400,7 +410,7 @@ def convert(src, out=None, dense_bits: int = 16, force: bool = False, vocab_file
             "format": "oss-mlx", "format_version": 1,
             "source": source.origin, "source_folder": str(source.folder),
             "source_layout": source.layout, "source_revision": source.revision,
-            "dense_bits": dense["bits"] if dense else 16,
+            "dense_bits": dense_bits_of(dense),
             "vocabulary": {"file": vocab.O200K_FILE, "from": vocab_from, "sha256": vocab.O200K_SHA256},
             "versions": {"oss-mlx": __version__, "mlx": mx.__version__,
                          "python": platform.python_version()},

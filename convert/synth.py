@@ -177,6 +177,22 @@ def _jobs(cfg: ModelConfig, layout: str, seed: int) -> list[stio.Job]:
     return jobs
 
 
+def _check_out(out: Path, force: bool) -> None:
+    """`--force` replaces a checkpoint (or an empty folder), never a file or another folder."""
+    from oss_mlx.store import checkpoint_kind
+
+    if not out.exists() and not out.is_symlink():
+        return
+    if not force:
+        raise OssMlxError(f"{out} already exists (use --force to replace it)")
+    if not out.is_dir():
+        raise OssMlxError(f"{out} is a file; --force replaces a checkpoint folder, not a file: "
+                          "choose another OUT")
+    if any(out.iterdir()) and checkpoint_kind(out) != "an upstream gpt-oss checkpoint":
+        raise OssMlxError(f"{out} exists and is not a gpt-oss checkpoint; not replacing it: "
+                          "choose another OUT")
+
+
 def synth(out, preset: str = "tiny", layout: str = "hf", layers: int | None = None,
           seed: int = 0, force: bool = False, max_shard_bytes: int | None = None,
           config: ModelConfig | None = None) -> Path:
@@ -198,8 +214,7 @@ def synth(out, preset: str = "tiny", layout: str = "hf", layers: int | None = No
             raise OssMlxError("--layers must be at least 1")
         cfg = replace(cfg, num_hidden_layers=layers)
     out = Path(out).expanduser()
-    if out.exists() and not force:
-        raise OssMlxError(f"{out} already exists (use --force to replace it)")
+    _check_out(out, force)
 
     jobs = _jobs(cfg, layout, seed)
     total = sum(j.nbytes for j in jobs)
@@ -321,10 +336,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("out", metavar="OUT", help="folder to create")
     parser.add_argument("--preset", choices=list(PRESETS), default="tiny",
                         help=f"model dimensions: {PRESET_HELP} (default: tiny)")
-    parser.add_argument("--layers", type=int, default=None, help="override the number of layers")
+    parser.add_argument("--layers", type=int, default=None, metavar="N",
+                        help="keep only the first N layers (default: the preset's)")
     parser.add_argument("--layout", choices=["hf", "original"], default="hf",
                         help="hf: HF repo root; original: the `original/` folder")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, metavar="S",
+                        help="seed of the random weights (the same weights in both layouts)")
     parser.add_argument("--force", action="store_true", help="replace OUT if it exists")
 
 

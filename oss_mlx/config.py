@@ -158,10 +158,87 @@ class ModelFolder:
         return self.meta.get("quantization") or {}
 
     @property
+    def dense_modules(self) -> dict[str, dict]:
+        """{module: {"mode", "group_size", "bits"}} of the quantized dense modules (see
+        dense_modules())."""
+        return dense_modules(self.quantization.get("dense"))
+
+    @property
     def dense_label(self) -> str:
-        """"bf16", or "8-bit" / "4-bit" for affine-quantized dense weights."""
-        dense = self.quantization.get("dense")
-        return f"{dense['bits']}-bit" if dense else "bf16"
+        """"bf16", or "8-bit" / "4-bit" for affine-quantized dense weights (the bits most
+        quantized modules have)."""
+        bits = dense_bits(self.quantization.get("dense"))
+        return "bf16" if bits == 16 else f"{bits}-bit"
+
+
+# config.json's quantization.dense, in one of two forms (docs/checkpoint.md §3.4):
+#   uniform: {"mode", "group_size", "bits", "modules": [module, ...]}: every listed module alike
+#            (`oss-mlx convert --dense-bits N`, an mlx-lm folder quantized alike throughout);
+#   per module: {"modules": {module: {"mode", "group_size", "bits"}}}: each module as it was
+#            stored (an mlx-lm folder from `mlx_lm.convert -q`: 4-bit, its router 8-bit).
+# A module is our name without its layer (`attention.qkv`, `mlp.router`, `embedding`).
+
+
+def dense_modules(dense) -> dict[str, dict]:
+    """{module: {"mode", "group_size", "bits"}} from quantization.dense in either form ({} for
+    bf16 dense weights); ValueError when it is neither."""
+    if not dense:
+        return {}
+    if not isinstance(dense, dict) or "modules" not in dense:
+        raise ValueError(f"quantization.dense is not understood: {dense!r}")
+    modules = dense["modules"]
+    if isinstance(modules, list):
+        params = {"mode": dense.get("mode", "affine"), "group_size": dense.get("group_size"),
+                  "bits": dense.get("bits")}
+        out = {m: dict(params) for m in modules}
+    elif isinstance(modules, dict):
+        out = {m: {"mode": q.get("mode", "affine"), "group_size": q.get("group_size"),
+                   "bits": q.get("bits")} if isinstance(q, dict) else q
+               for m, q in modules.items()}
+    else:
+        raise ValueError(f"quantization.dense.modules is not understood: {modules!r}")
+    for m, q in out.items():
+        if not (isinstance(m, str) and isinstance(q, dict) and isinstance(q["group_size"], int)
+                and isinstance(q["bits"], int) and isinstance(q["mode"], str)):
+            raise ValueError(f"quantization.dense: module {m!r} has no mode, group size and "
+                             f"bits ({q!r})")
+    return out
+
+
+def dense_bits(dense) -> int:
+    """16 for bf16 dense weights, else the bits most quantized modules have."""
+    modules = dense_modules(dense)
+    if isinstance(dense, dict) and isinstance(dense.get("modules"), list):
+        return dense["bits"]  # the uniform form says it
+    if not modules:
+        return 16
+    counts: dict[int, int] = {}
+    for q in modules.values():
+        counts[q["bits"]] = counts.get(q["bits"], 0) + 1
+    return max(counts, key=lambda b: (counts[b], -b))
+
+
+def describe_dense(dense) -> str:
+    """"bf16", "affine 8-bit", or "affine 4-bit, mlp.router affine 8-bit": readable, one
+    line."""
+    modules = dense_modules(dense)
+
+    def label(q):
+        return f"{q['mode']} {q['bits']}-bit" + (f" (group {q['group_size']})"
+                                                  if q["group_size"] != 64 else "")
+
+    if isinstance(dense, dict) and isinstance(dense.get("modules"), list):
+        return label({"mode": dense.get("mode", "affine"), "group_size": dense.get("group_size"),
+                      "bits": dense.get("bits")})  # the uniform form says it
+    if not modules:
+        return "bf16"
+
+    labels: dict[str, list[str]] = {}
+    for m, q in sorted(modules.items()):
+        labels.setdefault(label(q), []).append(m)
+    main = max(labels, key=lambda k: len(labels[k]))
+    rest = [f"{', '.join(ms)} {lab}" for lab, ms in labels.items() if lab != main]
+    return ", ".join([main] + rest)
 
 
 def read_model_folder(path) -> ModelFolder:
@@ -194,4 +271,11 @@ def read_model_folder(path) -> ModelFolder:
         config.max_context  # noqa: B018 - a non-number fails here, not at the first request
     except (TypeError, ValueError) as e:
         raise BrokenModelFolder(f"{cfg}: malformed model configuration ({e})") from None
+    quantization = meta.get("quantization") or {}
+    try:
+        if not isinstance(quantization, dict):
+            raise ValueError(f"quantization is not an object: {quantization!r}")
+        dense_modules(quantization.get("dense"))
+    except ValueError as e:
+        raise BrokenModelFolder(f"{cfg}: {e}") from None
     return ModelFolder(path, config, meta)

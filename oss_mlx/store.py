@@ -13,20 +13,34 @@ import os
 import re
 from pathlib import Path
 
-from oss_mlx.config import BrokenModelFolder, NotAModelFolder, read_model_folder
+from oss_mlx.config import (BrokenModelFolder, NotAModelFolder, describe_dense,
+                            read_model_folder)
 from oss_mlx.errors import OssMlxError
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def home() -> Path:
-    """`$OSS_MLX_HOME`, or `~/.cache/oss-mlx`: the store and caches live under it."""
+    """`$OSS_MLX_HOME`, or `~/.cache/oss-mlx`: the store and caches live under it. A file there
+    is a one-line error, not a NotADirectoryError wherever it is first written to."""
     env = os.environ.get("OSS_MLX_HOME")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "oss-mlx"
+    path = Path(env).expanduser() if env else Path.home() / ".cache" / "oss-mlx"
+    _must_be_a_folder(path, f"OSS_MLX_HOME ({path})" if env else str(path),
+                      "point OSS_MLX_HOME at a folder" if env else "move it away, or set "
+                      "OSS_MLX_HOME to a folder")
+    return path
 
 
 def store_root() -> Path:
-    return home() / "models"
+    root = home() / "models"
+    _must_be_a_folder(root, str(root), "move it away, or set OSS_MLX_HOME to another folder")
+    return root
+
+
+def _must_be_a_folder(path: Path, what: str, fix: str) -> None:
+    if path.exists() and not path.is_dir():
+        raise OssMlxError(f"{what} is a file, not a folder: oss-mlx keeps its models and "
+                          f"caches there; {fix}")
 
 
 def is_hub_id(s: str) -> bool:
@@ -93,24 +107,47 @@ def checkpoint_kind(folder: Path) -> str | None:
     return None
 
 
-def _explicit_path(s: str) -> bool:
-    """A string the user can only have meant as a path (`./tiny`, `~/m`, `a/b/c`)."""
-    return s.startswith((".", "~", os.sep)) or ((os.sep in s or "/" in s) and not HUB_ID.match(s))
+def _names_a_path(s: str, p: Path) -> bool:
+    """Whether `s` can only mean a path: anything with a folder separator (`ck/tiny`,
+    `../ck/tiny`, `~/m`, `/abs`) that exists on disk, or that is not an `owner/name` Hub id.
+    A bare name (`tiny`) is a store name first, even when a folder of that name is here."""
+    bare = "/" not in s and os.sep not in s and not s.startswith(("~", "."))
+    return not bare and (p.exists() or not HUB_ID.match(s))
+
+
+def converted_from(folder: Path) -> Path | None:
+    """The source folder a converted model was made from (its manifest's), if it says."""
+    try:
+        source = json.loads((Path(folder) / "manifest.json").read_text()).get("source_folder")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return Path(source) if isinstance(source, str) and source else None
+
+
+def _same_checkpoint(source: Path | None, folder: Path) -> bool:
+    """Whether `source` (a manifest's source_folder) is the checkpoint in `folder` (its root, or
+    its `original/`)."""
+    if source is None:
+        return False
+    here = folder.resolve()
+    return source.resolve() in (here, here / "original")
 
 
 def resolve_model(name_or_path: str | os.PathLike) -> Path:
     """A converted model folder from a path, a store name (`gpt-oss-20b`) or a Hub id.
 
-    One rule: a folder that is a converted model wins; else the store entry of that name (a
-    same-named upstream folder in the current directory does not hide it); else an error that
-    says what the argument is and a command that works.
+    One rule: a folder that is a converted model wins; else, for a name (`tiny`, or an
+    `owner/name` Hub id that is no path here), the store entry of that name (a same-named
+    upstream folder in the current directory does not hide it); else an error that says what
+    the argument is and a command that works. A path that exists is a path: `ck/tiny` is never
+    the store's `tiny`.
     """
     s = str(name_or_path)
     p = Path(s).expanduser()
     if p.is_dir() and _usable(p):
         return p
-    explicit = _explicit_path(s)
-    if not explicit or HUB_ID.match(s):
+    path = _names_a_path(s, p)
+    if not path:
         name = s.split("/")[-1]
         entry = store_root() / name
         if name not in ("", ".", "..") and entry.is_dir() and _usable(entry, store_name=name):
@@ -119,18 +156,28 @@ def resolve_model(name_or_path: str | os.PathLike) -> Path:
         raise OssMlxError(f"{s} is a file, not a model folder: --model takes a converted model "
                           f"folder or a store name (see `oss-mlx list`)")
     if p.is_dir():
-        kind = checkpoint_kind(p)
-        if kind is None:
-            raise OssMlxError(f"{s} is not an oss-mlx model folder (no oss-mlx config.json)")
-        target = store_path_for(p)
-        if read_model_config(target) is not None:
-            raise OssMlxError(f"{s} is {kind}, not a converted model; it is converted in the "
-                              f"store already: use --model {model_arg(target)}")
-        raise OssMlxError(f"{s} is {kind}, not a converted model: run `oss-mlx convert {s}` "
-                          f"first (then --model {target.name})")
-    if explicit and not HUB_ID.match(s):
+        raise OssMlxError(_unconverted(s, p))
+    if path:
         raise OssMlxError(f"no such model folder: {s}")
     raise OssMlxError(_not_in_store(s))
+
+
+def _unconverted(s: str, p: Path) -> str:
+    """What to do with a folder that is not a converted model."""
+    kind = checkpoint_kind(p)
+    if kind is None:
+        return f"{s} is not an oss-mlx model folder (no oss-mlx config.json)"
+    target = store_path_for(p)
+    if read_model_config(target) is None:
+        return (f"{s} is {kind}, not a converted model: run `oss-mlx convert {s}` first "
+                f"(then --model {target.name})")
+    source = converted_from(target)
+    if _same_checkpoint(source, p):
+        return (f"{s} is {kind}, not a converted model; it is converted in the store already: "
+                f"use --model {model_arg(target)}")
+    other = f"converted from {source}" if source else "of unknown source"
+    return (f"{s} is {kind}, not a converted model: run `oss-mlx convert {s} -o FOLDER` first "
+            f"(the store's {target.name!r} is another model, {other})")
 
 
 def _usable(folder: Path, store_name: str | None = None) -> bool:
@@ -140,8 +187,10 @@ def _usable(folder: Path, store_name: str | None = None) -> bool:
         return True
     if status == "missing":
         return False
-    fix = (f"re-convert it (oss-mlx convert SRC --force) or remove it (oss-mlx rm {store_name})"
-           if store_name else "re-convert it with oss-mlx convert SRC --force")
+    in_store = store_name or (folder.name if folder.resolve().parent == store_root().resolve()
+                              else None)
+    fix = "re-convert it (oss-mlx convert SRC --force)" + (
+        f" or remove it (oss-mlx rm {in_store})" if in_store else "")
     raise OssMlxError(f"model {store_name or str(folder)!r} is broken: {status}; {fix}")
 
 
@@ -185,7 +234,7 @@ def list_models() -> list[dict]:
         dense = q.get("dense")
         rows.append({
             "name": entry.name, "path": str(entry), "size": folder_size(entry), "broken": None,
-            "dense": f"{dense['mode']} {dense['bits']}-bit" if dense else folder.meta.get("dtype", "?"),
+            "dense": describe_dense(dense) if dense else folder.meta.get("dtype", "?"),
             "experts": (q.get("experts") or {}).get("mode", "?"),
             "layers": c.num_hidden_layers, "num_experts": c.num_experts,
             "top_k": c.experts_per_token,

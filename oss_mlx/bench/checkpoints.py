@@ -42,16 +42,30 @@ def synth_checkpoint(preset: str, layers: int | None, seed: int, root: Path) -> 
 
 
 def source_of(model_dir: Path) -> Path | None:
-    """The upstream checkpoint a converted folder came from, if its manifest names one that exists."""
+    """The upstream checkpoint a converted folder came from, if its manifest names one that
+    exists: the local folder convert read (for a Hub id, its Hugging Face cache snapshot), or
+    the repository root above an `original/` folder when that root is in the Hugging Face
+    layout mlx-lm reads."""
     try:
         manifest = json.loads((model_dir / "manifest.json").read_text())
     except (OSError, ValueError):
         return None
-    src = manifest.get("source")
-    if isinstance(src, dict):
-        src = src.get("path")
-    if isinstance(src, str) and (Path(src) / "config.json").is_file():
-        return Path(src)
-    return None
+    if not isinstance(manifest, dict):
+        return None
+    candidates = []
+    for src in (manifest.get("source_folder"), manifest.get("source")):
+        if isinstance(src, dict):
+            src = src.get("path")
+        if isinstance(src, str) and src:
+            path = Path(src)
+            candidates += [path.parent, path] if path.name == "original" else [path]
+    found = [c for c in candidates if (c / "config.json").is_file()]
+    hf = [c for c in found if _hf_config(c / "config.json")]
+    return (hf or found or [None])[0]
 
 
+def _hf_config(path: Path) -> bool:
+    try:
+        return json.loads(path.read_text()).get("model_type") == "gpt_oss"
+    except (OSError, ValueError, AttributeError):
+        return False

@@ -15,13 +15,18 @@ def _ratio(x: float | None) -> str:
 
 
 def quantization(q: dict | None) -> str:
-    """"experts mxfp4, dense bf16" (or "dense affine 8-bit"), from config.json's quantization."""
+    """"experts mxfp4, dense bf16" (or "dense affine 8-bit", "dense affine 4-bit, mlp.router
+    affine 8-bit"), from config.json's quantization."""
+    from oss_mlx.config import describe_dense
+
     if not q:
         return "quantization unknown"
     experts = (q.get("experts") or {}).get("mode", "?")
-    dense = q.get("dense")
-    return f"experts {experts}, dense " + (f"{dense['mode']} {dense['bits']}-bit" if dense
-                                          else "bf16")
+    try:
+        dense = describe_dense(q.get("dense"))
+    except ValueError:
+        dense = "unknown"
+    return f"experts {experts}, dense {dense}"
 
 
 def render(report: dict, console) -> None:

@@ -203,12 +203,9 @@ def render(rows: list, console) -> None:
     console.print(t)
 
 
-def main(args, model_ref, levels: list[int], log) -> dict:
-    """Run every level on one loaded engine; returns the report (also rendered)."""
-    import sys
-
-    from rich.console import Console
-
+def main(args, model_ref, levels: list[int], log, console) -> dict:
+    """Run every level on one loaded engine; returns the report (also rendered on `console`:
+    the command line's, which never folds a line into a pipe)."""
     from oss_mlx.engine.engine import Engine
 
     requests, max_tokens = int(args.serve_requests), int(args.gen_tokens)
@@ -229,7 +226,6 @@ def main(args, model_ref, levels: list[int], log) -> dict:
         r = rows[-1]  # said at once: a run cut short by a time limit keeps its finished levels
         log(f"  {n} stream(s): {r['aggregate_tps']:.2f} tok/s aggregate, TTFT p50 "
             f"{r['ttft_p50_s']:.2f} s p95 {r['ttft_p95_s']:.2f} s, wall {r['wall_s']:.1f} s")
-    console = Console() if sys.stdout.isatty() else Console(width=160)
     render(rows, console)
     return {"format": "oss-mlx-bench-serve", "format_version": 1,
             "settings": {"levels": levels, "max_concurrency": concurrency,

@@ -219,7 +219,8 @@ def mlx_lm_parts(cfg: ModelConfig, ours: str, hf: list[str], dtype: str, shape: 
                  dense: dict | None) -> list[tuple[str, str, tuple[int, ...]]]:
     """(mlx-lm name, dtype, shape) of the tensors that hold one of our tensors, in the order
     their bytes make ours: per expert, gate rows then up rows; for a quantized module, the
-    weights of q | k | v, then their scales, then their biases."""
+    weights of q | k | v, then their scales, then their biases. `dense`: {module: {"mode",
+    "group_size", "bits"}} (mlx_lm_dense)."""
     lf = leaf(ours)
     if lf in MLX_LM_EXPERTS:
         prefix = hf[0].split("mlp.experts.")[0] + "mlp.experts."
@@ -233,33 +234,64 @@ def mlx_lm_parts(cfg: ModelConfig, ours: str, hf: list[str], dtype: str, shape: 
             tail = (shape[2],)
         return [(prefix + n, kind, (e, rows) + tail) for n in names]
     parts = [(n, dtype, s) for n, s in upstream_parts(cfg, "hf", "", hf, shape)]
-    if dense is None or module_of(ours) not in dense["modules"]:
+    q = (dense or {}).get(module_of(ours))
+    if q is None:
         return parts
-    g, b = dense["group_size"], dense["bits"]
+    g, b = q["group_size"], q["bits"]
     out = [(n, "U32", (s[0], s[1] * b // 32)) for n, _, s in parts]
     for suffix in ("scales", "biases"):
         out += [(n[: -len("weight")] + suffix, "BF16", (s[0], s[1] // g)) for n, _, s in parts]
     return out
 
 
+ACCEPTED_MLX_LM = ("oss-mlx reads mlx-lm folders whose dense modules are bf16 or affine-"
+                   "quantized, each kind of module (embedding, attention q/k/v, attention out, "
+                   "router, unembedding) alike in every layer, at any bits and group size: "
+                   "what `mlx_lm.convert -q` and `--q-bits N` write")
+
+
 def mlx_lm_dense(cfg: ModelConfig, tensors: dict) -> dict | None:
     """The affine quantization of an mlx-lm folder's dense modules, read off its tensors:
-    {"mode", "group_size", "bits", "modules"} or None when they are all bf16."""
-    modules, params = set(), set()
+    {module: {"mode", "group_size", "bits"}} (each module as mlx-lm stored it: `mlx_lm.convert
+    -q` makes them 4-bit and the router 8-bit), or None when they are all bf16. ValueError,
+    saying what is accepted, for what cannot be kept losslessly in our layout."""
+    seen: dict[str, set] = {}
     for ours, _, hf, _, shape in entries(cfg):
         module = module_of(ours)
-        scales = hf[0][: -len("weight")] + "scales"
-        if module is None or scales not in tensors:
+        if module is None:
             continue
-        modules.add(module)
-        w, s = tensors[hf[0]], tensors[scales]
         cols = shape[1]
-        if len(w.shape) != 2 or len(s.shape) != 2 or not w.shape[1] or not s.shape[1]:
-            continue  # the shape check reports it
-        params.add((cols // s.shape[1], w.shape[1] * 32 // cols))
+        for name in hf:
+            scales = name[: -len("weight")] + "scales"
+            if scales not in tensors:
+                seen.setdefault(module, set()).add(None)
+                continue
+            if name[: -len("weight")] + "biases" not in tensors:
+                raise ValueError(f"{name[: -len('.weight')]} is quantized in a mode other than "
+                                 f"affine (no .biases beside its .scales); {ACCEPTED_MLX_LM}")
+            w, s = tensors[name], tensors[scales]
+            if len(w.shape) != 2 or len(s.shape) != 2 or not w.shape[1] or not s.shape[1]:
+                continue  # the shape check reports it
+            seen.setdefault(module, set()).add((cols // s.shape[1], w.shape[1] * 32 // cols))
+    for module, params in seen.items():
+        if len(params) > 1:
+            found = ", ".join("bf16" if p is None else f"{p[1]}-bit group {p[0]}"
+                              for p in sorted(params, key=lambda p: p or (0, 0)))
+            raise ValueError(f"{module} is quantized differently across layers or q/k/v "
+                             f"({found}); {ACCEPTED_MLX_LM}")
+    modules = {m: {"mode": "affine", "group_size": p[0], "bits": p[1]}
+               for m, (p,) in seen.items() if p is not None}
+    return modules or None
+
+
+def dense_config(modules: dict | None) -> dict | None:
+    """config.json's quantization.dense for {module: {"mode", "group_size", "bits"}}: the
+    uniform form when every module is alike (what `--dense-bits` writes), else the per-module
+    form (oss_mlx/config.py reads both)."""
     if not modules:
         return None
-    if len(params) != 1:
-        raise ValueError(f"mixed dense quantization {sorted(params)}")
-    (group, bits), = params
-    return {"mode": "affine", "group_size": group, "bits": bits, "modules": sorted(modules)}
+    kinds = {(q["mode"], q["group_size"], q["bits"]) for q in modules.values()}
+    if len(kinds) == 1:
+        (mode, group, bits), = kinds
+        return {"mode": mode, "group_size": group, "bits": bits, "modules": sorted(modules)}
+    return {"modules": {m: dict(modules[m]) for m in sorted(modules)}}

@@ -43,8 +43,9 @@ class HelpFormatter(argparse.HelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if ("default" in text or not action.option_strings
-                or action.default in (None, False, argparse.SUPPRESS)):
+        # `is`, not `in`: a default of 0 (== False) is a default to show.
+        if ("default" in text or not action.option_strings or action.nargs == 0
+                or action.default is None or action.default is argparse.SUPPRESS):
             return text
         return text + " (default: %(default)s)"
 

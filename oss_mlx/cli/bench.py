@@ -58,15 +58,11 @@ def add_arguments(p) -> None:
                    help="draw decode tokens/s against context into PNG (needs the bench extra)")
     p.add_argument("--from", dest="from_json", nargs="+", metavar="JSON",
                    help="with --plot: draw these saved `--json` results instead of running")
-    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic weights and prompts")
+    p.add_argument("--seed", type=int, default=0, metavar="S",
+                   help="seed of the synthetic weights and prompts")
     p.add_argument("--cache-dir", metavar="DIR",
                    help="where --synth keeps its checkpoints (default: $OSS_MLX_HOME/bench)")
-    p.add_argument("--max-context", type=options.positive_int, default=None, metavar="N",
-                   help="context to plan memory for (default: the longest run)")
-    p.add_argument("--kv-bits", type=int, choices=[8, 4], default=None,
-                   help="quantize the full-attention layers' KV cache (the plain decode path)")
-    p.add_argument("--force", action="store_true",
-                   help="run even when the memory plan says the model does not fit")
+    options.add_memory(p, max_context="the longest run", kv_note=" (decodes on the plain path)")
     p.add_argument("--serve", metavar="N,...",
                    help="the serving benchmark instead: N concurrent streaming clients over "
                         "loopback HTTP for each N (e.g. 1,2,4,8), --gen-tokens each, the first "
@@ -198,8 +194,10 @@ def _serve(args, target: Target, log) -> int:
     from oss_mlx.bench import serve as bench_serve
     from oss_mlx.bench.report import write_json
     from oss_mlx.bench.roofline import machine_info
+    from oss_mlx.cli.output import console
 
-    report = bench_serve.main(args, target.ref, positive_ints(args.serve, "--serve"), log)
+    report = bench_serve.main(args, target.ref, positive_ints(args.serve, "--serve"), log,
+                              console())
     if args.json_path:
         write_json({**report, "machine": machine_info(), "model": str(target.ref)},
                    Path(args.json_path))

@@ -30,7 +30,7 @@ from oss_mlx.errors import OssMlxError
 QUICK_HASH_BYTES = 256 << 20
 CONTEXTS = (8192, 32768, 131072)
 # Measured logit error of 8- and 4-bit dense weights against bf16 (benchmarks/memory_kv.py
-# error; README "Quantized KV and dense weights"), shown by doctor next to the table.
+# error; docs/memory.md "Quantized KV and dense weights"), shown by doctor next to the table.
 DENSE_ERROR = {
     "8-bit": "mean |logit error| 0.013 x the logits' std, max 0.93 x, top-1 agreement 95% (2048 positions, tiny random-weight model, float32)",
     "4-bit": "mean |logit error| 0.131 x the logits' std, max 1.86 x, top-1 agreement 57% (2048 positions, tiny random-weight model, float32)",
@@ -176,10 +176,16 @@ def _print(r: dict) -> None:
     c.print(f"[bold]vocabulary[/] o200k_base: {v['o200k_base'] or v.get('problem')}")
     for x in r["models"]:
         mark = "[green]ok[/]" if x["ok"] else "[red]BROKEN[/]"
-        c.print(f"[bold]{x['name']}[/] {human_size(x['size'])} · {x['dense']} dense · "
-                f"{x['experts']} experts · {x['layers']} layers · {x['check']} check {mark}")
+        if x.get("broken"):  # its config.json cannot be read: nothing more to say about it
+            c.print(f"[bold]{x['name']}[/] {human_size(x['size'])} · {mark}")
+        else:
+            c.print(f"[bold]{x['name']}[/] {human_size(x['size'])} · {x['dense']} dense · "
+                    f"{x['experts']} experts · {x['layers']} layers · {x['check']} check {mark}")
         for p in x["problems"]:
-            c.print(f"  [red]{p}[/]")
+            c.print(f"  {p}", style="red", markup=False)
+        if not x["ok"]:
+            c.print(f"  re-convert it (oss-mlx convert SRC --force) or remove it "
+                    f"(oss-mlx rm {x['name']})", markup=False)
         if x["fits"]:
             c.print("  fits: " + ", ".join(
                 f"{k} {'yes' if f['fits'] else 'no'} ({human_size(f['total_bytes'])})"

@@ -103,6 +103,10 @@ def main(args, load_engine=None) -> int:
     from oss_mlx.eval.results import ResultsFile
 
     categories, loop = selected_categories(args.categories)
+    if args.plot:  # said now, not after the whole run
+        from oss_mlx.bench.plot import require_matplotlib
+
+        require_matplotlib()
     with ExitStack() as stack:
         chosen = choose(args, stack)
         settings = settings_from(args, chosen.name)

@@ -116,17 +116,23 @@ def add_sampling(parser, max_tokens_default: str | int, temperature: float = 1.0
 # ---- loading ----------------------------------------------------------------------------------
 
 
+def add_memory(parser, max_context: str = "the model's, 131072",
+               kv_note: str = "") -> None:
+    """--max-context, --kv-bits and --force: the memory plan's options. `max_context`: what no
+    --max-context means for this command; `kv_note`: what --kv-bits implies there."""
+    parser.add_argument("--max-context", type=positive_int, default=None, metavar="N",
+                        help=f"longest context to plan for and allow (default: {max_context})")
+    parser.add_argument("--kv-bits", type=int, choices=list(KV_BITS), default=None,
+                        metavar="BITS", help="quantize the full-attention layers' KV cache to "
+                                             f"8 or 4 bits{kv_note} (default: off)")
+    parser.add_argument("--force", action="store_true",
+                        help="load even when the memory plan says the model does not fit")
+
+
 def add_loading(parser, cache: bool = False) -> None:
     """--max-context, --kv-bits, --force and --no-compile for the commands that load a model;
     with `cache`, the prompt cache's --cache-memory, --cache-dir and --cache-disk."""
-    parser.add_argument("--max-context", type=positive_int, default=None, metavar="N",
-                        help="longest context to plan for and allow (default: the model's, "
-                             "131072)")
-    parser.add_argument("--kv-bits", type=int, choices=list(KV_BITS), default=None,
-                        metavar="BITS", help="quantize the full-attention layers' KV cache to "
-                                             "8 or 4 bits (default: off)")
-    parser.add_argument("--force", action="store_true",
-                        help="load even when the memory plan says the model does not fit")
+    add_memory(parser)
     parser.add_argument("--no-compile", action="store_true",
                         help="decode on the plain forward instead of the compiled step")
     if cache:

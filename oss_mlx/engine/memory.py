@@ -10,7 +10,7 @@ Inputs, each from one place:
   dtype the loader gives it (model.Precision.weight: norms/router float32, embedding as stored,
   expert biases in the experts' dtype, the rest in the compute dtype); or, without a folder, from the layout table (convert/layout.py) and the
   converter's dense quantization (`plan_for_config`, for models not on disk and the table in
-  README.md);
+  docs/memory.md);
 - KV cache at `context`: full-attention layers hold every position (allocated in steps of 256,
   as mlx-lm's caches grow), in the model dtype or `kv_bits` (kv_element_bytes); sliding
   layers hold at most window + one prefill chunk, in the model dtype;
@@ -50,7 +50,7 @@ from oss_mlx.errors import OssMlxError
 GB = 1e9
 KV_STEP = 256  # mlx-lm's KVCache / QuantizedKVCache allocate in steps of 256 positions
 # Measured peak working memory of a prefill chunk / `_token_bytes` formula (same chunk),
-# on MLX's CPU backend: see tests/test_memory.py (tiny and 20b-shaped) and the README.
+# on MLX's CPU backend: see tests/engine/test_memory.py (tiny and 20b-shaped) and docs/memory.md.
 WORK_FACTOR = 1.0
 DTYPE_BYTES = dict(zip(DTYPES, (4, 2, 2)))
 
@@ -336,7 +336,7 @@ def check_fits(model_dir, max_context: int | None = None, kv_bits: int | None = 
     return plan
 
 
-# ---- what fits on which Mac (README, `oss-mlx doctor --macs`) -------------------------------
+# ---- what fits on which Mac (docs/memory.md, `oss-mlx doctor --macs`) ----------------------
 
 MAC_GB = (16, 24, 32, 36, 48, 64, 96, 128)
 # (dense bits, KV bits), cheapest last: the first that fits is the table's answer.

@@ -32,10 +32,14 @@ def _resolve(path) -> Path:
     return Path(resolve_model(path))
 
 
-def _dense_predicate(modules):
-    """Module paths that the converter stored as affine-quantized (config 'dense')."""
+def _dense_predicate(modules: dict):
+    """The quantization the converter stored each dense module in (config 'dense', either form:
+    config.dense_modules), for nn.quantize: its parameters, or False for a bf16 module."""
     def predicate(path, module):
-        return leaf(path) in modules and isinstance(module, (nn.Linear, nn.Embedding))
+        q = modules.get(leaf(path))
+        if q is None or not isinstance(module, (nn.Linear, nn.Embedding)):
+            return False
+        return {"group_size": q["group_size"], "bits": q["bits"], "mode": q["mode"]}
     return predicate
 
 
@@ -87,10 +91,9 @@ def load(path, dtype=None, lazy: bool = False, expert_dtype=None, shard=None) ->
     model = (shard.model if shard is not None else Model)(
         folder.config, dtype=dtype, expert_dtype=expert_dtype,
         group_size=experts_q["group_size"], bits=experts_q["bits"], mode=experts_q["mode"])
-    dense = quant.get("dense")
+    dense = folder.dense_modules
     if dense:
-        nn.quantize(model, dense["group_size"], dense["bits"], mode=dense.get("mode", "affine"),
-                    class_predicate=_dense_predicate(set(dense["modules"])))
+        nn.quantize(model, class_predicate=_dense_predicate(dense))
     files, _ = shard_files(model_dir, "model*.safetensors")
     weights = {}
     for f in files:

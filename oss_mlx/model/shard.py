@@ -15,7 +15,7 @@ What each rank holds (`Share`, the table `_RULES`):
   rows (gate and up alike, in whole mxfp4 groups) and the matching input columns of `down`; the
   partial expert outputs are summed with one `all_sum`, the down bias counted on rank 0 only.
   `moe="ep"` (expert-parallel) gives each rank 1/n of the experts whole instead; both send the
-  same bytes per token (one [T, H] all_sum per layer), see README "Two Macs" for the choice.
+  same bytes per token (one [T, H] all_sum per layer), see docs/distributed.md for the choice.
 - the unembedding: 1/n of the vocabulary rows (padded to equal shares); the logits are
   gathered once with `all_gather`.
 - everything else (embedding, norms, router, residual stream) identical on every rank, so every

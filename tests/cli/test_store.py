@@ -92,6 +92,7 @@ def test_store_name_wins_over_a_same_named_upstream_folder(home, tmp_path, monke
     with pytest.raises(OssMlxError, match=r"upstream gpt-oss checkpoint.*oss-mlx convert tiny`"):
         store.resolve_model("tiny")
     entry = fake_model(home / "models" / "tiny")
+    (entry / "manifest.json").write_text(json.dumps({"source_folder": str(tmp_path / "tiny")}))
     assert store.resolve_model("tiny") == entry
     with pytest.raises(OssMlxError, match="converted in the store already: use --model tiny$"):
         store.resolve_model("./tiny")
@@ -116,7 +117,7 @@ def test_a_file_is_named_a_file(home, tmp_path):
 
 
 def test_caches_follow_oss_mlx_home(home):
-    """README: OSS_MLX_HOME moves oss-mlx's caches: bench --synth checkpoints and chat history
+    """docs/convert.md: OSS_MLX_HOME moves oss-mlx's caches: bench --synth checkpoints and chat history
     too (bench used ~/.cache/oss-mlx/bench whatever it said)."""
     from oss_mlx.bench.checkpoints import cache_root
     from oss_mlx.cli.chat import input as chat

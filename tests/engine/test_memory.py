@@ -195,7 +195,7 @@ def test_mac_table_picks_the_first_option_that_fits():
 def test_dense_bits_4(tiny_hf, tiny_model, tmp_path):
     """`convert --dense-bits 4`: the same modules as 8-bit, packed by mx.quantize(bits=4) bit
     for bit (chunked rows = whole tensor), loaded as 4-bit quantized modules, named -q4 in the
-    store, and its logits stay near the bf16 model's (the README gives the measured error)."""
+    store, and its logits stay near the bf16 model's (docs/memory.md gives the measured error)."""
     import json
 
     import mlx.core as mx

@@ -1,6 +1,6 @@
 """Record a real agent CLI's requests against `oss-mlx serve` on a scripted model.
 
-    python tests/traffic/record.py --port 11500 --out /tmp/codex.jsonl
+    python tests/server/traffic/record.py --port 11500 --out codex.jsonl
     # then point the client at http://127.0.0.1:11500/v1 (model "scripted-oss") and run it
 
 The server is the real app (oss_mlx.server.create_app) over the real Engine; the model is a
@@ -8,8 +8,8 @@ ScriptedModel whose reply to each request is chosen from the prompt, so a client
 through tool calls: a prompt that declares a shell-like tool and has fewer than `--calls` tool
 results since its last user message gets a tool call (ls, cat, wc in turn), any other prompt an
 answer. Every request body is appended to --out as one JSON line {"method", "path", "body"}.
-`tests/traffic/*.json` hold such sequences with the replies the model gave, replayed by
-tests/test_agent_traffic.py. Needs the test dependencies (uvicorn, tests/ on sys.path).
+`tests/server/traffic/*.json` hold such sequences with the replies the model gave, replayed by
+tests/server/test_agent_traffic.py. Needs the test dependencies (uvicorn, tests/ on sys.path).
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
-"""Replay a recorded agent session (tests/traffic/NAME.json) on a real converted model, its
+"""Replay a recorded agent session (tests/server/traffic/NAME.json) on a real converted model, its
 replies forced token by token, through the real server: per request the prompt, the cached
 tokens and the time to first token. Run it on two checkouts to compare their engines:
 
-    python tests/traffic/replay_bench.py --model /work/models/20b-L4 --session codex
-    PYTHONPATH=/work/main python tests/traffic/replay_bench.py --model ... --session codex
+    oss-mlx synth 20b-L4-ck --preset 20b --layers 4 && oss-mlx convert 20b-L4-ck -o 20b-L4
+    python tests/server/traffic/replay_bench.py --model 20b-L4 --session codex
+    PYTHONPATH=OTHER_CHECKOUT python tests/server/traffic/replay_bench.py --model 20b-L4 --session codex
 """
 
 from __future__ import annotations
