@@ -73,13 +73,25 @@ def _listen(host: str, port: int):
     return sock
 
 
+def flush(engine):
+    """Write what the prompt cache holds in memory to its disk folder, if it has one: on every
+    way out of `serve` (Ctrl-C, SIGTERM, the server ending), so a restart resumes from it."""
+    cache = getattr(engine, "prompt_cache", None)
+    if cache is None or cache.disk is None:
+        return
+    pending = cache.unsaved()
+    if pending:
+        print(f"oss-mlx: writing the prompt cache ({len(pending)} "
+              f"entr{'y' if len(pending) == 1 else 'ies'}) to {cache.disk.folder}", flush=True)
+        cache.flush()
+
+
 def main(args, engine_factory=None) -> int:
     """Serve until SIGINT/SIGTERM. engine_factory(model_dir) -> Engine (default: the memory
     check, then Engine.load) lets a caller serve another engine (tests serve a scripted model
     through this very path)."""
     import contextlib
     import signal
-    import sys
 
     import uvicorn
 
@@ -113,14 +125,18 @@ def main(args, engine_factory=None) -> int:
         # what they have) well within the 2 s uvicorn then gives them.
         server = StoppingServer(uvicorn.Config(app, log_level="warning",
                                                timeout_graceful_shutdown=2))
-        # uvicorn re-raises SIGTERM / SIGINT once it has shut down gracefully; end with exit
-        # status 0 then instead of dying there, so the demo model's temporary folder is removed.
+        # uvicorn handles SIGINT / SIGTERM while it runs, and re-raises the signal once it has
+        # shut down gracefully: swallow that one (a handler that raised SystemExit there would
+        # skip everything after `run`), then write the prompt cache (a second Ctrl-C while it
+        # is written stops the writing; each file is written atomically) and end with status 0.
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: sys.exit(0))
+            signal.signal(sig, lambda *_: None)
         try:
             server.run(sockets=[sock])
-            if hasattr(engine, "prompt_cache"):
-                engine.prompt_cache.flush()  # --cache-dir: what is in memory survives a restart
         finally:
-            release_streams()  # the main thread's (the worker released its own)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            try:
+                flush(engine)
+            finally:
+                release_streams()  # the main thread's (the worker released its own)
     return 0

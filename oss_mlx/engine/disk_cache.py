@@ -110,8 +110,9 @@ def warn_unusable(path, why: str):
 
 class DiskCache:
     """Evicted entries kept in a folder (one safetensors file each), bounded by `max_bytes`
-    (oldest files go first), indexed by their token lists so a later hit, also after a restart,
-    can restore them. Files for another model or damaged ones are ignored with a warning."""
+    (the least recently used files go first), indexed by their token lists so a later hit, also
+    after a restart, can restore them. Files for another model or damaged ones are ignored with a
+    warning."""
 
     def __init__(self, folder, fingerprint: str, max_bytes: int = parse_size(DISK_CACHE_SIZE),
                  extra: Callable[[Entry], dict] | None = None):
@@ -145,18 +146,34 @@ class DiskCache:
     def entries(self) -> list[Entry]:
         return list(self._index.values())
 
-    def put(self, entry: Entry, adapter: KVAdapter):
-        digest = hashlib.sha256(entry.tokens.tobytes()).hexdigest()[:32]
-        path = self.folder / f"{digest}.safetensors"
+    def path_of(self, tokens: np.ndarray) -> Path:
+        """Where the entry holding exactly `tokens` is kept (named by their hash)."""
+        digest = hashlib.sha256(np.asarray(tokens, dtype=np.int32).tobytes()).hexdigest()[:32]
+        return self.folder / f"{digest}.safetensors"
+
+    def holds(self, entry: Entry) -> bool:
+        """Whether the folder keeps an entry with exactly `entry`'s tokens."""
+        path = self.path_of(entry.tokens)
+        return path in self._index and path.exists()
+
+    def put(self, entry: Entry, adapter: KVAdapter) -> bool:
+        """Keep `entry` in the folder (an entry already there is only marked as recently
+        used); False when nothing was written."""
+        path = self.path_of(entry.tokens)
+        if self.holds(entry):
+            _touch(path)
+            return False
         try:
             save_entry(path, entry, self.fingerprint, adapter,
                        self.extra(entry) if self.extra else None)
         except (OSError, RuntimeError) as e:  # a full disk: the entry is only lost
             log.warning("cannot write %s: %s", path, e)
-            return
+            return False
         stubs = [Snapshot(s.pos, {}, 0, s.complete) for s in entry.snapshots]
-        self._index[path] = Entry(entry.tokens, None, stubs, entry.key, path=path)
+        stub = Entry(entry.tokens, None, stubs, entry.key, path=path)
+        self._index[path] = stub
         self._bound()
+        return True
 
     def _bound(self):
         files = sorted(self._index, key=lambda p: p.stat().st_mtime if p.exists() else 0)
@@ -180,3 +197,11 @@ class DiskCache:
         entry.nbytes = (sum(adapter.nbytes(c) for c in entry.cache)
                         + sum(s.nbytes for s in entry.snapshots))
         return entry
+
+
+def _touch(path: Path):
+    """Mark a file as recently used (the folder's budget evicts the least recent first)."""
+    try:
+        path.touch()
+    except OSError:
+        pass

@@ -18,7 +18,8 @@ whatever the order the conversations arrive in; `key` (a Responses `prompt_cache
 `user`) breaks ties towards the entry that conversation left. Entries that a released cache
 extends are replaced by it (their snapshots carried over), so a growing session holds one entry.
 Memory is bounded (`memory_bytes`), least recently used entries going first, to `disk` when one is
-given (see DiskCache), from where a later hit restores them.
+given (see DiskCache), from where a later hit restores them; `flush` (at shutdown) writes what
+memory holds that the disk does not.
 
 `acquire` hands out a private cache. A request that continues an entry from its end (the common
 case: an agent's next step) takes the entry itself, whose buffers it then extends in place, and
@@ -204,6 +205,11 @@ class PromptCache:
         if hasattr(cache, "snapshots") and not any(s.pos == len(tokens) for s in cache.snapshots):
             self.snapshot(cache, len(tokens))  # the end of a completion: the next turn's start
         snaps = [s for s in getattr(cache, "snapshots", []) if s.pos <= len(tokens)]
+        # Computed here, in the thread whose MLX streams made them: an entry is written to disk
+        # from another thread at shutdown, which cannot evaluate work queued on those streams.
+        import mlx.core as mx
+
+        mx.eval([a for c in cache for a in ad.arrays(c)])
         entry = Entry(np.asarray(tokens, dtype=np.int32), list(cache), snaps, key)
         with self._lock:
             self._insert(entry)
@@ -275,12 +281,33 @@ class PromptCache:
         with self._lock:
             self._insert(copy)
 
+    def _unsaved(self) -> list[Entry]:
+        """The entries in memory the disk cache does not hold yet: the most recently used that
+        fit in its budget, least recent first (so the folder keeps the newest longest)."""
+        out, total = [], 0
+        for e in sorted(self.entries, key=lambda e: e.used, reverse=True):
+            if self.disk.holds(e):
+                continue
+            if total + e.nbytes > self.disk.max_bytes:
+                break
+            total += e.nbytes
+            out.append(e)
+        return out[::-1]
+
+    def unsaved(self) -> list[Entry]:
+        """What `flush` would write ([] without a disk cache)."""
+        if self.disk is None:
+            return []
+        with self._lock:
+            return self._unsaved()
+
     def flush(self):
-        """Write every entry held in memory to the disk cache (at shutdown), if there is one."""
+        """Write the entries held in memory to the disk cache (at shutdown), if there is one;
+        those it holds already are not written again."""
         if self.disk is None:
             return
         with self._lock:
-            for e in self.entries:
+            for e in self._unsaved():
                 self.disk.put(e, self.adapter)
 
 
