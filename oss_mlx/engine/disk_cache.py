@@ -111,8 +111,8 @@ def warn_unusable(path, why: str):
 class DiskCache:
     """Evicted entries kept in a folder (one safetensors file each), bounded by `max_bytes`
     (the least recently used files go first), indexed by their token lists so a later hit, also
-    after a restart, can restore them. Files for another model or damaged ones are ignored with a
-    warning."""
+    after a restart, can restore them. A restored entry's file stays until the budget evicts it.
+    Files for another model or damaged ones are ignored with a warning."""
 
     def __init__(self, folder, fingerprint: str, max_bytes: int = parse_size(DISK_CACHE_SIZE),
                  extra: Callable[[Entry], dict] | None = None):
@@ -172,8 +172,21 @@ class DiskCache:
         stubs = [Snapshot(s.pos, {}, 0, s.complete) for s in entry.snapshots]
         stub = Entry(entry.tokens, None, stubs, entry.key, path=path)
         self._index[path] = stub
+        self._drop_covered(stub)
         self._bound()
         return True
+
+    def _drop_covered(self, new: Entry):
+        """Remove the files `new` makes redundant: entries whose tokens are a prefix of its
+        own and whose every snapshot it has too (it resumes wherever they could)."""
+        have = {s.pos for s in new.snapshots}
+        for path, e in list(self._index.items()):
+            n = len(e.tokens)
+            if (e is not new and n < len(new.tokens)
+                    and np.array_equal(e.tokens, new.tokens[:n])
+                    and {s.pos for s in e.snapshots} <= have):
+                self._index.pop(path, None)
+                path.unlink(missing_ok=True)
 
     def _bound(self):
         files = sorted(self._index, key=lambda p: p.stat().st_mtime if p.exists() else 0)
@@ -185,15 +198,17 @@ class DiskCache:
             p.unlink(missing_ok=True)
 
     def load(self, stub: Entry, adapter: KVAdapter, make_cache) -> Entry | None:
-        """The full entry for an index stub (the file is removed: the entry is in memory now)."""
-        self._index.pop(stub.path, None)
+        """The full entry for an index stub. The file stays (marked as recently used) until the
+        folder's budget evicts it: the entry is in memory now, and on disk for the next start."""
         try:
             entry = load_entry(stub.path, self.fingerprint, adapter, make_cache)
         except ValueError as e:
             warn_unusable(stub.path, str(e))
-            return None
-        finally:
+            self._index.pop(stub.path, None)
             stub.path.unlink(missing_ok=True)
+            return None
+        _touch(stub.path)
+        entry.path = stub.path
         entry.nbytes = (sum(adapter.nbytes(c) for c in entry.cache)
                         + sum(s.nbytes for s in entry.snapshots))
         return entry

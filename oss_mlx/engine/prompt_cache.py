@@ -18,8 +18,9 @@ whatever the order the conversations arrive in; `key` (a Responses `prompt_cache
 `user`) breaks ties towards the entry that conversation left. Entries that a released cache
 extends are replaced by it (their snapshots carried over), so a growing session holds one entry.
 Memory is bounded (`memory_bytes`), least recently used entries going first, to `disk` when one is
-given (see DiskCache), from where a later hit restores them; `flush` (at shutdown) writes what
-memory holds that the disk does not.
+given (see DiskCache), from where a later hit restores them; a restored entry's file stays on disk
+(a later start finds it too) until the disk budget evicts it, and `flush` (at shutdown) writes
+what memory holds that the disk does not.
 
 `acquire` hands out a private cache. A request that continues an entry from its end (the common
 case: an agent's next step) takes the entry itself, whose buffers it then extends in place, and
@@ -76,7 +77,7 @@ class Entry:
     key: Optional[str] = None
     used: int = 0
     nbytes: int = 0
-    path: Optional[Path] = None  # on disk only: where (cache is None until loaded)
+    path: Optional[Path] = None  # its file in the disk cache, if any (cache None: not loaded)
     extra: dict = field(default_factory=dict)  # saved beside it (e.g. the token history)
 
 
@@ -131,7 +132,10 @@ class PromptCache:
 
     def _best(self, prompt: np.ndarray, key: str | None):
         best, best_n, best_snap = None, 0, None
-        for e in self.entries + (self.disk.entries() if self.disk else []):
+        # An entry restored from disk stays there too: its file is not a second candidate.
+        held = {e.path for e in self.entries if e.path is not None}
+        stored = [e for e in self.disk.entries() if e.path not in held] if self.disk else []
+        for e in self.entries + stored:
             n, snap = self._usable(e, common_prefix(e.tokens, prompt))
             better = n > best_n or (n == best_n and n > 0 and key is not None
                                     and e.key == key and best.key != key)
