@@ -175,7 +175,8 @@ def create_app(engine, model_name: str, api_key: str | None = None,
 
 class StoppingServer(uvicorn.Server):
     """uvicorn, cancelling every generation as soon as a shutdown begins: a stream in flight
-    then ends cleanly instead of being killed by the graceful-shutdown timeout (a traceback)."""
+    then ends with an error event its client raises (not a normal finish, and not killed by the
+    graceful-shutdown timeout), and a non-streamed request with a 503."""
 
     def handle_exit(self, sig, frame):
         import signal
@@ -185,7 +186,8 @@ class StoppingServer(uvicorn.Server):
         if sig == signal.SIGTERM:  # mlx.launch ending the session: a peer may no longer answer
             ending()
         super().handle_exit(sig, frame)
-        scheduler = self.config.app.state.service.scheduler
-        if scheduler is not None:
-            scheduler.cancel_all()
+        service = self.config.app.state.service
+        service.stopping = True  # the replies it cuts end with an error (service.interrupted)
+        if service.scheduler is not None:
+            service.scheduler.cancel_all()
 

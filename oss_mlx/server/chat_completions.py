@@ -18,7 +18,15 @@ from oss_mlx.server.conversation import (
     select_tools,
 )
 from oss_mlx.server.protocol import ChatRequest, parse_request
-from oss_mlx.server.service import Service, failure, generation, read_json, run, sse_response
+from oss_mlx.server.service import (
+    Service,
+    failure,
+    generation,
+    interrupted,
+    read_json,
+    run,
+    sse_response,
+)
 from oss_mlx.server.wire import Reply, chat_usage, new_id, now, sse
 
 
@@ -93,7 +101,10 @@ async def chunks(service: Service, job, reply: Reply, head: dict, include_usage:
         yield sse(failure(e).body())
         yield sse("[DONE]")
         return
-    if reply.completion is None:  # cancelled before it ran
+    cut = interrupted(service, reply)
+    if cut is not None:  # a shutdown: an error the client raises, never a normal finish
+        yield sse(cut.body())
+        yield sse("[DONE]")
         return
     yield chunk(head, {}, finish=reply.finish_reason)
     if include_usage:

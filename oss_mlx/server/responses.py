@@ -29,7 +29,15 @@ from oss_mlx.server.conversation import (
     shell_action,
 )
 from oss_mlx.server.protocol import APIError, ResponsesRequest, parse_request
-from oss_mlx.server.service import Service, failure, generation, read_json, run, sse_response
+from oss_mlx.server.service import (
+    Service,
+    failure,
+    generation,
+    interrupted,
+    read_json,
+    run,
+    sse_response,
+)
 from oss_mlx.server.wire import Reply, ToolCall, new_id, now, responses_usage, sse
 
 
@@ -140,12 +148,15 @@ async def stream(service: Service, job, finish: Finish):
                     yield event(type_, **data)
     except Exception as e:  # noqa: BLE001 - the status line is sent: say it in-band
         err = failure(e)
+    else:
+        err = interrupted(service, reply)  # a shutdown: never a normal end
+    if err is not None:
+        for type_, data in out.close("incomplete"):
+            yield event(type_, **data)
         yield event("error", code=err.code, message=err.message, param=None)
         yield event("response.failed", response={
-            **skeleton, "status": "failed",
+            **skeleton, "status": "failed", "output": out.items,
             "error": {"code": "server_error", "message": err.message}})
-        return
-    if reply.completion is None:
         return
     for type_, data in out.close(item_status(reply)):
         yield event(type_, **data)

@@ -98,6 +98,7 @@ class Service:
     constrain_tools: bool = True  # tool-call arguments follow each tool's schema (constrain.py)
     max_concurrency: int = 1  # requests decoding at once (oss_mlx.scheduler)
     scheduler: Any = None  # set by the app's lifespan
+    stopping: bool = False  # a shutdown has begun (app.StoppingServer): generations are cut
     thoughts: Memory = field(default_factory=lambda: Memory(4096))  # call id -> reasoning
     responses: Memory = field(default_factory=lambda: Memory(256))  # stored responses
     sealer: Sealer = field(default_factory=Sealer)
@@ -181,6 +182,21 @@ def failure(e: Exception) -> APIError:
     return APIError(500, f"generation failed: {msg}", type="server_error", code="server_error")
 
 
+def interrupted(service: Service, reply: Reply) -> APIError | None:
+    """The error to report when the server, not the model, ended a generation (a shutdown cut
+    it, or it was cancelled before it ran); None when it ended by itself or at a stop string.
+    A client must never take a cut answer for a whole one."""
+    done = reply.completion
+    if done is not None and (done.stop_reason != "cancelled" or reply.stopped):
+        return None
+    made = done.stats.generated_tokens if done is not None else 0
+    why = ("the server is shutting down" if service.stopping
+           else "the generation was cancelled by the server")
+    log.warning("%s: a reply was cut after %d tokens", why, made)
+    return APIError(503, f"{why}: this answer was cut after {made} tokens; send the request "
+                         "again", type="server_error", code="server_error")
+
+
 async def generation(service: Service, job, reply: Reply):
     """The client-facing pieces of each engine event (see Reply.feed); a ("message", None) piece
     marks a harmony message boundary. A stop string cancels the rest."""
@@ -200,10 +216,14 @@ async def generation(service: Service, job, reply: Reply):
 async def run(service: Service, job, request, reply: Reply) -> Reply:
     """Drive a non-streaming job to its end, cancelling it if the client goes away."""
 
+    gone = False
+
     async def watch():
+        nonlocal gone
         while not job.cancel.is_set():
             await asyncio.sleep(0.25)
             if await request.is_disconnected():
+                gone = True
                 job.cancel.set()
 
     watcher = asyncio.create_task(watch())
@@ -214,6 +234,9 @@ async def run(service: Service, job, request, reply: Reply) -> Reply:
         raise failure(e) from None
     finally:
         watcher.cancel()
+    cut = None if gone else interrupted(service, reply)
+    if cut is not None:
+        raise cut
     return reply
 
 
