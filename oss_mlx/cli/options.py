@@ -40,7 +40,7 @@ def _seed(text: str) -> int | None:
         raise argparse.ArgumentTypeError(str(e).removeprefix("--seed ")) from None
 
 
-def _size(text: str) -> str:
+def size(text: str) -> str:
     try:
         parse_size(text)
     except OssMlxError as e:
@@ -130,13 +130,13 @@ def add_loading(parser, cache: bool = False) -> None:
     parser.add_argument("--no-compile", action="store_true",
                         help="decode on the plain forward instead of the compiled step")
     if cache:
-        parser.add_argument("--cache-memory", default=None, metavar="SIZE", type=_size,
+        parser.add_argument("--cache-memory", default=None, metavar="SIZE", type=size,
                             help="memory for the prompt cache of many conversations, e.g. 8GB "
                                  "(default: an eighth of this machine's memory)")
         parser.add_argument("--cache-dir", default=None, metavar="DIR",
                             help="keep prompt-cache entries evicted from memory in DIR and "
                                  "restore them on a later hit, also after a restart")
-        parser.add_argument("--cache-disk", default=DISK_CACHE_SIZE, metavar="SIZE", type=_size,
+        parser.add_argument("--cache-disk", default=DISK_CACHE_SIZE, metavar="SIZE", type=size,
                             help=f"most disk space --cache-dir may take (default: "
                                  f"{DISK_CACHE_SIZE})")
 

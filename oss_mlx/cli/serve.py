@@ -12,7 +12,7 @@ tools, stop strings, finish reasons, reasoning kept across tool calls): docs/ser
 import logging
 
 from oss_mlx.cli import options
-from oss_mlx.defaults import DEFAULT_MODEL, DEMO_MAX_TOKENS
+from oss_mlx.defaults import DEFAULT_MODEL, DEMO_MAX_TOKENS, MAX_BODY, parse_size
 
 log = logging.getLogger("oss_mlx.server")
 
@@ -38,6 +38,9 @@ def add_arguments(parser):
     parser.add_argument("--max-concurrency", type=options.positive_int, default=4, metavar="N",
                         help="requests decoded at once in one batched model step; more wait "
                              "their turn in arrival order (1: one at a time)")
+    parser.add_argument("--max-body", default=MAX_BODY, metavar="SIZE", type=options.size,
+                        help=f"largest request body, e.g. 64MB; a larger one is refused (413) "
+                             f"before it is read (default: {MAX_BODY})")
     options.add_loading(parser, cache=True)
 
 
@@ -112,7 +115,8 @@ def main(args, engine_factory=None) -> int:
         max_tokens = args.max_tokens or (DEMO_MAX_TOKENS if chosen.demo else None)
         app = create_app(engine, name, api_key=args.api_key, default_max_tokens=max_tokens,
                          constrain_tools=args.constrain_tools,
-                         max_concurrency=_concurrency(args.max_concurrency))
+                         max_concurrency=_concurrency(args.max_concurrency),
+                         max_body=parse_size(args.max_body, "--max-body"))
         port = sock.getsockname()[1]
         sock.listen(128)  # from here connections queue until uvicorn accepts them
         print(f"oss-mlx: serving {name!r} at http://{args.host}:{port}/v1"

@@ -144,14 +144,15 @@ def openapi(app) -> dict:
 
 def create_app(engine, model_name: str, api_key: str | None = None,
                default_max_tokens: int | None = None, constrain_tools: bool = True,
-               max_concurrency: int = 1):
+               max_concurrency: int = 1, max_body: int | None = None):
     """The FastAPI app serving `engine` as model `model_name` (a bearer `api_key` if given).
 
     default_max_tokens: the budget of a request that names none (None: the rest of the context,
     as OpenAI does). constrain_tools: constrain every tool call's arguments to its schema
     (oss_mlx.constrain); structured outputs (response_format, text.format) are always honoured. max_concurrency:
     how many requests decode at once (batched; see oss_mlx.scheduler); 1 serves them one at a
-    time.
+    time. max_body: the largest request body in bytes (default defaults.MAX_BODY); a larger one
+    is a 413, refused before it is read.
     """
     from fastapi import Depends, FastAPI
     from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -162,6 +163,8 @@ def create_app(engine, model_name: str, api_key: str | None = None,
                   redoc_url=None, openapi_url="/openapi.json")
     app.state.service = Service(engine, model_name, api_key, default_max_tokens,
                                 constrain_tools, max_concurrency=max_concurrency)
+    if max_body is not None:
+        app.state.service.max_body = max_body
     app.add_exception_handler(APIError, api_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(Exception, internal_error)

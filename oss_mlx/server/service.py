@@ -19,6 +19,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
+from oss_mlx.defaults import MAX_BODY, parse_size
 from oss_mlx.errors import OssMlxError
 from oss_mlx.server.protocol import APIError
 from oss_mlx.server.wire import Reply, now
@@ -97,6 +98,7 @@ class Service:
     default_max_tokens: int | None = None
     constrain_tools: bool = True  # tool-call arguments follow each tool's schema (constrain.py)
     max_concurrency: int = 1  # requests decoding at once (oss_mlx.scheduler)
+    max_body: int = parse_size(MAX_BODY)  # bytes: a larger request body is a 413
     scheduler: Any = None  # set by the app's lifespan
     stopping: bool = False  # a shutdown has begun (app.StoppingServer): generations are cut
     thoughts: Memory = field(default_factory=lambda: Memory(4096))  # call id -> reasoning
@@ -168,8 +170,36 @@ def vanishing(top_p: float) -> bool:
     return bool(np.float32(top_p) == 0)
 
 
+async def read_body(request, limit: int) -> bytes:
+    """The request body, refused with a 413 as soon as it is known to be over `limit` bytes:
+    from its Content-Length before reading any of it, else (chunked) when the bytes read pass
+    the limit. Nothing more is read or parsed then."""
+    length = request.headers.get("content-length")
+    if length is not None:
+        if not length.strip().isdigit():
+            raise APIError(400, f"invalid Content-Length header: {length!r}")
+        if int(length) > limit:
+            raise too_large(limit, int(length))
+    chunks, total = [], 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > limit:
+            raise too_large(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def too_large(limit: int, size: int | None = None) -> APIError:
+    from oss_mlx.store import human_size
+
+    what = f"{human_size(size)}" if size is not None else f"over {human_size(limit)}"
+    return APIError(413, f"the request body is {what}, more than this server accepts "
+                         f"({human_size(limit)}; `oss-mlx serve --max-body SIZE` sets it)",
+                    code="request_too_large")
+
+
 async def read_json(request) -> Any:
-    raw = await request.body()
+    raw = await read_body(request, request.app.state.service.max_body)
     try:
         return json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

@@ -1,0 +1,105 @@
+"""What `oss-mlx serve` refuses, and says so: a body over the limit (413, before it is read), a
+wrong type for a boolean, integer or number (400 naming the field, never converted), a tool
+whose `parameters` is not a JSON Schema (400 naming the tool); and the OpenAPI document lists
+those error answers and the path parameters. Real HTTP to the real app on a ScriptedModel; every
+body the clients read is checked against the openai types (serverkit.StrictTransport)."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import httpx
+import jsonschema
+import openai
+import pytest
+from support.scripted import ScriptedModel
+from support.serverkit import ServerThread, StrictTransport
+
+from oss_mlx.engine import Engine
+from oss_mlx.server import create_app
+
+MODEL = "scripted-oss"
+LIMIT = 64_000
+ANSWER = "<|channel|>final<|message|>Fine.<|return|>"
+CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}]}
+RESPONSES = {"model": MODEL, "input": "Hi"}
+WEATHER = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+
+
+@pytest.fixture(scope="module")
+def server(encoding):
+    model = ScriptedModel(encoding=encoding, max_context=32768)
+    app = create_app(Engine(model, encoding), MODEL, max_body=LIMIT)
+    with ServerThread(app) as srv:
+        srv.model = model
+        yield srv
+
+
+@pytest.fixture
+def srv(server):
+    server.model.queue.clear()
+    server.model.push(ANSWER)  # so a request that is (wrongly) accepted is answered
+    server.transport = StrictTransport()
+    server.http = httpx.Client(base_url=server.url, transport=server.transport, timeout=60)
+    yield server
+    server.http.close()
+    server.model.queue.clear()
+    assert not server.transport.failures, server.transport.failures
+
+
+def raw(srv, head: bytes, body_parts) -> bytes:
+    """Send a request by hand (so it can stop half-way through its body); the answer's head
+    and body, as much as arrives within the timeout."""
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=30) as s:
+        s.sendall(head)
+        for part in body_parts:
+            s.sendall(part)
+        data = b""
+        while b"\r\n\r\n" not in data or not data.rstrip().endswith(b"}"):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    return data
+
+
+def error_of(answer: bytes) -> tuple[int, dict]:
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)["error"]
+
+
+# ---- the body limit -------------------------------------------------------------------------
+
+
+def test_a_declared_length_over_the_limit_is_refused_before_the_body_is_sent(srv):
+    """50 MB announced, 1 KB sent: the answer comes without the rest (a server that reads the
+    whole body first would still be waiting)."""
+    head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+            b"\r\nContent-Length: 50000000\r\n\r\n")
+    status, err = error_of(raw(srv, head, [b"{" + b" " * 1023]))
+    assert status == 413
+    assert "50.0 MB" in err["message"] and "--max-body" in err["message"]
+    assert err["code"] == "request_too_large"
+
+
+def test_a_chunked_body_is_refused_once_it_passes_the_limit(srv):
+    """A chunked body (no length announced) is counted as it arrives and refused at the limit;
+    its last chunk is never sent."""
+    head = (b"POST /v1/responses HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n")
+    part = b"4000\r\n" + b" " * 0x4000 + b"\r\n"
+    status, err = error_of(raw(srv, head, [part] * (LIMIT // 0x4000 + 2)))
+    assert status == 413 and "over 64.0 KB" in err["message"]
+
+
+def test_the_openai_client_reads_the_413(srv):
+    client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0,
+                           http_client=httpx.Client(transport=srv.transport, timeout=60))
+    with pytest.raises(openai.APIStatusError) as e:
+        client.chat.completions.create(model=MODEL, messages=[
+            {"role": "user", "content": "word " * (LIMIT // 5)}])
+    assert e.value.status_code == 413 and "--max-body" in e.value.message
+    small = client.chat.completions.create(model=MODEL, messages=[
+        {"role": "user", "content": "word " * (LIMIT // 10)}])
+    assert small.choices[0].message.content == "Fine."
