@@ -103,3 +103,44 @@ def test_the_openai_client_reads_the_413(srv):
     small = client.chat.completions.create(model=MODEL, messages=[
         {"role": "user", "content": "word " * (LIMIT // 10)}])
     assert small.choices[0].message.content == "Fine."
+
+
+# ---- strict types ---------------------------------------------------------------------------
+
+WRONG_TYPES = [
+    ("chat", {"stream": "yes"}, "stream"),
+    ("chat", {"stream": 1}, "stream"),
+    ("chat", {"max_tokens": 1.5}, "max_tokens"),
+    ("chat", {"max_tokens": 2.0}, "max_tokens"),
+    ("chat", {"max_tokens": "2"}, "max_tokens"),
+    ("chat", {"max_completion_tokens": True}, "max_completion_tokens"),
+    ("chat", {"n": True}, "n"),
+    ("chat", {"seed": "7"}, "seed"),
+    ("chat", {"temperature": "0.5"}, "temperature"),
+    ("chat", {"top_p": False}, "top_p"),
+    ("chat", {"stream": True, "stream_options": {"include_usage": "true"}},
+     "stream_options.include_usage"),
+    ("chat", {"tools": [{"type": "function", "function": {
+        "name": "f", "parameters": WEATHER, "strict": "yes"}}]}, "tools.0.function.strict"),
+    ("responses", {"store": 0}, "store"),
+    ("responses", {"stream": "false"}, "stream"),
+    ("responses", {"parallel_tool_calls": 1}, "parallel_tool_calls"),
+    ("responses", {"max_output_tokens": 10.0}, "max_output_tokens"),
+]
+
+
+@pytest.mark.parametrize("api,fields,name", WRONG_TYPES,
+                         ids=[f"{a}-{n}-{json.dumps(f)[:30]}" for a, f, n in WRONG_TYPES])
+def test_a_wrong_type_is_a_400_naming_the_field(srv, api, fields, name):
+    path, base = ("/v1/chat/completions", CHAT) if api == "chat" else ("/v1/responses", RESPONSES)
+    r = srv.http.post(path, json={**base, **fields})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == name and f"invalid request: {name}: " in err["message"], err
+
+
+def test_right_types_still_pass(srv):
+    r = srv.http.post("/v1/chat/completions", json={**CHAT, "temperature": 1, "top_p": 1,
+                                                     "max_tokens": 50, "stream": False,
+                                                     "seed": -1, "n": 1})
+    assert r.status_code == 200, r.text
