@@ -144,3 +144,40 @@ def test_right_types_still_pass(srv):
                                                      "max_tokens": 50, "stream": False,
                                                      "seed": -1, "n": 1})
     assert r.status_code == 200, r.text
+
+
+# ---- tool schemas ---------------------------------------------------------------------------
+
+NOT_SCHEMAS = [{"type": "frob"}, {"type": "object", "properties": 3},
+               {"type": "object", "required": "city"}]
+
+
+@pytest.mark.parametrize("params", NOT_SCHEMAS, ids=range(len(NOT_SCHEMAS)))
+def test_a_tool_that_is_not_a_json_schema_is_a_400_naming_it(srv, params):
+    chat = {**CHAT, "tools": [
+        {"type": "function", "function": {"name": "get_weather", "parameters": WEATHER}},
+        {"type": "function", "function": {"name": "frobnicate", "parameters": params}}]}
+    responses = {**RESPONSES, "tools": [
+        {"type": "function", "name": "get_weather", "parameters": WEATHER},
+        {"type": "namespace", "name": "lab", "description": "d", "tools": [
+            {"type": "function", "name": "frobnicate", "parameters": params}]}]}
+    for path, body, where in (("/v1/chat/completions", chat, "tools[1].function.parameters"),
+                              ("/v1/responses", responses, "tools[1].tools[0].parameters")):
+        r = srv.http.post(path, json=body)
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert "'frobnicate'" in err["message"] and "not a valid JSON Schema" in err["message"]
+        assert err["param"] == where and err["code"] == "invalid_function_parameters"
+
+
+def test_schemas_of_every_draft_clients_write_pass(srv):
+    drafts = [WEATHER,
+              {"$schema": "http://json-schema.org/draft-07/schema#", "type": "object",
+               "properties": {"pair": {"type": "array", "items": [{"type": "string"}]}},
+               "additionalProperties": False},
+              {"type": "object", "properties": {"when": {"type": ["string", "null"],
+                                                         "format": "date-time"}}}]
+    tools = [{"type": "function", "function": {"name": f"t{i}", "parameters": p}}
+             for i, p in enumerate(drafts)]
+    r = srv.http.post("/v1/chat/completions", json={**CHAT, "tools": tools})
+    assert r.status_code == 200, r.text
