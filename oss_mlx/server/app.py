@@ -17,7 +17,7 @@ import uvicorn
 from fastapi import Request
 
 from oss_mlx.server.chat_completions import chat_completions
-from oss_mlx.server.protocol import APIError, ChatRequest, ResponsesRequest
+from oss_mlx.server.protocol import APIError, ChatRequest, ErrorResponse, ResponsesRequest
 from oss_mlx.server.responses import create_response, delete_response, retrieve_response
 from oss_mlx.engine.scheduler import Scheduler
 from oss_mlx.server.service import Service
@@ -108,15 +108,29 @@ async def get_model(request: Request, name: str):
     return model_card(service)
 
 
-# (path, methods, route, the request model documented in /openapi.json); a path may have one
-# route per method.
+# What each error status means, as /openapi.json documents it (every one is an ErrorResponse).
+ERRORS = {
+    400: "Invalid request: the message and `param` name the field (a wrong type, a tool whose "
+         "`parameters` is not a JSON Schema, a prompt longer than the context, ...)",
+    401: "Invalid or missing API key (when the server was started with --api-key)",
+    404: "No such model, stored response or route",
+    405: "Method not allowed at this path (the `Allow` header lists those that are)",
+    413: "Request body over the server's limit (--max-body), refused before it is read",
+    500: "Internal error, or the generation failed",
+    503: "The server is shutting down: the answer was cut (send the request again)",
+}
+_READ = (401, 404, 405, 500)
+_GENERATE = (400, 401, 404, 405, 413, 500, 503)
+
+# (path, methods, route, the request model documented in /openapi.json, its error statuses); a
+# path may have one route per method.
 ROUTES = [
-    ("/v1/models", ["GET"], list_models, None),
-    ("/v1/models/{name:path}", ["GET"], get_model, None),
-    ("/v1/chat/completions", ["POST"], chat_completions, ChatRequest),
-    ("/v1/responses", ["POST"], create_response, ResponsesRequest),
-    ("/v1/responses/{response_id}", ["GET"], retrieve_response, None),
-    ("/v1/responses/{response_id}", ["DELETE"], delete_response, None),
+    ("/v1/models", ["GET"], list_models, None, (401, 405, 500)),
+    ("/v1/models/{name:path}", ["GET"], get_model, None, _READ),
+    ("/v1/chat/completions", ["POST"], chat_completions, ChatRequest, _GENERATE),
+    ("/v1/responses", ["POST"], create_response, ResponsesRequest, _GENERATE),
+    ("/v1/responses/{response_id}", ["GET"], retrieve_response, None, _READ),
+    ("/v1/responses/{response_id}", ["DELETE"], delete_response, None, _READ),
 ]
 
 
@@ -126,9 +140,14 @@ def request_body(model) -> dict:
         "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}}
 
 
+def error_responses(statuses) -> dict:
+    return {s: {"model": ErrorResponse, "description": ERRORS[s]} for s in statuses}
+
+
 def openapi(app) -> dict:
     """FastAPI's schema plus the request bodies (the routes parse their JSON themselves, to
-    answer with OpenAI error objects, so FastAPI does not see them)."""
+    answer with OpenAI error objects, so FastAPI does not see them), without the 422 FastAPI
+    adds for its own validation, which this server never answers."""
     if app.openapi_schema is None:
         from fastapi.openapi.utils import get_openapi
 
@@ -138,6 +157,11 @@ def openapi(app) -> dict:
             body = model.model_json_schema(ref_template="#/components/schemas/{model}")
             components.update(body.pop("$defs", {}))
             components[model.__name__] = body
+        for ops in schema["paths"].values():
+            for op in ops.values():
+                op.get("responses", {}).pop("422", None)
+        for name in ("HTTPValidationError", "ValidationError"):
+            components.pop(name, None)
         app.openapi_schema = schema
     return app.openapi_schema
 
@@ -169,9 +193,10 @@ def create_app(engine, model_name: str, api_key: str | None = None,
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(Exception, internal_error)
     app.add_api_route("/health", health, methods=["GET"])  # open: no key needed
-    for path, methods, route, model in ROUTES:
+    for path, methods, route, model, errors in ROUTES:
         app.add_api_route(path, route, methods=methods, dependencies=[Depends(authorize)],
-                          openapi_extra=request_body(model) if model else None)
+                          openapi_extra=request_body(model) if model else None,
+                          responses=error_responses(errors))
     app.openapi = functools.partial(openapi, app)
     return app
 

@@ -44,6 +44,21 @@ class APIError(Exception):
                           "code": self.code}}
 
 
+class ErrorObject(BaseModel):
+    """The error object of every failure (as OpenAI sends it)."""
+
+    message: str
+    type: str
+    param: Optional[str] = None
+    code: Optional[str] = None
+
+
+class ErrorResponse(BaseModel):
+    """The body of every 4xx / 5xx answer, and of an error event in a stream."""
+
+    error: ErrorObject
+
+
 def _where(err) -> str:
     """A pydantic error's location as a dotted field path (`messages.0.role`; "body" if none),
     without the union-member tags pydantic puts in locations (`str`, `list[dict[...]]`)."""

@@ -302,9 +302,9 @@ class OutputItems:
         return events
 
 
-async def retrieve_response(request: Request):
+async def retrieve_response(request: Request, response_id: str):
     service: Service = request.app.state.service
-    rid = request.path_params["response_id"]
+    rid = response_id
     stored = service.responses.get(rid)
     if stored is None:
         raise APIError(404, f"response {rid!r} not found (not stored, or forgotten)",
@@ -312,9 +312,9 @@ async def retrieve_response(request: Request):
     return stored["response"]
 
 
-async def delete_response(request: Request):
+async def delete_response(request: Request, response_id: str):
     service: Service = request.app.state.service
-    rid = request.path_params["response_id"]
+    rid = response_id
     if service.responses.pop(rid) is None:
         raise APIError(404, f"response {rid!r} not found", code="not_found",
                        param="response_id")

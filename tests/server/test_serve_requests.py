@@ -181,3 +181,36 @@ def test_schemas_of_every_draft_clients_write_pass(srv):
              for i, p in enumerate(drafts)]
     r = srv.http.post("/v1/chat/completions", json={**CHAT, "tools": tools})
     assert r.status_code == 200, r.text
+
+
+# ---- the OpenAPI document -------------------------------------------------------------------
+
+
+def test_openapi_lists_the_error_answers_and_path_parameters(srv):
+    doc = srv.http.get("/openapi.json").json()
+    ref = {"$ref": "#/components/schemas/ErrorResponse"}
+    expected = {("/v1/chat/completions", "post"): {400, 401, 404, 405, 413, 500, 503},
+                ("/v1/responses", "post"): {400, 401, 404, 405, 413, 500, 503},
+                ("/v1/models", "get"): {401, 405, 500},
+                ("/v1/models/{name}", "get"): {401, 404, 405, 500},
+                ("/v1/responses/{response_id}", "get"): {401, 404, 405, 500},
+                ("/v1/responses/{response_id}", "delete"): {401, 404, 405, 500}}
+    for (path, method), statuses in expected.items():
+        op = doc["paths"][path][method]
+        errors = {int(s) for s in op["responses"] if s.startswith(("4", "5"))}
+        assert errors == statuses, (path, method, errors)
+        for s in statuses:
+            answer = op["responses"][str(s)]
+            assert answer["description"]
+            assert answer["content"]["application/json"]["schema"] == ref, (path, s)
+        params = {p["name"]: p for p in op.get("parameters", [])}
+        for name in ("name", "response_id"):
+            if "{" + name + "}" in path:
+                assert params[name]["in"] == "path" and params[name]["required"]
+    # The documented error object is the one the server sends.
+    schemas = doc["components"]["schemas"]
+    body = srv.http.post("/v1/responses", json={**RESPONSES, "store": 0}).json()
+    # (refs point into the document: validate from a root that holds its components)
+    jsonschema.validate(body, {"$ref": "#/components/schemas/ErrorResponse",
+                               "components": {"schemas": schemas}})
+    assert "HTTPValidationError" not in schemas  # FastAPI's 422, which this server never sends
