@@ -15,6 +15,22 @@ from oss_mlx.cli import options
 from oss_mlx.defaults import DEFAULT_MODEL, DEMO_MAX_TOKENS, MAX_BODY, parse_size
 
 log = logging.getLogger("oss_mlx.server")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def setup_logging(level: str):
+    """oss-mlx's loggers ("oss_mlx.*": the server's line per request, the prompt cache, ...)
+    to stderr at `level`; uvicorn's own at warning (its access log is off: the server writes a
+    better line), at info with --log-level debug."""
+    root = logging.getLogger("oss_mlx")
+    root.setLevel(level.upper())
+    if not any(h.get_name() == "oss-mlx" for h in root.handlers):
+        handler = logging.StreamHandler()
+        handler.set_name("oss-mlx")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s",
+                                               "%Y-%m-%d %H:%M:%S"))
+        root.addHandler(handler)
+    return "info" if level == "debug" else "warning"
 
 
 def add_arguments(parser):
@@ -41,6 +57,10 @@ def add_arguments(parser):
     parser.add_argument("--max-body", default=MAX_BODY, metavar="SIZE", type=options.size,
                         help=f"largest request body, e.g. 64MB; a larger one is refused (413) "
                              f"before it is read (default: {MAX_BODY})")
+    parser.add_argument("--log-level", default="info", choices=LOG_LEVELS, metavar="LEVEL",
+                        help="what the server logs (stderr): debug, info (one line per "
+                             "request: status, prompt / cached / generated tokens, TTFT, "
+                             "tok/s), warning or error (default: info)")
     options.add_loading(parser, cache=True)
 
 
@@ -102,6 +122,7 @@ def main(args, engine_factory=None) -> int:
     from oss_mlx.engine.threads import release_streams
     from oss_mlx.server.app import StoppingServer, create_app
 
+    uvicorn_level = setup_logging(args.log_level)
     sock = _listen(args.host, args.port)
     with contextlib.ExitStack() as stack:
         chosen = choose(args, stack)
@@ -127,7 +148,7 @@ def main(args, engine_factory=None) -> int:
             print("oss-mlx: warning: listening beyond this machine without --api-key", flush=True)
         # Ctrl-C / SIGTERM: generations stop at their next token, so open requests end (with
         # what they have) well within the 2 s uvicorn then gives them.
-        server = StoppingServer(uvicorn.Config(app, log_level="warning",
+        server = StoppingServer(uvicorn.Config(app, log_level=uvicorn_level, access_log=False,
                                                timeout_graceful_shutdown=2))
         # uvicorn handles SIGINT / SIGTERM while it runs, and re-raises the signal once it has
         # shut down gracefully: swallow that one (a handler that raised SystemExit there would

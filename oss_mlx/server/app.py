@@ -63,6 +63,7 @@ def error_response(e: APIError, headers=None):
 
 
 async def api_error(request, e: APIError):
+    request.state.error = e.message
     return error_response(e)
 
 
@@ -80,6 +81,7 @@ def allowed_methods(request) -> str:
 async def http_error(request, e):
     code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
     headers = {"Allow": allowed_methods(request)} if e.status_code == 405 else None
+    request.state.error = str(e.detail)
     return error_response(APIError(e.status_code, f"{request.method} {request.url.path}: "
                                                   f"{e.detail}", code=code), headers=headers)
 
@@ -192,6 +194,7 @@ def create_app(engine, model_name: str, api_key: str | None = None,
     app.add_exception_handler(APIError, api_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(Exception, internal_error)
+    app.add_middleware(RequestLog)
     app.add_api_route("/health", health, methods=["GET"])  # open: no key needed
     for path, methods, route, model, errors in ROUTES:
         app.add_api_route(path, route, methods=methods, dependencies=[Depends(authorize)],
@@ -199,6 +202,82 @@ def create_app(engine, model_name: str, api_key: str | None = None,
                           responses=error_responses(errors))
     app.openapi = functools.partial(openapi, app)
     return app
+
+
+class RequestLog:
+    """ASGI middleware: one log line per HTTP request, when its answer has been sent (a stream
+    included), on the "oss_mlx.server" logger, as llama-server and vLLM print one:
+
+        POST /v1/chat/completions 200 stream: prompt 6325 tokens (6300 cached), generated 128,
+        TTFT 0.21 s, 35.2 tok/s, 3.90 s, stop          (one line)
+        POST /v1/responses 400: invalid request: store: Input should be a valid boolean, 0.00 s
+
+    INFO for answers below 500, WARNING from 500 up and for a stream that failed or was cut
+    after its 200 was sent, DEBUG for GET /health and /openapi.json (polled). A pure ASGI wrapper, not Starlette's BaseHTTPMiddleware, which would hide a
+    client's disconnect from the routes."""
+
+    QUIET = ("/health", "/openapi.json")
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        import time
+
+        start, status, stream, logged = time.perf_counter(), 500, False, False
+
+        def done():
+            nonlocal logged
+            if not logged:
+                logged = True
+                log_request(scope, status, stream, time.perf_counter() - start)
+
+        async def sending(message):
+            nonlocal status, stream
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                stream = any(k == b"content-type" and v.startswith(b"text/event-stream")
+                             for k, v in message.get("headers", []))
+            elif message["type"] == "http.response.body" and not message.get("more_body"):
+                done()  # before the last bytes leave: a client that has the answer has the line
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        except Exception as e:
+            scope.setdefault("state", {}).setdefault("error", f"{type(e).__name__}: {e}")
+            raise
+        finally:
+            done()
+
+
+def log_request(scope, status: int, stream: bool, seconds: float):
+    import logging
+
+    log = logging.getLogger("oss_mlx.server")
+    state = scope.get("state") or {}
+    reply = state.get("reply")
+    error = state.get("error") or getattr(reply, "error", None)
+    level = (logging.DEBUG if scope["path"] in RequestLog.QUIET else
+             logging.WARNING if status >= 500 or (error and status < 400) else logging.INFO)
+    if not log.isEnabledFor(level):
+        return
+    head = f"{scope['method']} {scope['path']} {status}{' stream' if stream else ''}"
+    done = getattr(reply, "completion", None)
+    parts = []
+    if done is not None:
+        s = done.stats
+        parts += [f"prompt {s.prompt_tokens} tokens ({s.cached_tokens} cached)",
+                  f"generated {s.generated_tokens}", f"TTFT {s.ttft_s:.2f} s",
+                  f"{s.decode_tps:.1f} tok/s"]
+    if error:
+        parts.append(error)
+    parts.append(f"{seconds:.2f} s")
+    if done is not None and not error:
+        parts.append(done.stop_reason)
+    log.log(level, "%s: %s", head, ", ".join(parts))
 
 
 class StoppingServer(uvicorn.Server):

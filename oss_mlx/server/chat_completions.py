@@ -43,6 +43,7 @@ async def chat_completions(request: Request):
     params = service.sampling(req, req.max_completion_tokens or req.max_tokens, spec)
     job = service.scheduler.submit(prompt, params)
     reply = Reply(stops=req.stop, tools=tools)
+    request.state.reply = reply  # for the request's log line (app.RequestLog)
     head = {"id": new_id("chatcmpl-"), "created": now(), "model": service.model_name}
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -98,12 +99,12 @@ async def chunks(service: Service, job, reply: Reply, head: dict, include_usage:
                 if d is not None:
                     yield chunk(head, d)
     except Exception as e:  # noqa: BLE001 - the status line is sent: say it in-band
-        yield sse(failure(e).body())
-        yield sse("[DONE]")
-        return
-    cut = interrupted(service, reply)
-    if cut is not None:  # a shutdown: an error the client raises, never a normal finish
-        yield sse(cut.body())
+        err = failure(e)
+    else:
+        err = interrupted(service, reply)  # a shutdown: an error the client raises
+    if err is not None:
+        reply.error = err.message
+        yield sse(err.body())
         yield sse("[DONE]")
         return
     yield chunk(head, {}, finish=reply.finish_reason)

@@ -84,6 +84,7 @@ async def create_response(request: Request):
     prompt = service.prompt_tokens(conv)
     job = service.scheduler.submit(prompt, service.sampling(req, req.max_output_tokens, spec))
     reply = Reply(tools=tools)
+    request.state.reply = reply  # for the request's log line (app.RequestLog)
     seal = service.sealer.seal if "reasoning.encrypted_content" in (req.include or []) else None
     out = OutputItems(seal)
     skeleton = {
@@ -151,6 +152,7 @@ async def stream(service: Service, job, finish: Finish):
     else:
         err = interrupted(service, reply)  # a shutdown: never a normal end
     if err is not None:
+        reply.error = err.message
         for type_, data in out.close("incomplete"):
             yield event(type_, **data)
         yield event("error", code=err.code, message=err.message, param=None)

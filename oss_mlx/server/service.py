@@ -208,7 +208,6 @@ async def read_json(request) -> Any:
 
 def failure(e: Exception) -> APIError:
     msg = str(e) if isinstance(e, OssMlxError) else f"{type(e).__name__}: {e}"
-    log.error("generation failed: %s", msg)
     return APIError(500, f"generation failed: {msg}", type="server_error", code="server_error")
 
 
@@ -222,7 +221,6 @@ def interrupted(service: Service, reply: Reply) -> APIError | None:
     made = done.stats.generated_tokens if done is not None else 0
     why = ("the server is shutting down" if service.stopping
            else "the generation was cancelled by the server")
-    log.warning("%s: a reply was cut after %d tokens", why, made)
     return APIError(503, f"{why}: this answer was cut after {made} tokens; send the request "
                          "again", type="server_error", code="server_error")
 
