@@ -89,6 +89,20 @@ def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
     return int(diff[0]) if len(diff) else n
 
 
+EARLY_SNAPSHOTS = 4  # the first snapshots of an entry, kept however long it grows
+
+
+def keep_snapshots(snaps: list, most: int) -> list:
+    """At most `most` snapshots, in order: the latest, where the conversation goes on, and the
+    first few, where another conversation with the same instructions and tools branches off (a
+    new agent session: its system and developer messages end there)."""
+    snaps = sorted(snaps, key=lambda s: s.pos)
+    if len(snaps) <= most:
+        return snaps
+    early = min(EARLY_SNAPSHOTS, most // 2)
+    return snaps[:early] + snaps[len(snaps) - (most - early):]
+
+
 def default_memory_bytes() -> int:
     """An eighth of the machine's memory (at least 512 MiB): room for tens of long sessions
     of gpt-oss-20b (about 24 KB of K/V per token) beside the weights."""
@@ -228,7 +242,7 @@ class PromptCache:
                 entry.key = entry.key or e.key
             else:
                 kept.append(e)
-        entry.snapshots = sorted(entry.snapshots, key=lambda s: s.pos)[-self.max_snapshots:]
+        entry.snapshots = keep_snapshots(entry.snapshots, self.max_snapshots)
         entry.nbytes = (sum(self.adapter.nbytes(c) for c in entry.cache)
                         + sum(s.nbytes for s in entry.snapshots))
         self._tick += 1

@@ -12,7 +12,7 @@ import time
 from support.scripted import ScriptedModel
 
 from oss_mlx.engine import Engine
-from oss_mlx.harmony import build_conversation, user_message
+from oss_mlx.harmony import build_conversation, render_prompt, user_message
 
 REPLY = "<|channel|>final<|message|>Noted.<|return|>"
 
@@ -92,3 +92,32 @@ def test_the_budget_evicts_the_least_recently_used_file(encoding, tmp_path):
     whole = cached(third, "gamma " * 30)  # its own file: all but the last prompt token or so
     shared = cached(third, "delta " * 30)  # its file is gone: only the prefix both share
     assert 0 < shared < whole - 20, (shared, whole)
+
+
+def test_a_long_session_keeps_the_snapshot_where_its_instructions_end(encoding, tmp_path):
+    """An agent session that leaves more message boundaries than an entry keeps snapshots of
+    still resumes a NEW conversation with the same instructions and tools from where they end
+    (the first request of the agent's next session), from memory and, after a restart, from
+    disk. (Keeping only the latest snapshots lost that point after a few turns.)"""
+    tools = [{"name": "run", "parameters": {"type": "object",
+                                            "properties": {"cmd": {"type": "string"}}}}]
+    rules = "Follow the house rules. " * 30
+
+    def conv_of(messages):
+        return build_conversation(messages, developer_instructions=rules, tools=tools, date="")
+
+    first = engine(encoding, tmp_path, max_snapshots=6)
+    for _ in range(20):
+        first.model.push(REPLY)
+    history = [user_message("fix the build")]
+    for i in range(12):  # an agent's turns, one request each
+        history += first.complete(conv_of(history)).messages + [user_message(f"step {i}")]
+    (entry,) = first.prompt_cache.entries
+    assert len(entry.snapshots) == 6
+    shared = len(render_prompt(encoding, conv_of([])))  # instructions and tools
+    assert first.complete(conv_of([user_message("write the docs")])).stats.cached_tokens >= shared
+    first.prompt_cache.flush()
+
+    restarted = engine(encoding, tmp_path, max_snapshots=6)
+    again = restarted.complete(conv_of([user_message("review the tests")]))
+    assert again.stats.cached_tokens >= shared
