@@ -77,6 +77,32 @@ def _concurrency(requested: int) -> int:
     return requested
 
 
+def cache_dir(args, chosen):
+    """Where the prompt cache is kept on disk (docs/serve.md): --cache-dir DIR as given, else
+    $OSS_MLX_HOME/prompt-cache/<model> (disk_cache.PerModel); None (memory only) with
+    --no-cache-dir, for --demo (a model made afresh each run: nothing to resume), and under
+    mlx.launch, explicit --cache-dir included: each rank holds its own share of the K/V and
+    must restore exactly what the others restore, which folders on several machines (or one
+    shared by several ranks) cannot promise."""
+    from oss_mlx.engine.distributed import launched
+
+    if getattr(args, "no_cache_dir", False):
+        return None
+    if launched():
+        if args.cache_dir:
+            log.warning("under mlx.launch the prompt cache stays in memory (--cache-dir %s "
+                        "ignored)", args.cache_dir)
+        return None
+    if args.cache_dir:
+        return args.cache_dir
+    if chosen.demo:
+        return None
+    from oss_mlx.engine.disk_cache import PerModel
+    from oss_mlx.store import home
+
+    return PerModel(home() / "prompt-cache", chosen.name)
+
+
 def _listen(host: str, port: int):
     """A socket bound before the model loads: a taken port is a one-line error, not a wasted
     load."""
@@ -126,6 +152,7 @@ def main(args, engine_factory=None) -> int:
     sock = _listen(args.host, args.port)
     with contextlib.ExitStack() as stack:
         chosen = choose(args, stack)
+        args.cache_dir = cache_dir(args, chosen)  # what load_options (and a factory) reads
         if engine_factory is None:
             from oss_mlx.engine.loading import load_engine
 
@@ -144,6 +171,12 @@ def main(args, engine_factory=None) -> int:
               + (" (API key required)" if args.api_key else "")
               + (" (the demo model: random weights, its answers are noise)" if chosen.demo
                  else ""), flush=True)
+        disk = getattr(getattr(engine, "prompt_cache", None), "disk", None)
+        if disk is not None:
+            kept = len(disk.entries())
+            print(f"oss-mlx: prompt cache on disk in {disk.folder}"
+                  + (f" ({kept} entr{'y' if kept == 1 else 'ies'} from earlier runs)" if kept
+                     else ""), flush=True)
         if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
             print("oss-mlx: warning: listening beyond this machine without --api-key", flush=True)
         # Ctrl-C / SIGTERM: generations stop at their next token, so open requests end (with

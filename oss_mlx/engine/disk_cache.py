@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -108,6 +109,19 @@ def warn_unusable(path, why: str):
     print(f"oss-mlx: warning: ignoring prompt cache file {path}: {why}", flush=True)
 
 
+@dataclass(frozen=True)
+class PerModel:
+    """A root folder holding one disk cache per model: `root/<the first 16 hex digits of the
+    model's fingerprint>` (what `serve` uses by default: $OSS_MLX_HOME/prompt-cache), with a
+    `model.txt` naming the model for whoever looks."""
+
+    root: Path
+    name: str = ""
+
+    def folder(self, fingerprint: str) -> Path:
+        return Path(self.root).expanduser() / fingerprint[:16]
+
+
 class DiskCache:
     """Evicted entries kept in a folder (one safetensors file each), bounded by `max_bytes`
     (the least recently used files go first), indexed by their token lists so a later hit, also
@@ -116,9 +130,13 @@ class DiskCache:
 
     def __init__(self, folder, fingerprint: str, max_bytes: int = parse_size(DISK_CACHE_SIZE),
                  extra: Callable[[Entry], dict] | None = None):
-        self.folder = Path(folder).expanduser()
+        """folder: a path, or a PerModel root (this model's folder under it)."""
+        per_model = folder if isinstance(folder, PerModel) else None
+        self.folder = per_model.folder(fingerprint) if per_model else Path(folder).expanduser()
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
+            if per_model is not None and per_model.name:
+                (self.folder / "model.txt").write_text(per_model.name + "\n")
         except OSError as e:
             raise OssMlxError(f"cannot use {self.folder} as the prompt cache folder: "
                               f"{e.strerror or e}") from None
