@@ -108,7 +108,7 @@ def test_serve_log_level_and_max_body(tmp_path):
     from test_serve_cache_dir import Serve
 
     for level, expect in (("info", True), ("warning", False)):
-        srv = Serve("--log-level", level, "--max-body", "2KB")
+        srv = Serve("--log-level", level, "--max-body", "2KB", "--no-cache-dir")
         ok = httpx.post(srv.url + "/chat/completions", json=CHAT, timeout=60)
         big = httpx.post(srv.url + "/chat/completions", timeout=60, json={
             **CHAT, "messages": [{"role": "user", "content": "x" * 3000}]})
