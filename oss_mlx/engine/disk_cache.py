@@ -99,7 +99,10 @@ def load_entry(path, fingerprint: str, adapter: KVAdapter, make_cache) -> Entry:
         raise ValueError(f"damaged ({type(e).__name__}: {e})") from None
     if {adapter.offset(c) for c in cache} != {len(tokens)}:
         raise ValueError("its caches do not hold its token list")
-    mx.eval([a for c in cache for a in adapter.arrays(c)])
+    # Read now, in this thread: arrays loaded lazily belong to its streams, and an entry may be
+    # written back from another thread (the shutdown's flush), which cannot evaluate them.
+    mx.eval([a for c in cache for a in adapter.arrays(c)]
+            + [a for s in snaps for c in s.layers.values() for a in adapter.arrays(c)])
     entry = Entry(tokens.astype(np.int32), cache, snaps, meta.get("key"))
     entry.extra = meta.get("extra") or {}
     return entry

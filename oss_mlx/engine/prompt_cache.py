@@ -227,7 +227,8 @@ class PromptCache:
         # from another thread at shutdown, which cannot evaluate work queued on those streams.
         import mlx.core as mx
 
-        mx.eval([a for c in cache for a in ad.arrays(c)])
+        mx.eval([a for c in cache for a in ad.arrays(c)]
+                + [a for s in snaps for c in s.layers.values() for a in ad.arrays(c)])
         entry = Entry(np.asarray(tokens, dtype=np.int32), list(cache), snaps, key)
         with self._lock:
             self._insert(entry)

@@ -76,6 +76,30 @@ def test_cache_dir_survives_a_signal_and_restart(tmp_path, sig):
     assert files(folder)
 
 
+@pytest.mark.slow
+def test_a_conversation_continued_after_a_restart_is_written_at_the_next_stop(tmp_path):
+    """The entry restored from disk (its sliding-window snapshots read lazily by the engine's
+    thread) is continued, and the longer entry is written by the next shutdown, from the main
+    thread: a third start resumes the whole conversation."""
+    folder = tmp_path / "kv"
+    follow = {**BODY, "messages": BODY["messages"] + [
+        {"role": "assistant", "content": "Hello from oss-mlx."},
+        {"role": "user", "content": "And once more."}]}
+    first = Serve("--cache-dir", str(folder))
+    first.usage()
+    first.stop(signal.SIGTERM)
+    second = Serve("--cache-dir", str(folder))
+    grown = second.usage(follow)
+    _, err = second.stop(signal.SIGTERM)
+    assert "cannot write" not in err, err
+    third = Serve("--cache-dir", str(folder))
+    again = third.usage(follow)
+    third.stop(signal.SIGTERM)
+    assert grown["prompt_tokens_details"]["cached_tokens"] > 0
+    assert again["prompt_tokens_details"]["cached_tokens"] > grown["prompt_tokens_details"][
+        "cached_tokens"], (grown, again)
+
+
 def session(first_message: str) -> dict:
     """The first request of an agent session: the same instructions and tools every time."""
     return {"model": "scripted-oss", "tools": [{"type": "function", "function": {
