@@ -23,6 +23,7 @@ DTYPES = ("float32", "bfloat16", "float16")  # compute dtypes a command line may
 PREFILL_CHUNK = 512  # tokens per prefill chunk (the engine's and Model.prefill's)
 MAX_SNAPSHOTS = 96  # sliding-window snapshots kept per prompt-cache entry
 DISK_CACHE_SIZE = "16GB"  # --cache-disk
+MAX_BODY = "32MB"  # serve --max-body: the largest request body (a 131k-token prompt is ~1 MB)
 KV_BITS = (8, 4)  # --kv-bits: the quantized KV cache (oss_mlx/model/kv_quant.py)
 KV_GROUP_SIZE = 64  # = gpt-oss's head_dim: one scale and one bias per head vector
 MOE_SPLITS = ("tp", "ep")  # how a launch splits the experts (oss_mlx/model/shard.py)

@@ -40,7 +40,7 @@ def _seed(text: str) -> int | None:
         raise argparse.ArgumentTypeError(str(e).removeprefix("--seed ")) from None
 
 
-def _size(text: str) -> str:
+def size(text: str) -> str:
     try:
         parse_size(text)
     except OssMlxError as e:
@@ -136,15 +136,20 @@ def add_loading(parser, cache: bool = False) -> None:
     parser.add_argument("--no-compile", action="store_true",
                         help="decode on the plain forward instead of the compiled step")
     if cache:
-        parser.add_argument("--cache-memory", default=None, metavar="SIZE", type=_size,
+        parser.add_argument("--cache-memory", default=None, metavar="SIZE", type=size,
                             help="memory for the prompt cache of many conversations, e.g. 8GB "
                                  "(default: an eighth of this machine's memory)")
-        parser.add_argument("--cache-dir", default=None, metavar="DIR",
-                            help="keep prompt-cache entries evicted from memory in DIR and "
-                                 "restore them on a later hit, also after a restart")
-        parser.add_argument("--cache-disk", default=DISK_CACHE_SIZE, metavar="SIZE", type=_size,
-                            help=f"most disk space --cache-dir may take (default: "
-                                 f"{DISK_CACHE_SIZE})")
+        where = parser.add_mutually_exclusive_group()
+        where.add_argument("--cache-dir", default=None, metavar="DIR",
+                           help="keep the prompt cache on disk in DIR: entries evicted from "
+                                "memory, and all of it at shutdown; a later hit restores them, "
+                                "also after a restart (default: "
+                                "$OSS_MLX_HOME/prompt-cache/MODEL, a folder per model)")
+        where.add_argument("--no-cache-dir", action="store_true",
+                           help="keep the prompt cache in memory only")
+        parser.add_argument("--cache-disk", default=DISK_CACHE_SIZE, metavar="SIZE", type=size,
+                            help=f"most disk space the prompt cache may take, per model "
+                                 f"(default: {DISK_CACHE_SIZE})")
 
 
 def load_options(args):

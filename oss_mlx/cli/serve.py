@@ -12,9 +12,25 @@ tools, stop strings, finish reasons, reasoning kept across tool calls): docs/ser
 import logging
 
 from oss_mlx.cli import options, tools as cli_tools
-from oss_mlx.defaults import DEFAULT_MODEL, DEMO_MAX_TOKENS
+from oss_mlx.defaults import DEFAULT_MODEL, DEMO_MAX_TOKENS, MAX_BODY, parse_size
 
 log = logging.getLogger("oss_mlx.server")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def setup_logging(level: str):
+    """oss-mlx's loggers ("oss_mlx.*": the server's line per request, the prompt cache, ...)
+    to stderr at `level`; uvicorn's own at warning (its access log is off: the server writes a
+    better line), at info with --log-level debug."""
+    root = logging.getLogger("oss_mlx")
+    root.setLevel(level.upper())
+    if not any(h.get_name() == "oss-mlx" for h in root.handlers):
+        handler = logging.StreamHandler()
+        handler.set_name("oss-mlx")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s",
+                                               "%Y-%m-%d %H:%M:%S"))
+        root.addHandler(handler)
+    return "info" if level == "debug" else "warning"
 
 
 def add_arguments(parser):
@@ -39,6 +55,13 @@ def add_arguments(parser):
                         help="requests decoded at once in one batched model step; more wait "
                              "their turn in arrival order (1: one at a time)")
     cli_tools.add_serve_arguments(parser)
+    parser.add_argument("--max-body", default=MAX_BODY, metavar="SIZE", type=options.size,
+                        help=f"largest request body, e.g. 64MB; a larger one is refused (413) "
+                             f"before it is read (default: {MAX_BODY})")
+    parser.add_argument("--log-level", default="info", choices=LOG_LEVELS, metavar="LEVEL",
+                        help="what the server logs (stderr): debug, info (one line per "
+                             "request: status, prompt / cached / generated tokens, TTFT, "
+                             "tok/s), warning or error (default: info)")
     options.add_loading(parser, cache=True)
 
 
@@ -53,6 +76,32 @@ def _concurrency(requested: int) -> int:
                     "(--max-concurrency %d ignored)", requested)
         return 1
     return requested
+
+
+def cache_dir(args, chosen):
+    """Where the prompt cache is kept on disk (docs/serve.md): --cache-dir DIR as given, else
+    $OSS_MLX_HOME/prompt-cache/<model> (disk_cache.PerModel); None (memory only) with
+    --no-cache-dir, for --demo (a model made afresh each run: nothing to resume), and under
+    mlx.launch, explicit --cache-dir included: each rank holds its own share of the K/V and
+    must restore exactly what the others restore, which folders on several machines (or one
+    shared by several ranks) cannot promise."""
+    from oss_mlx.engine.distributed import launched
+
+    if getattr(args, "no_cache_dir", False):
+        return None
+    if launched():
+        if args.cache_dir:
+            log.warning("under mlx.launch the prompt cache stays in memory (--cache-dir %s "
+                        "ignored)", args.cache_dir)
+        return None
+    if args.cache_dir:
+        return args.cache_dir
+    if chosen.demo:
+        return None
+    from oss_mlx.engine.disk_cache import PerModel
+    from oss_mlx.store import home
+
+    return PerModel(home() / "prompt-cache", chosen.name)
 
 
 def _listen(host: str, port: int):
@@ -74,13 +123,25 @@ def _listen(host: str, port: int):
     return sock
 
 
+def flush(engine):
+    """Write what the prompt cache holds in memory to its disk folder, if it has one: on every
+    way out of `serve` (Ctrl-C, SIGTERM, the server ending), so a restart resumes from it."""
+    cache = getattr(engine, "prompt_cache", None)
+    if cache is None or cache.disk is None:
+        return
+    pending = cache.unsaved()
+    if pending:
+        print(f"oss-mlx: writing the prompt cache ({len(pending)} "
+              f"entr{'y' if len(pending) == 1 else 'ies'}) to {cache.disk.folder}", flush=True)
+        cache.flush()
+
+
 def main(args, engine_factory=None) -> int:
     """Serve until SIGINT/SIGTERM. engine_factory(model_dir) -> Engine (default: the memory
     check, then Engine.load) lets a caller serve another engine (tests serve a scripted model
     through this very path)."""
     import contextlib
     import signal
-    import sys
 
     import uvicorn
 
@@ -88,12 +149,14 @@ def main(args, engine_factory=None) -> int:
     from oss_mlx.engine.threads import release_streams
     from oss_mlx.server.app import StoppingServer, create_app
 
+    uvicorn_level = setup_logging(args.log_level)
     sock = _listen(args.host, args.port)
     tools = cli_tools.from_args(args)  # --builtin-tools, --browse: checked before the load
     for note in tools.notes:
         print(f"oss-mlx: note: {note}", flush=True)
     with contextlib.ExitStack() as stack:
         chosen = choose(args, stack)
+        args.cache_dir = cache_dir(args, chosen)  # what load_options (and a factory) reads
         if engine_factory is None:
             from oss_mlx.engine.loading import load_engine
 
@@ -105,27 +168,38 @@ def main(args, engine_factory=None) -> int:
         app = create_app(engine, name, api_key=args.api_key, default_max_tokens=max_tokens,
                          constrain_tools=args.constrain_tools,
                          max_concurrency=_concurrency(args.max_concurrency),
-                         builtin_tools=cli_tools.serve_tools(tools, engine.encoding, args))
+                         builtin_tools=cli_tools.serve_tools(tools, engine.encoding, args),
+                         max_body=parse_size(args.max_body, "--max-body"))
         port = sock.getsockname()[1]
         sock.listen(128)  # from here connections queue until uvicorn accepts them
         print(f"oss-mlx: serving {name!r} at http://{args.host}:{port}/v1"
               + (" (API key required)" if args.api_key else "")
               + (" (the demo model: random weights, its answers are noise)" if chosen.demo
                  else ""), flush=True)
+        disk = getattr(getattr(engine, "prompt_cache", None), "disk", None)
+        if disk is not None:
+            kept = len(disk.entries())
+            print(f"oss-mlx: prompt cache on disk in {disk.folder}"
+                  + (f" ({kept} entr{'y' if kept == 1 else 'ies'} from earlier runs)" if kept
+                     else ""), flush=True)
         if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
             print("oss-mlx: warning: listening beyond this machine without --api-key", flush=True)
         # Ctrl-C / SIGTERM: generations stop at their next token, so open requests end (with
         # what they have) well within the 2 s uvicorn then gives them.
-        server = StoppingServer(uvicorn.Config(app, log_level="warning",
+        server = StoppingServer(uvicorn.Config(app, log_level=uvicorn_level, access_log=False,
                                                timeout_graceful_shutdown=2))
-        # uvicorn re-raises SIGTERM / SIGINT once it has shut down gracefully; end with exit
-        # status 0 then instead of dying there, so the demo model's temporary folder is removed.
+        # uvicorn handles SIGINT / SIGTERM while it runs, and re-raises the signal once it has
+        # shut down gracefully: swallow that one (a handler that raised SystemExit there would
+        # skip everything after `run`), then write the prompt cache (a second Ctrl-C while it
+        # is written stops the writing; each file is written atomically) and end with status 0.
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: sys.exit(0))
+            signal.signal(sig, lambda *_: None)
         try:
             server.run(sockets=[sock])
-            if hasattr(engine, "prompt_cache"):
-                engine.prompt_cache.flush()  # --cache-dir: what is in memory survives a restart
         finally:
-            release_streams()  # the main thread's (the worker released its own)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            try:
+                flush(engine)
+            finally:
+                release_streams()  # the main thread's (the worker released its own)
     return 0

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -98,7 +99,10 @@ def load_entry(path, fingerprint: str, adapter: KVAdapter, make_cache) -> Entry:
         raise ValueError(f"damaged ({type(e).__name__}: {e})") from None
     if {adapter.offset(c) for c in cache} != {len(tokens)}:
         raise ValueError("its caches do not hold its token list")
-    mx.eval([a for c in cache for a in adapter.arrays(c)])
+    # Read now, in this thread: arrays loaded lazily belong to its streams, and an entry may be
+    # written back from another thread (the shutdown's flush), which cannot evaluate them.
+    mx.eval([a for c in cache for a in adapter.arrays(c)]
+            + [a for s in snaps for c in s.layers.values() for a in adapter.arrays(c)])
     entry = Entry(tokens.astype(np.int32), cache, snaps, meta.get("key"))
     entry.extra = meta.get("extra") or {}
     return entry
@@ -108,16 +112,34 @@ def warn_unusable(path, why: str):
     print(f"oss-mlx: warning: ignoring prompt cache file {path}: {why}", flush=True)
 
 
+@dataclass(frozen=True)
+class PerModel:
+    """A root folder holding one disk cache per model: `root/<the first 16 hex digits of the
+    model's fingerprint>` (what `serve` uses by default: $OSS_MLX_HOME/prompt-cache), with a
+    `model.txt` naming the model for whoever looks."""
+
+    root: Path
+    name: str = ""
+
+    def folder(self, fingerprint: str) -> Path:
+        return Path(self.root).expanduser() / fingerprint[:16]
+
+
 class DiskCache:
     """Evicted entries kept in a folder (one safetensors file each), bounded by `max_bytes`
-    (oldest files go first), indexed by their token lists so a later hit, also after a restart,
-    can restore them. Files for another model or damaged ones are ignored with a warning."""
+    (the least recently used files go first), indexed by their token lists so a later hit, also
+    after a restart, can restore them. A restored entry's file stays until the budget evicts it.
+    Files for another model or damaged ones are ignored with a warning."""
 
     def __init__(self, folder, fingerprint: str, max_bytes: int = parse_size(DISK_CACHE_SIZE),
                  extra: Callable[[Entry], dict] | None = None):
-        self.folder = Path(folder).expanduser()
+        """folder: a path, or a PerModel root (this model's folder under it)."""
+        per_model = folder if isinstance(folder, PerModel) else None
+        self.folder = per_model.folder(fingerprint) if per_model else Path(folder).expanduser()
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
+            if per_model is not None and per_model.name:
+                (self.folder / "model.txt").write_text(per_model.name + "\n")
         except OSError as e:
             raise OssMlxError(f"cannot use {self.folder} as the prompt cache folder: "
                               f"{e.strerror or e}") from None
@@ -145,18 +167,47 @@ class DiskCache:
     def entries(self) -> list[Entry]:
         return list(self._index.values())
 
-    def put(self, entry: Entry, adapter: KVAdapter):
-        digest = hashlib.sha256(entry.tokens.tobytes()).hexdigest()[:32]
-        path = self.folder / f"{digest}.safetensors"
+    def path_of(self, tokens: np.ndarray) -> Path:
+        """Where the entry holding exactly `tokens` is kept (named by their hash)."""
+        digest = hashlib.sha256(np.asarray(tokens, dtype=np.int32).tobytes()).hexdigest()[:32]
+        return self.folder / f"{digest}.safetensors"
+
+    def holds(self, entry: Entry) -> bool:
+        """Whether the folder keeps an entry with exactly `entry`'s tokens."""
+        path = self.path_of(entry.tokens)
+        return path in self._index and path.exists()
+
+    def put(self, entry: Entry, adapter: KVAdapter) -> bool:
+        """Keep `entry` in the folder (an entry already there is only marked as recently
+        used); False when nothing was written."""
+        path = self.path_of(entry.tokens)
+        if self.holds(entry):
+            _touch(path)
+            return False
         try:
             save_entry(path, entry, self.fingerprint, adapter,
                        self.extra(entry) if self.extra else None)
         except (OSError, RuntimeError) as e:  # a full disk: the entry is only lost
             log.warning("cannot write %s: %s", path, e)
-            return
+            return False
         stubs = [Snapshot(s.pos, {}, 0, s.complete) for s in entry.snapshots]
-        self._index[path] = Entry(entry.tokens, None, stubs, entry.key, path=path)
+        stub = Entry(entry.tokens, None, stubs, entry.key, path=path)
+        self._index[path] = stub
+        self._drop_covered(stub)
         self._bound()
+        return True
+
+    def _drop_covered(self, new: Entry):
+        """Remove the files `new` makes redundant: entries whose tokens are a prefix of its
+        own and whose every snapshot it has too (it resumes wherever they could)."""
+        have = {s.pos for s in new.snapshots}
+        for path, e in list(self._index.items()):
+            n = len(e.tokens)
+            if (e is not new and n < len(new.tokens)
+                    and np.array_equal(e.tokens, new.tokens[:n])
+                    and {s.pos for s in e.snapshots} <= have):
+                self._index.pop(path, None)
+                path.unlink(missing_ok=True)
 
     def _bound(self):
         files = sorted(self._index, key=lambda p: p.stat().st_mtime if p.exists() else 0)
@@ -168,15 +219,25 @@ class DiskCache:
             p.unlink(missing_ok=True)
 
     def load(self, stub: Entry, adapter: KVAdapter, make_cache) -> Entry | None:
-        """The full entry for an index stub (the file is removed: the entry is in memory now)."""
-        self._index.pop(stub.path, None)
+        """The full entry for an index stub. The file stays (marked as recently used) until the
+        folder's budget evicts it: the entry is in memory now, and on disk for the next start."""
         try:
             entry = load_entry(stub.path, self.fingerprint, adapter, make_cache)
         except ValueError as e:
             warn_unusable(stub.path, str(e))
-            return None
-        finally:
+            self._index.pop(stub.path, None)
             stub.path.unlink(missing_ok=True)
+            return None
+        _touch(stub.path)
+        entry.path = stub.path
         entry.nbytes = (sum(adapter.nbytes(c) for c in entry.cache)
                         + sum(s.nbytes for s in entry.snapshots))
         return entry
+
+
+def _touch(path: Path):
+    """Mark a file as recently used (the folder's budget evicts the least recent first)."""
+    try:
+        path.touch()
+    except OSError:
+        pass

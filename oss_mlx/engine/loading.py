@@ -23,7 +23,8 @@ class LoadOptions:
     compiled: bool = True  # decode single requests on the compiled step (False: --no-compile)
     dtype: str | None = None  # compute dtype (None: OSS_MLX_DTYPE, else the model's default)
     cache_memory: int | None = None  # prompt cache budget in bytes (None: an eighth of RAM)
-    cache_dir: str | None = None  # keep evicted prompt-cache entries on disk here
+    cache_dir: object = None  # keep evicted prompt-cache entries here: a folder, or a
+    # disk_cache.PerModel root (a folder per model under it); None: in memory only
     cache_disk: int | None = None  # most bytes cache_dir may take
 
     def engine_kwargs(self) -> dict:

@@ -18,7 +18,9 @@ whatever the order the conversations arrive in; `key` (a Responses `prompt_cache
 `user`) breaks ties towards the entry that conversation left. Entries that a released cache
 extends are replaced by it (their snapshots carried over), so a growing session holds one entry.
 Memory is bounded (`memory_bytes`), least recently used entries going first, to `disk` when one is
-given (see DiskCache), from where a later hit restores them.
+given (see DiskCache), from where a later hit restores them; a restored entry's file stays on disk
+(a later start finds it too) until the disk budget evicts it, and `flush` (at shutdown) writes
+what memory holds that the disk does not.
 
 `acquire` hands out a private cache. A request that continues an entry from its end (the common
 case: an agent's next step) takes the entry itself, whose buffers it then extends in place, and
@@ -75,7 +77,7 @@ class Entry:
     key: Optional[str] = None
     used: int = 0
     nbytes: int = 0
-    path: Optional[Path] = None  # on disk only: where (cache is None until loaded)
+    path: Optional[Path] = None  # its file in the disk cache, if any (cache None: not loaded)
     extra: dict = field(default_factory=dict)  # saved beside it (e.g. the token history)
 
 
@@ -85,6 +87,20 @@ def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
         return 0
     diff = np.flatnonzero(a[:n] != b[:n])
     return int(diff[0]) if len(diff) else n
+
+
+EARLY_SNAPSHOTS = 4  # the first snapshots of an entry, kept however long it grows
+
+
+def keep_snapshots(snaps: list, most: int) -> list:
+    """At most `most` snapshots, in order: the latest, where the conversation goes on, and the
+    first few, where another conversation with the same instructions and tools branches off (a
+    new agent session: its system and developer messages end there)."""
+    snaps = sorted(snaps, key=lambda s: s.pos)
+    if len(snaps) <= most:
+        return snaps
+    early = min(EARLY_SNAPSHOTS, most // 2)
+    return snaps[:early] + snaps[len(snaps) - (most - early):]
 
 
 def default_memory_bytes() -> int:
@@ -130,7 +146,10 @@ class PromptCache:
 
     def _best(self, prompt: np.ndarray, key: str | None):
         best, best_n, best_snap = None, 0, None
-        for e in self.entries + (self.disk.entries() if self.disk else []):
+        # An entry restored from disk stays there too: its file is not a second candidate.
+        held = {e.path for e in self.entries if e.path is not None}
+        stored = [e for e in self.disk.entries() if e.path not in held] if self.disk else []
+        for e in self.entries + stored:
             n, snap = self._usable(e, common_prefix(e.tokens, prompt))
             better = n > best_n or (n == best_n and n > 0 and key is not None
                                     and e.key == key and best.key != key)
@@ -204,6 +223,12 @@ class PromptCache:
         if hasattr(cache, "snapshots") and not any(s.pos == len(tokens) for s in cache.snapshots):
             self.snapshot(cache, len(tokens))  # the end of a completion: the next turn's start
         snaps = [s for s in getattr(cache, "snapshots", []) if s.pos <= len(tokens)]
+        # Computed here, in the thread whose MLX streams made them: an entry is written to disk
+        # from another thread at shutdown, which cannot evaluate work queued on those streams.
+        import mlx.core as mx
+
+        mx.eval([a for c in cache for a in ad.arrays(c)]
+                + [a for s in snaps for c in s.layers.values() for a in ad.arrays(c)])
         entry = Entry(np.asarray(tokens, dtype=np.int32), list(cache), snaps, key)
         with self._lock:
             self._insert(entry)
@@ -218,7 +243,7 @@ class PromptCache:
                 entry.key = entry.key or e.key
             else:
                 kept.append(e)
-        entry.snapshots = sorted(entry.snapshots, key=lambda s: s.pos)[-self.max_snapshots:]
+        entry.snapshots = keep_snapshots(entry.snapshots, self.max_snapshots)
         entry.nbytes = (sum(self.adapter.nbytes(c) for c in entry.cache)
                         + sum(s.nbytes for s in entry.snapshots))
         self._tick += 1
@@ -275,12 +300,33 @@ class PromptCache:
         with self._lock:
             self._insert(copy)
 
+    def _unsaved(self) -> list[Entry]:
+        """The entries in memory the disk cache does not hold yet: the most recently used that
+        fit in its budget, least recent first (so the folder keeps the newest longest)."""
+        out, total = [], 0
+        for e in sorted(self.entries, key=lambda e: e.used, reverse=True):
+            if self.disk.holds(e):
+                continue
+            if total + e.nbytes > self.disk.max_bytes:
+                break
+            total += e.nbytes
+            out.append(e)
+        return out[::-1]
+
+    def unsaved(self) -> list[Entry]:
+        """What `flush` would write ([] without a disk cache)."""
+        if self.disk is None:
+            return []
+        with self._lock:
+            return self._unsaved()
+
     def flush(self):
-        """Write every entry held in memory to the disk cache (at shutdown), if there is one."""
+        """Write the entries held in memory to the disk cache (at shutdown), if there is one;
+        those it holds already are not written again."""
         if self.disk is None:
             return
         with self._lock:
-            for e in self.entries:
+            for e in self._unsaved():
                 self.disk.put(e, self.adapter)
 
 

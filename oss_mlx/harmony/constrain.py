@@ -18,8 +18,9 @@ then content, docs/harmony.md §5.5) and masks the logits only inside two kinds 
   close with `<|call|>`.
 
 Objects are written with their properties in the schema's order (as OpenAI's structured outputs
-do); whitespace between tokens is free but bounded. Everything else (the analysis channel, preambles, the headers themselves) is free, so the model
-still reasons first and chooses whether to call a tool. Once the grammar is complete only the
+do); between two JSON tokens at most one space (no newline, no run: `_JSON_OPTIONS`). Everything
+else (the analysis channel, preambles, the headers themselves) is free, so the model still
+reasons first and chooses whether to call a tool. Once the grammar is complete only the
 closing token is allowed; while it may still go on (a number), both are.
 
 The grammar library is llguidance (chosen by measurement, see benchmarks/constrain_libs.py: on
@@ -61,9 +62,12 @@ N_BYTE_TOKENS = O200K_SIZE
 # the grammar can never produce as text, and translate that bit into the message's closing token.
 _GRAMMAR_EOS = ENDOFTEXT
 
-# JSON as the model writes it: compact (`{"a":1}`) or spaced (`{"a": 1}`, indented), but at most
-# 40 whitespace characters in a row, so a confused model cannot pad forever.
-_JSON_OPTIONS = {"whitespace_flexible": True, "whitespace_pattern": r"[\x20\x0A\x0D\x09]{0,40}"}
+# JSON as the model writes it: compact (`{"a":1}`, as harmony's tool calls are) or with single
+# spaces (`{"a": 1, "b": 2}`, as json.dumps writes), never a run of whitespace or a newline: a
+# model that would rather pad than close can write at most one space between two JSON tokens.
+# (A run of up to 40 blanks at every such point, the earlier pattern, let a confused model spend
+# a whole max_tokens budget on them.) The text inside strings is the schema's business.
+_JSON_OPTIONS = {"whitespace_flexible": True, "whitespace_pattern": r"\x20?"}
 JSON_OBJECT = {"type": "object"}  # response_format {"type": "json_object"}
 
 

@@ -18,7 +18,15 @@ from oss_mlx.server.conversation import (
     select_tools,
 )
 from oss_mlx.server.protocol import ChatRequest, parse_request
-from oss_mlx.server.service import Service, failure, generation, read_json, run, sse_response
+from oss_mlx.server.service import (
+    Service,
+    failure,
+    generation,
+    interrupted,
+    read_json,
+    run,
+    sse_response,
+)
 from oss_mlx.server.wire import Reply, chat_usage, new_id, now, sse
 
 
@@ -35,6 +43,7 @@ async def chat_completions(request: Request):
     params = service.sampling(req, req.max_completion_tokens or req.max_tokens, spec)
     job = service.scheduler.submit(prompt, params)
     reply = Reply(stops=req.stop, tools=tools)
+    request.state.reply = reply  # for the request's log line (app.RequestLog)
     head = {"id": new_id("chatcmpl-"), "created": now(), "model": service.model_name}
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -90,10 +99,13 @@ async def chunks(service: Service, job, reply: Reply, head: dict, include_usage:
                 if d is not None:
                     yield chunk(head, d)
     except Exception as e:  # noqa: BLE001 - the status line is sent: say it in-band
-        yield sse(failure(e).body())
+        err = failure(e)
+    else:
+        err = interrupted(service, reply)  # a shutdown: an error the client raises
+    if err is not None:
+        reply.error = err.message
+        yield sse(err.body())
         yield sse("[DONE]")
-        return
-    if reply.completion is None:  # cancelled before it ran
         return
     yield chunk(head, {}, finish=reply.finish_reason)
     if include_usage:

@@ -1,8 +1,10 @@
 """OpenAI request fields -> the constraint of a turn (oss_mlx/harmony/constrain.py): a Chat
-`response_format` or a Responses `text.format`, and the tools rendered in the prompt."""
+`response_format` or a Responses `text.format`, and the tools rendered in the prompt; and the
+check that a tool's `parameters` is a JSON Schema at all (`schema_error`)."""
 
 from __future__ import annotations
 
+import functools
 import json
 
 from oss_mlx.harmony.constrain import JSON_OBJECT, Spec, UnsupportedSchema, compiled_schema, tool_grammars
@@ -65,3 +67,30 @@ def request_spec(fmt, where: str, tools, constrain_tools: bool = True):
             getattr(t, "recipient", None) or f"functions.{t.name}":
                 (t.parameters, bool(getattr(t, "strict", False))) for t in tools})
     return Spec(final_grammar, tool_map), instructions
+
+
+def schema_error(schema) -> str | None:
+    """Why `schema` is not a valid JSON Schema (checked against the JSON Schema meta-schema, by
+    the jsonschema package), or None. A schema that names its draft (`$schema`) is checked
+    against that draft; one that does not, against 2020-12 or else draft 7 (what most clients'
+    schema generators write): either will do."""
+    return _schema_error(json.dumps(schema, sort_keys=True))
+
+
+@functools.lru_cache(maxsize=1024)  # agents send the same tools with every request
+def _schema_error(text: str) -> str | None:
+    from jsonschema import Draft7Validator, Draft202012Validator, validators
+    from jsonschema.exceptions import SchemaError
+
+    schema = json.loads(text)
+    named = validators.validator_for(schema, default=None) if isinstance(schema, dict) else None
+    first = None
+    for kind in [named] if named is not None else [Draft202012Validator, Draft7Validator]:
+        try:
+            kind.check_schema(schema)
+            return None
+        except SchemaError as e:
+            if first is None:
+                where = "/".join(str(p) for p in e.path)
+                first = f"{e.message[:200]}" + (f" (at {where})" if where else "")
+    return first

@@ -369,7 +369,19 @@ def cache_key(req) -> str | None:
     return req.prompt_cache_key or req.user or None
 
 
+def check_parameters(name: str, parameters, where: str):
+    """A 400 naming the tool when its `parameters` is not a valid JSON Schema."""
+    from oss_mlx.server.constraints import schema_error
+
+    why = schema_error(parameters) if parameters is not None else None
+    if why:
+        raise APIError(400, f"{where}: the parameters of tool {name!r} are not a valid JSON "
+                            f"Schema: {why}", code="invalid_function_parameters", param=where)
+
+
 def chat_tools(req: ChatRequest) -> list[Tool]:
+    for i, t in enumerate(req.tools or []):
+        check_parameters(t.function.name, t.function.parameters, f"tools[{i}].function.parameters")
     return [Tool(t.function.name, t.function.description or "", t.function.parameters,
                  bool(t.function.strict)) for t in req.tools or []]
 
@@ -390,13 +402,16 @@ def _hosted(kind: str):
 
 
 def _responses_tool(t: ResponsesTool, namespace: str = "functions",
-                    namespace_description: str | None = None) -> list[Tool]:
+                    namespace_description: str | None = None, where: str = "tools") -> list[Tool]:
     if t.type in ("function", "custom"):
+        if t.type == "function":
+            check_parameters(t.name, t.parameters, f"{where}.parameters")
         return [Tool(t.name, t.description or "", t.parameters, bool(t.strict), kind=t.type,
                      namespace=namespace, namespace_description=namespace_description,
                      format=t.format)]
     if t.type == "namespace" and namespace == "functions":
-        return [x for sub in t.tools for x in _responses_tool(sub, t.name, t.description)]
+        return [x for j, sub in enumerate(t.tools)
+                for x in _responses_tool(sub, t.name, t.description, f"{where}.tools[{j}]")]
     if t.type == "local_shell":
         return [LOCAL_SHELL]
     if t.type in HOSTED_TOOLS:
@@ -408,7 +423,8 @@ def _responses_tool(t: ResponsesTool, namespace: str = "functions",
 
 
 def responses_tools(req: ResponsesRequest) -> list[Tool]:
-    return [x for t in req.tools or [] for x in _responses_tool(t)]
+    return [x for i, t in enumerate(req.tools or [])
+            for x in _responses_tool(t, where=f"tools[{i}]")]
 
 
 def custom_input(text: str) -> str:

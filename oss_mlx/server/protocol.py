@@ -2,15 +2,27 @@
 Responses), checked with pydantic, and the error object every failure is answered with.
 
 Unknown fields are ignored (clients send many: user, metadata, ...); the fields we know are
-checked strictly, so a wrong type is a 400 that names the field. Their mapping to harmony is
-conversation.py.
+checked strictly, so a wrong type is a 400 that names the field (in the message and `param`):
+booleans, integers and numbers are never converted (`"store": 0`, `"stream": "yes"`,
+`"max_tokens": 1.5` or `"2"`, `"temperature": "0.5"` are refused; an integer is a number).
+Their mapping to harmony is conversation.py.
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from oss_mlx.defaults import check_seed
 from oss_mlx.errors import OssMlxError
@@ -32,22 +44,38 @@ class APIError(Exception):
                           "code": self.code}}
 
 
+class ErrorObject(BaseModel):
+    """The error object of every failure (as OpenAI sends it)."""
+
+    message: str
+    type: str
+    param: Optional[str] = None
+    code: Optional[str] = None
+
+
+class ErrorResponse(BaseModel):
+    """The body of every 4xx / 5xx answer, and of an error event in a stream."""
+
+    error: ErrorObject
+
+
+def _where(err) -> str:
+    """A pydantic error's location as a dotted field path (`messages.0.role`; "body" if none),
+    without the union-member tags pydantic puts in locations (`str`, `list[dict[...]]`)."""
+    parts = [str(p) for p in err["loc"]
+             if not (isinstance(p, str) and (p in _TYPE_TAGS or "[" in p))]
+    return ".".join(parts) or "body"
+
+
 def validation_message(e: ValidationError) -> str:
     """The first pydantic error as one readable line: `messages.0.role: Input should be ...`.
 
     Errors of one field that may take several types (a union) are joined with "or".
     """
-
-    def where(err) -> str:
-        # Drop the union-member tags pydantic puts in locations (`str`, `list[dict[...]]`).
-        parts = [str(p) for p in err["loc"]
-                 if not (isinstance(p, str) and (p in _TYPE_TAGS or "[" in p))]
-        return ".".join(parts) or "body"
-
     errors = e.errors()
-    first = where(errors[0])
-    same = list(dict.fromkeys(err["msg"] for err in errors if where(err) == first))
-    rest = sum(where(err) != first for err in errors)
+    first = _where(errors[0])
+    same = list(dict.fromkeys(err["msg"] for err in errors if _where(err) == first))
+    rest = sum(_where(err) != first for err in errors)
     more = f" ({rest} more)" if rest else ""
     return f"invalid request: {first}: {' or '.join(same)}{more}"
 
@@ -61,7 +89,9 @@ def parse_request(model: type[BaseModel], data: Any) -> BaseModel:
     try:
         return model.model_validate(data)
     except ValidationError as e:
-        raise APIError(400, validation_message(e)) from None
+        field = _where(e.errors()[0])
+        raise APIError(400, validation_message(e),
+                       param=None if field == "body" else field) from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -77,7 +107,7 @@ class FunctionDef(_Lenient):
     name: str = Field(min_length=1)
     description: Optional[str] = None
     parameters: Optional[dict] = None
-    strict: Optional[bool] = None
+    strict: Optional[StrictBool] = None
 
 
 class ChatTool(_Lenient):
@@ -109,7 +139,7 @@ class ChatMessage(_Lenient):
 
 
 class StreamOptions(_Lenient):
-    include_usage: bool = False
+    include_usage: StrictBool = False
 
 
 def _seed(v):
@@ -122,9 +152,9 @@ def _seed(v):
 class _Sampled(_Lenient):
     """Sampling fields both APIs share."""
 
-    temperature: Optional[float] = Field(default=None, ge=0, le=2)
-    top_p: Optional[float] = Field(default=None, gt=0, le=1)
-    seed: Optional[int] = None
+    temperature: Optional[StrictFloat] = Field(default=None, ge=0, le=2)
+    top_p: Optional[StrictFloat] = Field(default=None, gt=0, le=1)
+    seed: Optional[StrictInt] = None
     # Structured outputs (Chat `response_format`, Responses `text.format`): accepted here,
     # applied by the constrained decoder when one is configured.
     response_format: Optional[dict] = None
@@ -142,12 +172,12 @@ class ChatRequest(_Sampled):
     tools: Optional[list[ChatTool]] = None
     tool_choice: Union[Literal["none", "auto", "required"], dict, None] = None
     reasoning_effort: Optional[Effort] = None
-    max_tokens: Optional[int] = Field(default=None, ge=1)
-    max_completion_tokens: Optional[int] = Field(default=None, ge=1)
+    max_tokens: Optional[StrictInt] = Field(default=None, ge=1)
+    max_completion_tokens: Optional[StrictInt] = Field(default=None, ge=1)
     stop: Union[str, list[str], None] = None
-    stream: bool = False
+    stream: StrictBool = False
     stream_options: Optional[StreamOptions] = None
-    n: Optional[int] = Field(default=None, ge=1, le=1)
+    n: Optional[StrictInt] = Field(default=None, ge=1, le=1)
     response_format: Optional[dict] = None  # text / json_object / json_schema (oss_mlx.constrain)
     prompt_cache_key: Optional[str] = None  # which conversation this continues: a cache hint
     user: Optional[str] = None
@@ -171,7 +201,7 @@ class ResponsesTool(_Lenient):
     name: Optional[str] = Field(default=None, min_length=1)
     description: Optional[str] = None
     parameters: Optional[dict] = None
-    strict: Optional[bool] = None
+    strict: Optional[StrictBool] = None
     format: Optional[dict] = None                  # custom
     tools: Optional[list["ResponsesTool"]] = None  # namespace
 
@@ -195,12 +225,12 @@ class ResponsesRequest(_Sampled):
     instructions: Optional[str] = None
     tools: Optional[list[ResponsesTool]] = None
     tool_choice: Union[Literal["none", "auto", "required"], dict, None] = None
-    parallel_tool_calls: bool = True
+    parallel_tool_calls: StrictBool = True
     reasoning: Optional[Reasoning] = None
     include: Optional[list[str]] = None
-    max_output_tokens: Optional[int] = Field(default=None, ge=1)
-    stream: bool = False
-    store: bool = True
+    max_output_tokens: Optional[StrictInt] = Field(default=None, ge=1)
+    stream: StrictBool = False
+    store: StrictBool = True
     previous_response_id: Optional[str] = None
     text: Optional[dict] = None  # {"format": text / json_object / json_schema} (oss_mlx.constrain)
     metadata: Optional[dict[str, str]] = None

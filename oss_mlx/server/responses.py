@@ -30,7 +30,15 @@ from oss_mlx.server.conversation import (
     shell_action,
 )
 from oss_mlx.server.protocol import APIError, ResponsesRequest, parse_request
-from oss_mlx.server.service import Service, failure, generation, read_json, run, sse_response
+from oss_mlx.server.service import (
+    Service,
+    failure,
+    generation,
+    interrupted,
+    read_json,
+    run,
+    sse_response,
+)
 from oss_mlx.server.wire import Reply, ToolCall, new_id, now, responses_usage, sse
 
 
@@ -83,6 +91,7 @@ async def create_response(request: Request):
     job = None if builtins else service.scheduler.submit(
         prompt, service.sampling(req, req.max_output_tokens, spec))
     reply = Reply(tools=tools)
+    request.state.reply = reply  # for the request's log line (app.RequestLog)
     seal = service.sealer.seal if "reasoning.encrypted_content" in (req.include or []) else None
     out = OutputItems(seal)
     skeleton = {
@@ -153,12 +162,16 @@ async def stream(service: Service, job, finish: Finish, source=None):
                     yield event(type_, **data)
     except Exception as e:  # noqa: BLE001 - the status line is sent: say it in-band
         err = failure(e)
+    else:
+        err = interrupted(service, reply)  # a shutdown: never a normal end
+    if err is not None:
+        reply.error = err.message
+        for type_, data in out.close("incomplete"):
+            yield event(type_, **data)
         yield event("error", code=err.code, message=err.message, param=None)
         yield event("response.failed", response={
-            **skeleton, "status": "failed",
+            **skeleton, "status": "failed", "output": out.items,
             "error": {"code": "server_error", "message": err.message}})
-        return
-    if reply.completion is None:
         return
     for type_, data in out.close(item_status(reply)):
         yield event(type_, **data)
@@ -304,9 +317,9 @@ class OutputItems:
         return events
 
 
-async def retrieve_response(request: Request):
+async def retrieve_response(request: Request, response_id: str):
     service: Service = request.app.state.service
-    rid = request.path_params["response_id"]
+    rid = response_id
     stored = service.responses.get(rid)
     if stored is None:
         raise APIError(404, f"response {rid!r} not found (not stored, or forgotten)",
@@ -314,9 +327,9 @@ async def retrieve_response(request: Request):
     return stored["response"]
 
 
-async def delete_response(request: Request):
+async def delete_response(request: Request, response_id: str):
     service: Service = request.app.state.service
-    rid = request.path_params["response_id"]
+    rid = response_id
     if service.responses.pop(rid) is None:
         raise APIError(404, f"response {rid!r} not found", code="not_found",
                        param="response_id")

@@ -19,6 +19,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
+from oss_mlx.defaults import MAX_BODY, parse_size
 from oss_mlx.errors import OssMlxError
 from oss_mlx.server.protocol import APIError
 from oss_mlx.server.wire import Reply, now
@@ -97,7 +98,9 @@ class Service:
     default_max_tokens: int | None = None
     constrain_tools: bool = True  # tool-call arguments follow each tool's schema (constrain.py)
     max_concurrency: int = 1  # requests decoding at once (oss_mlx.scheduler)
+    max_body: int = parse_size(MAX_BODY)  # bytes: a larger request body is a 413
     scheduler: Any = None  # set by the app's lifespan
+    stopping: bool = False  # a shutdown has begun (app.StoppingServer): generations are cut
     thoughts: Memory = field(default_factory=lambda: Memory(4096))  # call id -> reasoning
     responses: Memory = field(default_factory=lambda: Memory(256))  # stored responses
     sealer: Sealer = field(default_factory=Sealer)
@@ -168,8 +171,36 @@ def vanishing(top_p: float) -> bool:
     return bool(np.float32(top_p) == 0)
 
 
+async def read_body(request, limit: int) -> bytes:
+    """The request body, refused with a 413 as soon as it is known to be over `limit` bytes:
+    from its Content-Length before reading any of it, else (chunked) when the bytes read pass
+    the limit. Nothing more is read or parsed then."""
+    length = request.headers.get("content-length")
+    if length is not None:
+        if not length.strip().isdigit():
+            raise APIError(400, f"invalid Content-Length header: {length!r}")
+        if int(length) > limit:
+            raise too_large(limit, int(length))
+    chunks, total = [], 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > limit:
+            raise too_large(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def too_large(limit: int, size: int | None = None) -> APIError:
+    from oss_mlx.store import human_size
+
+    what = f"{human_size(size)}" if size is not None else f"over {human_size(limit)}"
+    return APIError(413, f"the request body is {what}, more than this server accepts "
+                         f"({human_size(limit)}; `oss-mlx serve --max-body SIZE` sets it)",
+                    code="request_too_large")
+
+
 async def read_json(request) -> Any:
-    raw = await request.body()
+    raw = await read_body(request, request.app.state.service.max_body)
     try:
         return json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -178,8 +209,21 @@ async def read_json(request) -> Any:
 
 def failure(e: Exception) -> APIError:
     msg = str(e) if isinstance(e, OssMlxError) else f"{type(e).__name__}: {e}"
-    log.error("generation failed: %s", msg)
     return APIError(500, f"generation failed: {msg}", type="server_error", code="server_error")
+
+
+def interrupted(service: Service, reply: Reply) -> APIError | None:
+    """The error to report when the server, not the model, ended a generation (a shutdown cut
+    it, or it was cancelled before it ran); None when it ended by itself or at a stop string.
+    A client must never take a cut answer for a whole one."""
+    done = reply.completion
+    if done is not None and (done.stop_reason != "cancelled" or reply.stopped):
+        return None
+    made = done.stats.generated_tokens if done is not None else 0
+    why = ("the server is shutting down" if service.stopping
+           else "the generation was cancelled by the server")
+    return APIError(503, f"{why}: this answer was cut after {made} tokens; send the request "
+                         "again", type="server_error", code="server_error")
 
 
 async def generation(service: Service, job, reply: Reply):
@@ -201,10 +245,14 @@ async def generation(service: Service, job, reply: Reply):
 async def run(service: Service, job, request, reply: Reply) -> Reply:
     """Drive a non-streaming job to its end, cancelling it if the client goes away."""
 
+    gone = False
+
     async def watch():
+        nonlocal gone
         while not job.cancel.is_set():
             await asyncio.sleep(0.25)
             if await request.is_disconnected():
+                gone = True
                 job.cancel.set()
 
     watcher = asyncio.create_task(watch())
@@ -215,6 +263,9 @@ async def run(service: Service, job, request, reply: Reply) -> Reply:
         raise failure(e) from None
     finally:
         watcher.cancel()
+    cut = None if gone else interrupted(service, reply)
+    if cut is not None:
+        raise cut
     return reply
 
 

@@ -127,6 +127,7 @@ class Reply:
     tool_calls: list[ToolCall] = field(default_factory=list)
     reasoning_tokens: int = 0
     completion: Any = None
+    error: str | None = None  # why the reply failed or was cut after its status was sent
     _filter: StopFilter = None
     _open_call: bool = False
 

@@ -24,6 +24,7 @@ from support.scripted import ScriptedModel, scripted_model_dir  # noqa: E402
 
 import re  # noqa: E402
 
+from oss_mlx.cli import options  # noqa: E402
 from oss_mlx.cli import serve as server  # noqa: E402
 from oss_mlx.engine import Engine  # noqa: E402
 from oss_mlx.harmony import load_encoding  # noqa: E402
@@ -71,7 +72,9 @@ def main(argv=None) -> int:
     def engine(folder: str) -> Engine:
         encoding = load_encoding(folder)
         kind = Responsive if args.responsive else Engine
-        return kind(ScriptedModel(*args.reply, encoding=encoding, max_context=131072), encoding)
+        # The prompt cache options as `serve` resolved them (--cache-dir, its default, ...).
+        return kind(ScriptedModel(*args.reply, encoding=encoding, max_context=131072), encoding,
+                    **options.load_options(args).engine_kwargs())
 
     return server.main(args, engine_factory=engine)
 
