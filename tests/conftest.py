@@ -7,11 +7,52 @@ module reads the same few folders without writing to them.
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 
 # Tests never touch the user's model store or the network.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+# ---- the `subprocess` marker, checked -----------------------------------------------------------
+# A test that starts a child process (the CLI, a server, mlx.launch, a sandbox, through whatever
+# library) must carry @pytest.mark.subprocess, so `-m "not slow and not subprocess"` is the quick
+# run. An audit hook sees every process start; a test that started one unmarked fails. The
+# machine probes that libraries run (`uname -p` for platform.processor(), ...) do not count.
+
+_SPAWN_EVENTS = frozenset({"subprocess.Popen", "os.fork", "os.forkpty", "os.posix_spawn",
+                           "os.spawn", "os.system"})
+_PROBES = frozenset({"uname", "sysctl", "ps", "lscpu"})
+_spawned: list | None = None  # what the running test (setup, call) started; None between tests
+
+
+def _audit(event, args):
+    if event in _SPAWN_EVENTS and _spawned is not None:
+        program = str(args[0]) if args else ""
+        if os.path.basename(program) not in _PROBES:
+            _spawned.append(f"{event} {program}"[:120])
+
+
+sys.addaudithook(_audit)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item):
+    global _spawned
+    _spawned = []
+    return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item):
+    global _spawned
+    spawned, _spawned = _spawned, None
+    result = yield
+    if spawned and item.get_closest_marker("subprocess") is None:
+        pytest.fail(f"{item.nodeid} starts a child process ({spawned[0]}) but is not marked "
+                    "@pytest.mark.subprocess (see tests/README.md)", pytrace=False)
+    return result
 
 
 @pytest.fixture(scope="session", autouse=True)

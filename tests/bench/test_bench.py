@@ -96,6 +96,7 @@ def test_ratios_are_ours_over_theirs():
     assert (r["prefill_tps"], r["ttft_s"], r["decode_tps"], r["peak_memory_bytes"]) == (3.0, 0.5, 1.5, 0.5)
 
 
+@pytest.mark.subprocess  # --ops counts kernels in a child process
 def test_bench_smoke(tiny_model, tiny_hf, tmp_path, capsys):
     out = tmp_path / "bench.json"
     rc = main(["bench", "--model", str(tiny_model), "--source", str(tiny_hf),

@@ -5,6 +5,7 @@ decode layer is made of (oss_mlx/model.py, Experts and Attention)."""
 from __future__ import annotations
 
 import mlx.core as mx
+import pytest
 
 from oss_mlx.bench import opcount
 
@@ -26,6 +27,7 @@ def test_counts_fast_calls_once_compiled_regions_once_views_never():
     assert sum(opcount.count_graph(graph()).values()) > 3
 
 
+@pytest.mark.subprocess
 def test_decode_step_kernels_tiny(tiny_model, tiny_hf):
     counts = {k["runtime"]: k for k in opcount.count_in_subprocess(
         tiny_model, ["float32"], source=tiny_hf, decode="both")}

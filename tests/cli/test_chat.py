@@ -4,8 +4,8 @@ Two kinds of model:
 - the tiny random-weight checkpoint (`tiny_model` fixture, and `--demo`): the whole stack for
   real; its text is noise, so those tests check the session mechanics (footer, cache reuse,
   effort, Ctrl-C, exit codes, no network);
-- a ScriptedModel (tests/scripted.py) behind the real Engine and harmony parser, for exact
-  content: the child runs `python tests/scripted.py chat ...`, i.e. oss_mlx.cli.main with an
+- a ScriptedModel (tests/support/scripted.py) behind the real Engine and harmony parser, for exact
+  content: the child runs `python tests/support/scripted.py chat ...`, i.e. oss_mlx.cli.main with an
   engine factory (scripted.engine_from_env) that replays the replies given in its environment
   and logs every prompt it is asked to complete, so a test can check what the model was given.
   Ctrl-C mid-answer is pressed at a known token: the model stops there and says so through a
@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 
@@ -25,7 +24,7 @@ import pytest
 
 pexpect = pytest.importorskip("pexpect")
 
-from support import REPO, SUPPORT, child_env as python_env  # noqa: E402
+from support import REPO, SUPPORT, child_env as python_env, no_network  # noqa: E402
 
 PROMPT = ">>> "
 
@@ -77,14 +76,6 @@ def logged_prompts(tmp_path) -> list[str]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-@pytest.fixture(scope="module")
-def vocab(tmp_path_factory):
-    """A folder with the genuine vocabulary, marked as a model folder: all a scripted engine needs."""
-    from support.scripted import scripted_model_dir
-
-    return scripted_model_dir(tmp_path_factory.mktemp("vocab"))
-
-
 def spawn(args, env, timeout=30):
     child = pexpect.spawn(CHAT[0], [*CHAT[1:], *args], cwd=str(REPO),
                           env=env, encoding="utf-8", timeout=timeout, dimensions=(40, 120))
@@ -125,9 +116,10 @@ def finish(child, status=0):
 # ---- through a pseudo-terminal ---------------------------------------------------------------
 
 
-def test_tty_scripted_session(vocab, tmp_path):
+@pytest.mark.subprocess
+def test_tty_scripted_session(scripted_dir, tmp_path):
     """Effort switch, two turns with cache reuse, harmony history, /save + /load, /quit."""
-    child = spawn(["--model", str(vocab), "--reasoning", "low"],
+    child = spawn(["--model", str(scripted_dir), "--reasoning", "low"],
                   child_env(tmp_path, [REPLY1, REPLY2]))
     child.expect("reasoning low")
     child.expect_exact(PROMPT)
@@ -179,9 +171,10 @@ def test_tty_scripted_session(vocab, tmp_path):
     finish(child)
 
 
-def test_tty_ctrl_c_stops_answer_and_keeps_session(vocab, tmp_path):
+@pytest.mark.subprocess
+def test_tty_ctrl_c_stops_answer_and_keeps_session(scripted_dir, tmp_path):
     pause, paused = pause_point(tmp_path, 40)
-    child = spawn(["--model", str(vocab), "--max-tokens", "5000"],
+    child = spawn(["--model", str(scripted_dir), "--max-tokens", "5000"],
                   child_env(tmp_path, [LONG_REPLY, REPLY2], **pause))
     child.expect_exact(PROMPT)
     child.sendline("Say many words.")
@@ -205,10 +198,11 @@ def test_tty_ctrl_c_stops_answer_and_keeps_session(vocab, tmp_path):
     finish(child)
 
 
-def test_tty_ctrl_c_at_prompt_clears_the_line_and_twice_leaves(vocab, tmp_path):
+@pytest.mark.subprocess
+def test_tty_ctrl_c_at_prompt_clears_the_line_and_twice_leaves(scripted_dir, tmp_path):
     """Ctrl-C at the prompt drops the typed line and says how to leave; the session goes on
     (the conversation is kept); Ctrl-C twice in a row leaves, cleanly."""
-    child = spawn(["--model", str(vocab)], child_env(tmp_path, [REPLY1]))
+    child = spawn(["--model", str(scripted_dir)], child_env(tmp_path, [REPLY1]))
     child.expect_exact(PROMPT)
     assert ANSWER1.replace("**", "") in command(child, "What is 2 + 2?")
     child.send("half a line")
@@ -228,9 +222,10 @@ def test_tty_ctrl_c_at_prompt_clears_the_line_and_twice_leaves(vocab, tmp_path):
     assert len(logged_prompts(tmp_path)) == 1  # the cleared line was never sent
 
 
-def test_tty_multiline_paste_and_history(vocab, tmp_path):
+@pytest.mark.subprocess
+def test_tty_multiline_paste_and_history(scripted_dir, tmp_path):
     """A trailing backslash continues a message, a paste stays one message, up-arrow recalls."""
-    child = spawn(["--model", str(vocab)], child_env(tmp_path, [REPLY1, REPLY2, REPLY2]))
+    child = spawn(["--model", str(scripted_dir)], child_env(tmp_path, [REPLY1, REPLY2, REPLY2]))
     child.expect_exact(PROMPT)
     child.sendline("first line \\")
     child.expect_exact("... ")
@@ -249,6 +244,7 @@ def test_tty_multiline_paste_and_history(vocab, tmp_path):
     assert "first line" in history and "pasted two" in history
 
 
+@pytest.mark.subprocess
 @pytest.mark.slow
 def test_tty_tiny_model(tiny_model, tmp_path):
     """The real stack on random weights: Ctrl-C mid-answer, a follow-up reusing the cache,
@@ -285,17 +281,18 @@ def test_tty_tiny_model(tiny_model, tmp_path):
 def run_pipe(args, stdin, env, timeout=60, netns=False):
     cmd = [*CHAT, *args]
     if netns:
-        cmd = ["unshare", "-n", *cmd]
+        cmd = [*no_network(), *cmd]
     return subprocess.run(cmd, input=stdin, capture_output=True, text=True, cwd=str(REPO),
                           env=env, timeout=timeout)
 
 
-def test_pipe_batch_scripted(vocab, tmp_path):
+@pytest.mark.subprocess
+def test_pipe_batch_scripted(scripted_dir, tmp_path):
     """Each line a turn (or a /command); the answers, and only they, on stdout."""
     saved = tmp_path / "conv.json"
     stdin = (f"What is 2 + 2?\n/effort high\n/bogus\nAnd 3 + 3?\n/undo\n"
              f"/system Answer in French.\nAnd 3 + \\\n3?\n/save {saved}\n")
-    r = run_pipe(["--model", str(vocab), "--reasoning", "low"], stdin,
+    r = run_pipe(["--model", str(scripted_dir), "--reasoning", "low"], stdin,
                  child_env(tmp_path, [REPLY1, REPLY2, REPLY2]))
     assert r.returncode == 0, r.stderr
     assert r.stdout == f"{ANSWER1}\nIt is 6.\nIt is 6.\n"
@@ -309,12 +306,13 @@ def test_pipe_batch_scripted(vocab, tmp_path):
     assert len(json.loads(saved.read_text())["messages"]) == 6
 
 
-def test_pipe_context_full_is_a_message(vocab, tmp_path):
+@pytest.mark.subprocess
+def test_pipe_context_full_is_a_message(scripted_dir, tmp_path):
     """A prompt beyond the context: one clear line, the session goes on, exit 1 at the end."""
     # 68 prompt tokens + 28 generated = 96 of 104: nearly full. Then a question too long for the
     # context, then one that fits but leaves no room for the whole answer.
     env = child_env(tmp_path, [REPLY1, REPLY1], SCRIPTED_CONTEXT=104)
-    r = run_pipe(["--model", str(vocab), "--hide-reasoning"], "hi\n" + "long " * 200 + "\nhi\n", env)
+    r = run_pipe(["--model", str(scripted_dir), "--hide-reasoning"], "hi\n" + "long " * 200 + "\nhi\n", env)
     assert "Traceback" not in r.stderr
     assert "context 96/104 (92%)" in r.stderr and "the context is nearly full (92%)" in r.stderr
     assert re.search(r"prompt is \d+ tokens and the model's context is 104", r.stderr)
@@ -323,10 +321,11 @@ def test_pipe_context_full_is_a_message(vocab, tmp_path):
     assert ANSWER1 in r.stdout and THINK1 not in r.stderr  # hidden reasoning stays hidden
 
 
-def test_pipe_tool_call_is_shown(vocab, tmp_path):
+@pytest.mark.subprocess
+def test_pipe_tool_call_is_shown(scripted_dir, tmp_path):
     call = ('<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>'
             '{"city": "Paris"}<|call|>')
-    r = run_pipe(["--model", str(vocab)], "Weather in Paris?\nThanks\n",
+    r = run_pipe(["--model", str(scripted_dir)], "Weather in Paris?\nThanks\n",
                  child_env(tmp_path, [call, REPLY2]))
     assert r.returncode == 0, r.stderr
     assert 'tool call functions.get_weather({"city": "Paris"})' in r.stderr
@@ -336,7 +335,8 @@ def test_pipe_tool_call_is_shown(vocab, tmp_path):
             'error: no tools are available in this chat<|end|>') in logged_prompts(tmp_path)[1]
 
 
-def test_what_the_model_wrote_is_stored(vocab, tmp_path):
+@pytest.mark.subprocess
+def test_what_the_model_wrote_is_stored(scripted_dir, tmp_path):
     """An answer with no harmony message (as random weights write) is stored as its raw text,
     so the history never has two user messages in a row; an answer interrupted in its reasoning
     keeps that reasoning in /save (the model is not shown it again)."""
@@ -346,7 +346,7 @@ def test_what_the_model_wrote_is_stored(vocab, tmp_path):
     thinking = "<|channel|>analysis<|message|>" + "think " * 100 + "<|end|>"
     saved = tmp_path / "conv.json"
     proc = subprocess.Popen(
-        [*CHAT, "--model", str(vocab)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        [*CHAT, "--model", str(scripted_dir)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True, cwd=str(REPO),
         env=child_env(tmp_path, ["<|end|>noise", thinking, REPLY2], **pause))
     proc.stdin.write(f"First?\nSecond?\n/save {saved}\nThird?\n")
@@ -368,11 +368,12 @@ def test_what_the_model_wrote_is_stored(vocab, tmp_path):
             "<|start|>assistant<|channel|>final<|message|>[interrupted by the user]<|end|>") in third
 
 
+@pytest.mark.subprocess
 @pytest.mark.slow
 def test_demo_without_network(tmp_path):
     """`--demo` in a network namespace with no interface up: synth, convert, load, two turns
     (the second reusing the cache), all with no network."""
-    if shutil.which("unshare") is None or subprocess.run(["unshare", "-n", "true"]).returncode:
+    if no_network() is None:
         pytest.skip("cannot create a network namespace here (needs root or user namespaces)")
     r = run_pipe(["--demo", "--max-tokens", "4", "--temperature", "0"], "Hello\nAgain\n/stats\n",
                  child_env(tmp_path), netns=True, timeout=120)
@@ -382,15 +383,17 @@ def test_demo_without_network(tmp_path):
     assert stats_numbers(r.stderr)[1] > 0  # cached tokens
 
 
+@pytest.mark.subprocess
 def test_missing_default_model_says_how_to_get_it(tmp_path):
     r = run_pipe([], "hi\n", child_env(tmp_path))
     assert r.returncode == 1
     assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
     assert "oss-mlx convert openai/gpt-oss-20b" in r.stderr
-    if shutil.which("unshare") is None or subprocess.run(["unshare", "-n", "true"]).returncode:
+    if no_network() is None:
         return
     # At a terminal with no network: no download offer, the same one-line advice.
-    child = pexpect.spawn("unshare", ["-n", sys.executable, "-m", "oss_mlx.cli", "chat"],
+    prefix = no_network()
+    child = pexpect.spawn(prefix[0], [*prefix[1:], sys.executable, "-m", "oss_mlx.cli", "chat"],
                           cwd=str(REPO), env=child_env(tmp_path), encoding="utf-8", timeout=30)
     child.expect(pexpect.EOF)
     child.close()

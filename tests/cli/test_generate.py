@@ -11,41 +11,28 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
 from oss_mlx.cli import generate
 from oss_mlx.engine import STOP_REASONS, Engine, SamplingParams
 from oss_mlx.harmony import build_conversation, load_encoding, render_prompt, user_message
+from support import no_network
 from support.scripted import ScriptedModel
 
 
-def _no_network_prefix():
-    """`unshare -n` (a private network namespace with no interfaces), or `-rn` as non-root."""
-    for cmd in (["unshare", "-n"], ["unshare", "-rn"]):
-        try:
-            if subprocess.run(cmd + ["true"], capture_output=True).returncode == 0:
-                return cmd
-        except FileNotFoundError:
-            break
-    return None
-
-
-NO_NET = _no_network_prefix()
-
-
 def oss_mlx(args, tmp_path, stdin=None, offline=True, **env_extra):
-    """Run the CLI like a user with an empty HOME and no OSS_MLX_HOME, without a network."""
+    """Run the CLI like a user with an empty HOME and no OSS_MLX_HOME, without a network.
+    TMPDIR stays this session's: MLX keeps the CPU kernels it compiles under $TMPDIR/mlx, and a
+    fresh one costs a child some 25 s of compiling them again."""
     home = tmp_path / "home"
     home.mkdir(exist_ok=True)
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(home),
-           "TMPDIR": str(tmp_path), **env_extra}
-    prefix = []
-    if offline:
-        if NO_NET:
-            prefix = NO_NET
-        else:  # no namespaces here: at least make any network attempt fail fast and loudly
-            env.update(HTTP_PROXY="http://127.0.0.1:9", HTTPS_PROXY="http://127.0.0.1:9")
+           "TMPDIR": tempfile.gettempdir(), **env_extra}
+    prefix = (no_network() or []) if offline else []
+    if offline and not prefix:  # no namespaces here: any network attempt fails fast and loudly
+        env.update(HTTP_PROXY="http://127.0.0.1:9", HTTPS_PROXY="http://127.0.0.1:9")
     return subprocess.run(
         prefix + [sys.executable, "-m", "oss_mlx.cli", "generate", *args],
         input=stdin, capture_output=True, text=True, env=env, timeout=300,
@@ -63,6 +50,7 @@ def expected(tiny_model):
     return run
 
 
+@pytest.mark.subprocess
 def test_generate_offline_with_empty_home(tiny_model, tmp_path, expected):
     r = oss_mlx(["--model", str(tiny_model), "--prompt", "Hello there", "--max-tokens", "6",
                  "--temperature", "0", "--json"], tmp_path)
@@ -83,6 +71,7 @@ def test_generate_offline_with_empty_home(tiny_model, tmp_path, expected):
     assert not list((tmp_path / "home").iterdir()), "generate wrote into HOME"
 
 
+@pytest.mark.subprocess
 def test_store_name_and_prompt_from_stdin(tiny_model, tmp_path):
     store = tmp_path / "store-home"
     shutil.copytree(tiny_model, store / "models" / "tiny-test")
@@ -97,6 +86,7 @@ def test_store_name_and_prompt_from_stdin(tiny_model, tmp_path):
     assert out["stats"]["generated_tokens"] == 2
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("case", ["missing", "no-vocab", "empty-prompt"])
 def test_clear_one_line_errors(tiny_model, tmp_path, case):
     model, stdin = str(tiny_model), None

@@ -567,6 +567,7 @@ def test_mlx_lm_folder_converts_losslessly(mlx_lm_q8, tiny_hf, tmp_path, capsys)
     assert resolve_model(str(out)) == out
 
 
+@pytest.mark.subprocess
 def test_sigterm_cleans_up_and_stale_partials_are_removed(tiny_hf, tmp_path, monkeypatch):
     """SIGTERM mid-write removes the temporary folder as Ctrl-C does; a later convert removes
     the temporary folders of dead processes (and keeps those of live ones)."""

@@ -1,28 +1,25 @@
 """Recorded agent traffic replayed through the real server: Codex CLI, opencode and qwen-code
-sessions (tests/traffic/*.json, recorded with tests/traffic/record.py from the real clients)
+sessions (tests/server/traffic/*.json, recorded with traffic/record.py from the real clients)
 sent again, request by request, to `create_app` over the real Engine on a ScriptedModel giving
 the replies recorded with them. Each follow-up request must reuse (cached tokens) at least 95% of
 its longest common prefix with any earlier request of the session. Also: two conversations
 interleaved ABABAB over the server, and a client disconnect stopping a long prefill.
 
-    python tests/test_agent_traffic.py     # the reuse table, per request (also on another
-                                           # checkout: PYTHONPATH=OTHER:OTHER/tests python ...)
+    PYTHONPATH=tests python tests/server/test_agent_traffic.py   # the reuse table, per request
+                                  # (another checkout: PYTHONPATH=OTHER:OTHER/tests python ...)
 """
 
 from __future__ import annotations
 
 import json
-import socket
 import sys
 import tempfile
 import threading
-import time
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
-import uvicorn
 
 TESTS = Path(__file__).resolve().parent
 TRAFFIC = TESTS / "traffic"
@@ -30,38 +27,13 @@ sys.path.insert(0, str(TRAFFIC))
 
 from record import sanitize  # noqa: E402
 from support.scripted import ScriptedModel, vocab_dir  # noqa: E402
+from support.serverkit import ServerThread  # noqa: E402
 
 from oss_mlx.engine import Engine  # noqa: E402
 from oss_mlx.harmony import load_encoding  # noqa: E402
 from oss_mlx.server import create_app  # noqa: E402
 
 SESSIONS = ["codex", "opencode", "qwen-code"]
-VOCAB = Path(tempfile.gettempdir()) / "oss-mlx-test-vocab"
-
-
-class ServerThread:
-    """uvicorn serving `app` on a free loopback port, in a background thread."""
-
-    def __init__(self, app):
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
-                                       daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        deadline = time.time() + 30
-        while not self.server.started:  # uvicorn has no started event; bounded poll
-            assert self.thread.is_alive() and time.time() < deadline, "server did not start"
-            time.sleep(0.01)
-        return self
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-        self.sock.close()
 
 
 def common_prefix(a, b) -> int:
@@ -93,13 +65,18 @@ class Recorder:
             yield ev
 
 
+def scripted_engine(encoding, **model_kw) -> Engine:
+    return Engine(ScriptedModel(encoding=encoding, **model_kw), encoding)
+
+
 def replay(session: dict, engine=None) -> list[dict]:
     """Send the session's requests in order; per request: prompt tokens, cached tokens, time to
     first token and the longest common prefix with any earlier request's prompt. `engine`: one
-    whose model has push(reply) (default: the ScriptedModel)."""
+    whose model has push(reply) (default: a ScriptedModel over a vocabulary in a temporary
+    folder, for the script below)."""
     if engine is None:
-        enc = load_encoding(vocab_dir(VOCAB))
-        engine = Engine(ScriptedModel(encoding=enc, max_context=131072), enc)
+        enc = load_encoding(vocab_dir(tempfile.mkdtemp(prefix="oss-mlx-vocab-")))
+        engine = scripted_engine(enc, max_context=131072)
     model, engine = engine.model, Recorder(engine)
     with ServerThread(create_app(engine, "scripted-oss")) as srv, httpx.Client(
             base_url=srv.url, timeout=120) as http:
@@ -122,19 +99,19 @@ def load(name: str) -> dict:
 
 
 @pytest.mark.parametrize("name", SESSIONS)
-def test_recorded_session_reuses_its_common_prefix(name):
+def test_recorded_session_reuses_its_common_prefix(name, encoding):
     session = load(name)
-    rows = replay(session)
+    rows = replay(session, scripted_engine(encoding, max_context=131072))
     assert len(rows) == len(session["requests"])
     for i, r in enumerate(rows[1:], 1):
         assert r["lcp"] > 0, (name, i, r)
         assert r["cached"] >= 0.95 * min(r["lcp"], r["prompt"] - 1), (name, i, rows)
 
 
-def test_interleaved_conversations_over_the_server_all_hit():
+def test_interleaved_conversations_over_the_server_all_hit(encoding):
     """A B A B A B: two chat conversations with different instructions, alternating; every
     follow-up resumes from all its conversation's previous prompt and answer."""
-    enc = load_encoding(vocab_dir(VOCAB))
+    enc = encoding
     model = ScriptedModel(encoding=enc)
     engine = Engine(model, enc)
     convs = {"A": [{"role": "system", "content": "You answer in French."}],
@@ -158,11 +135,11 @@ def test_interleaved_conversations_over_the_server_all_hit():
             last[name] = usage["prompt_tokens"]
 
 
-def test_client_disconnect_stops_a_long_prefill():
+def test_client_disconnect_stops_a_long_prefill(encoding):
     """A streaming client that goes away during a long prefill: the server's cancel reaches the
     engine between chunks (explicit synchronisation: the model's second chunk waits for the
     cancel event, then the engine must run no further chunk and never decode)."""
-    enc = load_encoding(vocab_dir(VOCAB))
+    enc = encoding
     entered, chunks = threading.Event(), []
 
     class Gate(ScriptedModel):
@@ -200,17 +177,9 @@ def test_client_disconnect_stops_a_long_prefill():
     assert len(chunks) == 2 and model.fed == []  # no chunk after the cancel, no decode step
 
 
-if __name__ == "__main__":
-    for name in SESSIONS:
-        rows = replay(load(name))
-        print(f"{name}: request  prompt  cached  lcp-with-earlier  reuse-of-lcp")
-        for i, r in enumerate(rows):
-            frac = r["cached"] / max(min(r["lcp"], r["prompt"] - 1), 1) if i else float("nan")
-            print(f"  {i:2d}  {r['prompt']:6d}  {r['cached']:6d}  {r['lcp']:6d}  {frac:6.1%}")
 
-
-def test_prompt_cache_key_and_user_reach_the_prompt_cache():
-    enc = load_encoding(vocab_dir(VOCAB))
+def test_prompt_cache_key_and_user_reach_the_prompt_cache(encoding):
+    enc = encoding
     model = ScriptedModel(encoding=enc)
     engine = Engine(model, enc)
     answer = "<|channel|>final<|message|>ok<|return|>"
@@ -224,3 +193,12 @@ def test_prompt_cache_key_and_user_reach_the_prompt_cache():
             "model": "scripted-oss", "user": "alice",
             "messages": [{"role": "user", "content": "something else"}]}).raise_for_status()
     assert sorted(e.key for e in engine.prompt_cache.entries) == ["alice", "session-1"]
+
+
+if __name__ == "__main__":
+    for name in SESSIONS:
+        rows = replay(load(name))
+        print(f"{name}: request  prompt  cached  lcp-with-earlier  reuse-of-lcp")
+        for i, r in enumerate(rows):
+            frac = r["cached"] / max(min(r["lcp"], r["prompt"] - 1), 1) if i else float("nan")
+            print(f"  {i:2d}  {r['prompt']:6d}  {r['cached']:6d}  {r['lcp']:6d}  {frac:6.1%}")

@@ -403,50 +403,63 @@ def test_openapi_publishes_request_bodies(srv):
 SERVE = [sys.executable, str(SUPPORT / "serve_scripted.py"), "--port", "0"]
 
 
-@pytest.mark.slow
-def test_serve_stops_cleanly_on_sigterm_and_sigint():
-    """Start the real command, serve, stop it (with a stream in flight every other time); again
-    and again, bounded. Each stop is exit status 0 with nothing on stderr but our own lines."""
+def _serve_then_stop(sig, streaming: bool):
+    """Start the real command, answer one request, then stop it with `sig`, with a client
+    streaming the long reply at that moment or not: exit status 0, no traceback."""
     import threading
 
     short = "<|channel|>final<|message|>ok<|return|>"
     long = "<|channel|>final<|message|>" + "la " * 5000 + "<|return|>"
-    for i, sig in enumerate([signal.SIGTERM, signal.SIGINT] * 2):
-        proc = subprocess.Popen([*SERVE, "--reply", short, "--reply", long],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                env={**child_env(), "PYTHONUNBUFFERED": "1"})
-        lines: list[str] = []
-        try:
-            line = proc.stdout.readline()
-            assert " at http" in line, (line, proc.stderr.read() if proc.poll() is not None else "")
-            url = line.split(" at ")[1].split()[0]
-            r = httpx.post(url + "/chat/completions", timeout=60, json={
-                "model": MODEL, "messages": [{"role": "user", "content": "x"}]})
-            assert r.json()["choices"][0]["message"]["content"] == "ok"
-            streaming = threading.Event()
-            if i % 4 >= 2:  # a client streaming the long reply when the signal comes
+    proc = subprocess.Popen([*SERVE, "--reply", short, "--reply", long],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**child_env(), "PYTHONUNBUFFERED": "1"})
+    lines: list[str] = []
+    try:
+        line = proc.stdout.readline()
+        assert " at http" in line, (line, proc.stderr.read() if proc.poll() is not None else "")
+        url = line.split(" at ")[1].split()[0]
+        r = httpx.post(url + "/chat/completions", timeout=60, json={
+            "model": MODEL, "messages": [{"role": "user", "content": "x"}]})
+        assert r.json()["choices"][0]["message"]["content"] == "ok"
+        if streaming:  # a client streaming the long reply when the signal comes
+            started = threading.Event()
 
-                def read():
-                    with httpx.stream("POST", url + "/chat/completions", timeout=60, json={
-                            "model": MODEL, "stream": True,
-                            "messages": [{"role": "user", "content": "y"}]}) as s:
-                        for line in s.iter_lines():
-                            if line:
-                                lines.append(line)
-                                streaming.set()
+            def read():
+                with httpx.stream("POST", url + "/chat/completions", timeout=60, json={
+                        "model": MODEL, "stream": True,
+                        "messages": [{"role": "user", "content": "y"}]}) as s:
+                    for line in s.iter_lines():
+                        if line:
+                            lines.append(line)
+                            started.set()
 
-                reader = threading.Thread(target=read, daemon=True)
-                reader.start()
-                assert streaming.wait(60)
-            proc.send_signal(sig)
-            _, err = proc.communicate(timeout=60)
-        finally:
-            proc.kill()
-        assert proc.returncode == 0, (i, sig, proc.returncode, err)
-        assert "Traceback" not in err and "terminate called" not in err, (i, sig, err)
-        if lines:
-            reader.join(30)
-            assert lines[-1] == "data: [DONE]" and len(lines) < 5000 * 2  # ended, and early
+            reader = threading.Thread(target=read, daemon=True)
+            reader.start()
+            assert started.wait(60)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, (sig, streaming, proc.returncode, err)
+    assert "Traceback" not in err and "terminate called" not in err, (sig, streaming, err)
+    if streaming:
+        reader.join(30)
+        assert lines[-1] == "data: [DONE]" and len(lines) < 5000 * 2  # ended, and early
+
+
+@pytest.mark.slow
+@pytest.mark.subprocess
+def test_serve_stops_cleanly_on_sigterm_and_sigint():
+    """The real command stopped by SIGTERM and by SIGINT, idle and with a stream in flight: four
+    servers, each its own process, two at a time (a child's start-up is CPU-bound: one per
+    core), bounded. Each stop is exit status 0 with nothing on stderr but our own lines."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    cases = [(sig, streaming) for streaming in (False, True)
+             for sig in (signal.SIGTERM, signal.SIGINT)]
+    with ThreadPoolExecutor(2) as pool:
+        for done in [pool.submit(_serve_then_stop, *case) for case in cases]:
+            done.result()  # re-raises a case's failure
 
 
 ODD_BODIES = [

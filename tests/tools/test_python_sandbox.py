@@ -14,7 +14,9 @@ import pytest
 
 from oss_mlx.tools import Limits, PythonSession, python_support
 
-pytestmark = pytest.mark.skipif(not python_support().available, reason=python_support().reason)
+pytestmark = [pytest.mark.subprocess,  # every test starts the sandboxed worker
+              pytest.mark.skipif(not python_support().available,
+                                 reason=python_support().reason)]
 
 
 @pytest.fixture

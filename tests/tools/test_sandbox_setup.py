@@ -42,6 +42,7 @@ def test_roots_never_open_the_home(monkeypatch):
     assert os.path.realpath(os.__file__).startswith(tuple(r + "/" for r in roots))
 
 
+@pytest.mark.subprocess
 def test_the_worker_gets_none_of_our_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("OSS_MLX_TEST_API_KEY", "sk-secret")
     argv, env = worker_command(str(tmp_path), Limits(), "r")
