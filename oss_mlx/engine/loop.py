@@ -28,7 +28,6 @@ so all ranks step alike. Single-threaded: one thread calls add / step.
 
 from __future__ import annotations
 
-import time
 from collections import deque
 from dataclasses import dataclass, field
 from functools import partial
@@ -117,7 +116,7 @@ class Loop:
         req = Request.start(prompt, job.params, engine.encoding, engine.max_context,
                             cached=start, cancel=getattr(job, "cancel", None),
                             t0=getattr(job, "t0", None))
-        row = Row(self._ids, job, req, cache, start=start, pos=start, t_read=time.perf_counter())
+        row = Row(self._ids, job, req, cache, start=start, pos=start, t_read=engine.pace.clock())
         self._ids += 1
         if req.limit > 0:
             if engine._use_compiled(cache):  # the full layers' buffers, on the step's grid
@@ -199,7 +198,8 @@ class Loop:
         report = getattr(row.job, "progress", None)
         if report is not None:
             done = row.pos - row.start
-            report(row.pos, len(row.prompt), done / max(time.perf_counter() - row.t_read, 1e-9))
+            elapsed = self.engine.pace.clock() - row.t_read
+            report(row.pos, len(row.prompt), done / max(elapsed, 1e-9))
 
     def _store_for(self, row: Row):
         from oss_mlx.engine.rows import DecoderRows, PlainRows
