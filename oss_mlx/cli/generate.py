@@ -151,7 +151,7 @@ def _stream(engine, conv, params, args):
 class Progress:
     """A long prompt's prefill on stderr, once it has run LongPrefill.AFTER_S: on a terminal one
     line rewritten in place (cleared when the answer starts), else (--stats) a line at each
-    tenth of the prompt."""
+    tenth of the prompt and at its end."""
 
     def __init__(self, stream):
         from oss_mlx.cli.output import LongPrefill
@@ -167,7 +167,7 @@ class Progress:
         text = f"oss-mlx: {self.long.text(read, total, tps)}"
         if self.tty:
             self.stream.write(f"\r{text}\x1b[K")
-        elif read * 10 // max(total, 1) > self.tenth:
+        elif read * 10 // max(total, 1) > self.tenth or read >= total - 1:
             self.tenth = read * 10 // max(total, 1)
             self.stream.write(text + "\n")
         else:
