@@ -41,19 +41,6 @@ def add_arguments(parser):
     options.add_loading(parser, cache=True)
 
 
-def _concurrency(requested: int) -> int:
-    """Requests decoded at once. Under mlx.launch the ranks follow rank 0's requests one at a
-    time (distributed.LeaderEngine); the batcher drives the model directly, which the other
-    ranks would not follow, so a launched server serves one request at a time."""
-    from oss_mlx.engine.distributed import launched
-
-    if requested > 1 and launched():
-        log.warning("under mlx.launch requests are served one at a time "
-                    "(--max-concurrency %d ignored)", requested)
-        return 1
-    return requested
-
-
 def _listen(host: str, port: int):
     """A socket bound before the model loads: a taken port is a one-line error, not a wasted
     load."""
@@ -100,7 +87,7 @@ def main(args, engine_factory=None) -> int:
         max_tokens = args.max_tokens or (DEMO_MAX_TOKENS if chosen.demo else None)
         app = create_app(engine, name, api_key=args.api_key, default_max_tokens=max_tokens,
                          constrain_tools=args.constrain_tools,
-                         max_concurrency=_concurrency(args.max_concurrency))
+                         max_concurrency=args.max_concurrency)
         port = sock.getsockname()[1]
         sock.listen(128)  # from here connections queue until uvicorn accepts them
         print(f"oss-mlx: serving {name!r} at http://{args.host}:{port}/v1"

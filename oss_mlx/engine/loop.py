@@ -48,8 +48,9 @@ def job_key(job) -> Optional[str]:
 
 @dataclass
 class Plan:
-    """What a step does beyond decoding every row: the rows it cancels (ids) and the size of
-    its prefill chunk (0: none)."""
+    """What a step does beyond decoding every row: the rows it cancels (their places among the
+    prefilling rows then the decoding ones, the same on every rank of a launch, where a row's
+    id is not) and the size of its prefill chunk (0: none)."""
 
     cancel: list = field(default_factory=list)
     chunk: int = 0
@@ -80,12 +81,13 @@ class Row:
 class Loop:
     """The rows of one engine's model: prefilling under a per-step budget, decoding together."""
 
-    def __init__(self, engine, max_rows: int = 1, local_cancel: bool = True):
+    def __init__(self, engine, max_rows: int = 1, local_cancel: bool = True,
+                 leads: bool = False):
         self.engine = engine
         self.max_rows = max_rows
         # Whether prefill may stop early on a row's own cancel event (not in a launch, where
-        # only the plan decides).
-        self.local_cancel = local_cancel
+        # only the plan decides), and whether this loop decides for a launch's ranks.
+        self.local_cancel, self.leads = local_cancel, leads
         self._prefilling: deque[Row] = deque()
         self._rows: list[Row] = []  # decoding, in the store's order
         self.store = None
@@ -131,15 +133,17 @@ class Loop:
 
     def plan(self) -> Plan:
         """This step's decisions from the rows' own cancel events and the measured pace."""
-        cancel = [r.id for r in list(self._prefilling) + self._rows if r.req.cancelled]
-        chunk = self.engine.pace.size(busy=bool(self._rows)) if self._prefilling else 0
+        rows = list(self._prefilling) + self._rows
+        cancel = [i for i, r in enumerate(rows) if r.req.cancelled]
+        pace = self.engine.pace
+        chunk = pace.size(bool(self._rows), decide=self.leads) if self._prefilling else 0
         return Plan(cancel, chunk)
 
     def step(self, plan: Plan | None = None) -> list:
         """One step: the plan's cancellations, one prefill chunk (if a request is prefilling),
         one decode step of every decoding row. Returns the jobs that finished."""
         plan = plan or self.plan()
-        finished = self._cancel(set(plan.cancel))
+        finished = self._cancel(plan.cancel)
         if self._prefilling:
             finished += self._prefill(plan.chunk)
         if self._rows:
@@ -149,9 +153,11 @@ class Loop:
             mx.clear_cache()
         return finished
 
-    def _cancel(self, ids: set) -> list:
-        if not ids:
+    def _cancel(self, places: list) -> list:
+        if not places:
             return []
+        rows = list(self._prefilling) + self._rows
+        ids = {rows[i].id for i in places}
         finished = []
         for row in [r for r in self._prefilling if r.id in ids]:
             self._prefilling.remove(row)

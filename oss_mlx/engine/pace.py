@@ -13,8 +13,10 @@ Sizes lie on a grid (powers of two from `LEAST` up to `most`, the engine's --pre
 which the memory plan counts), so prefill graphs come in a few shapes. The first chunk of an
 engine is the smallest; each later one follows the last measured rate, growing at most 4x a
 chunk (a small chunk underrates what a larger one reaches: weights are read once a chunk).
-`fixed`: a size decided elsewhere for the next chunks (a launch's rank 0 decides for all ranks,
-whose measured rates differ), used instead while set.
+`fixed`: the size the loop's plan chose for the chunk under way (on a launch's ranks, rank 0's
+choice), used instead while set. `shared` (a model split across the ranks of a launch): every
+rank must cut the same chunks, so only rank 0's loop, deciding for all (`decide`), follows the
+rate; any other prefill takes the largest size.
 """
 
 from __future__ import annotations
@@ -44,14 +46,17 @@ class PrefillPace:
         self.rate = None  # tokens/s of the last chunk measured
         self.last = self.sizes[0]  # the size of the last chunk measured
         self.fixed = None
+        self.shared = False
 
     @property
     def most(self) -> int:
         return self.sizes[-1]
 
-    def size(self, busy: bool = False) -> int:
+    def size(self, busy: bool = False, decide: bool = False) -> int:
         if self.fixed is not None:
             return self.fixed
+        if self.shared and not decide:
+            return self.most
         if self.rate is None:
             return self.sizes[0]
         want = min(self.rate * (BUSY_S if busy else ALONE_S), self.last * GROWTH)
