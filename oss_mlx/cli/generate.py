@@ -114,6 +114,7 @@ def _stream(engine, conv, params, args, tools=None):
     from oss_mlx.harmony import section_of
 
     cancel = threading.Event()
+    progress = Progress(sys.stderr) if sys.stderr.isatty() or args.stats else None
 
     def on_sigint(signum, frame):
         if cancel.is_set():
@@ -123,8 +124,10 @@ def _stream(engine, conv, params, args, tools=None):
     previous = signal.signal(signal.SIGINT, on_sigint)
     completion, in_reasoning, shown, last = None, False, False, ""
     try:
-        for ev in (tools.events(engine, conv, params, cancel) if tools is not None
-                   else engine.stream(conv, params, cancel=cancel)):
+        for ev in (tools.events(engine, conv, params, cancel, progress) if tools is not None
+                   else engine.stream(conv, params, cancel=cancel, progress=progress)):
+            if progress is not None:
+                progress.clear()
             if ev.type == "done":
                 completion = ev.completion
                 continue
@@ -144,6 +147,8 @@ def _stream(engine, conv, params, args, tools=None):
                 shown, last = shown or bool(ev.text), (ev.text or last)
     finally:
         signal.signal(signal.SIGINT, previous)
+        if progress is not None:
+            progress.clear()
     if not args.json:
         if shown and not last.endswith("\n"):
             sys.stdout.write("\n")
@@ -153,9 +158,44 @@ def _stream(engine, conv, params, args, tools=None):
     return completion, shown
 
 
+class Progress:
+    """A long prompt's prefill on stderr, once it has run LongPrefill.AFTER_S: on a terminal one
+    line rewritten in place (cleared when the answer starts), else (--stats) a line at each
+    tenth of the prompt and at its end."""
+
+    def __init__(self, stream):
+        from oss_mlx.cli.output import LongPrefill
+
+        self.stream, self.tty = stream, stream.isatty()
+        self.shown = False
+        self.tenth = 0
+        self.long = LongPrefill()
+
+    def __call__(self, read: int, total: int, tps: float):
+        if not self.long.due():
+            return
+        text = f"oss-mlx: {self.long.text(read, total, tps)}"
+        if self.tty:
+            self.stream.write(f"\r{text}\x1b[K")
+        elif read * 10 // max(total, 1) > self.tenth or read >= total - 1:
+            self.tenth = read * 10 // max(total, 1)
+            self.stream.write(text + "\n")
+        else:
+            return
+        self.shown = True
+        self.stream.flush()
+
+    def clear(self):
+        if self.shown and self.tty:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+        self.shown = False
+
+
 def _print_stats(s) -> None:
     print(
-        f"oss-mlx: prompt {s.prompt_tokens} tokens ({s.prefill_tps:.1f} tok/s), generated "
+        f"oss-mlx: prompt {s.prompt_tokens} tokens ({s.cached_tokens} cached, "
+        f"{s.prefilled_tokens} read at {s.prefill_tps:.1f} tok/s), generated "
         f"{s.generated_tokens} tokens ({s.decode_tps:.1f} tok/s), ttft {s.ttft_s:.3f} s, "
         f"peak memory {s.peak_memory_bytes / 2**30:.2f} GiB",
         file=sys.stderr,

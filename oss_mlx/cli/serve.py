@@ -65,19 +65,6 @@ def add_arguments(parser):
     options.add_loading(parser, cache=True)
 
 
-def _concurrency(requested: int) -> int:
-    """Requests decoded at once. Under mlx.launch the ranks follow rank 0's requests one at a
-    time (distributed.LeaderEngine); the batcher drives the model directly, which the other
-    ranks would not follow, so a launched server serves one request at a time."""
-    from oss_mlx.engine.distributed import launched
-
-    if requested > 1 and launched():
-        log.warning("under mlx.launch requests are served one at a time "
-                    "(--max-concurrency %d ignored)", requested)
-        return 1
-    return requested
-
-
 def cache_dir(args, chosen):
     """Where the prompt cache is kept on disk (docs/serve.md): --cache-dir DIR as given, else
     $OSS_MLX_HOME/prompt-cache/<model> (disk_cache.PerModel); None (memory only) with
@@ -167,7 +154,7 @@ def main(args, engine_factory=None) -> int:
         max_tokens = args.max_tokens or (DEMO_MAX_TOKENS if chosen.demo else None)
         app = create_app(engine, name, api_key=args.api_key, default_max_tokens=max_tokens,
                          constrain_tools=args.constrain_tools,
-                         max_concurrency=_concurrency(args.max_concurrency),
+                         max_concurrency=args.max_concurrency,
                          builtin_tools=cli_tools.serve_tools(tools, engine.encoding, args),
                          max_body=parse_size(args.max_body, "--max-body"))
         port = sock.getsockname()[1]

@@ -158,12 +158,13 @@ def serve_tools(choice: ToolChoice, encoding, args):
                         max_sessions=args.tool_sessions, idle_s=args.tool_idle)
 
 
-def turn_events(engine, conversation, params, cancel, box, on_tool=None):
+def turn_events(engine, conversation, params, cancel, box, on_tool=None, progress=None):
     """The events of one turn: `engine.stream`'s when `box` is None. Else the model's turn with
     the built-in tools run between its calls (run_turn): `on_tool(ToolEvent)` is told of each
     call as it starts and of its result (the call's own deltas are not passed on: a caller
     shows the call whole), citations in the answer become links as it streams (with a
-    browser), and the one done event's completion is the whole turn (TurnDone.combined)."""
+    browser), and the one done event's completion is the whole turn (TurnDone.combined).
+    `progress`: told of each prefill chunk (Engine.stream)."""
     from dataclasses import replace
 
     from oss_mlx.engine import Event
@@ -172,10 +173,10 @@ def turn_events(engine, conversation, params, cancel, box, on_tool=None):
     from oss_mlx.tools.citations import CitationStream
 
     if box is None:
-        yield from engine.stream(conversation, params, cancel=cancel)
+        yield from engine.stream(conversation, params, cancel=cancel, progress=progress)
         return
     cites = CitationStream(box.browser)
-    for ev in run_turn(engine, conversation, box, params, cancel=cancel):
+    for ev in run_turn(engine, conversation, box, params, cancel=cancel, progress=progress):
         if ev.type in ("tool_call", "tool_result"):
             if on_tool is not None:
                 on_tool(ev)
@@ -204,10 +205,11 @@ class GenerateTools:
         self.outputs: list[dict] = []
         self._midline = False  # the reasoning shown on stderr ended mid-line
 
-    def events(self, engine, conversation, params, cancel):
+    def events(self, engine, conversation, params, cancel, progress=None):
         from oss_mlx.harmony import section_of
 
-        for ev in turn_events(engine, conversation, params, cancel, self.box, self._on_tool):
+        for ev in turn_events(engine, conversation, params, cancel, self.box, self._on_tool,
+                              progress):
             if ev.type == "delta" and ev.text and section_of(ev.channel,
                                                                ev.recipient) == "reasoning":
                 self._midline = not ev.text.endswith("\n")  # shown with --show-reasoning

@@ -10,9 +10,15 @@ Every command that loads a model calls `load_engine(model)`. Outside a launch th
 the same collectives in the same order and sample the same tokens (same logits, same seed).
 
 The request channel (`Link`) is mx.distributed itself: rank 0 broadcasts an op and its JSON
-payload (prompt tokens, sampling parameters) with `all_sum` (the others add zeros). While rank 0
-is idle it sends a ping every few seconds. Cancellation (a client that left, Ctrl-C) is agreed
-on every `CANCEL_EVERY` tokens with one more all_sum, so every rank stops at the same token.
+payload with `all_sum` (the others add zeros). While rank 0 is idle it sends a ping every few
+seconds. Requests run through the request loop (engine/loop.py) on every rank, a batch of
+several when `serve` has several in flight: rank 0 decides each step (`LeaderLoop`: the requests
+that join, the rows cancelled by a client that left or Ctrl-C, the prefill chunk's size, which
+the ranks' own measured rates would not agree on) and sends that `Plan` with the STEP op; every
+other rank runs the same step (`follow_loop`), so all ranks call the same collectives in the
+same order and sample the same tokens. Rank 0 sends a plan before every step while a request is
+prefilling and every `CANCEL_EVERY` steps while they all decode (each costs one round trip);
+every rank knows from the loop's own state which steps those are.
 
 Before loading, every rank checks its own share against its machine (memory.check_fits through
 `check`) and the ranks agree on the outcome (`agree_fits`), so a rank that does not fit ends
@@ -44,8 +50,8 @@ from oss_mlx.defaults import MOE_SPLIT
 from oss_mlx.engine.threads import in_own_thread, release_streams
 from oss_mlx.errors import OssMlxError
 
-PING, GENERATE, LOGITS, RESET, STOP = 1, 2, 3, 4, 5
-CANCEL_EVERY = 4  # tokens between two cancellation agreements (each costs one round trip)
+PING, STEP, LOGITS, RESET, STOP = 1, 2, 3, 4, 5
+CANCEL_EVERY = 4  # decode steps between two plans (each costs one round trip)
 # Seconds a rank asked to stop (SIGTERM: mlx.launch ends the others when a rank fails) waits for
 # its collectives to progress before it ends: under uvicorn's 2 s graceful shutdown, so the
 # last line is ours.
@@ -170,51 +176,27 @@ class Link:
             self.watchdog.tick()
         return out
 
-    def send(self, op: int, payload=None):
-        """Rank 0: broadcast an op and its JSON payload (every other rank is in `recv`)."""
+    def send(self, op: int, payload=None, behind_decode: bool = False):
+        """Rank 0: broadcast an op and its JSON payload (every other rank is in `recv`).
+        `behind_decode`: between the steps of a loop, after the decode step queued last."""
         import mlx.core as mx
         import numpy as np
 
         data = json.dumps(payload).encode() if payload is not None else b""
-        self._all_sum(mx.array([op, len(data)], dtype=mx.int32))
+        self._all_sum(mx.array([op, len(data)], dtype=mx.int32), behind_decode)
         if data:
-            self._all_sum(mx.array(np.frombuffer(data, dtype=np.uint8)))
+            self._all_sum(mx.array(np.frombuffer(data, dtype=np.uint8)), behind_decode)
 
-    def recv(self):
+    def recv(self, behind_decode: bool = False):
         """Every rank but 0: the next (op, payload) from rank 0."""
         import mlx.core as mx
 
-        op, n = self._all_sum(mx.zeros((2,), dtype=mx.int32)).tolist()
+        op, n = self._all_sum(mx.zeros((2,), dtype=mx.int32), behind_decode).tolist()
         payload = None
         if n:
-            data = self._all_sum(mx.zeros((n,), dtype=mx.uint8))
+            data = self._all_sum(mx.zeros((n,), dtype=mx.uint8), behind_decode)
             payload = json.loads(bytes(memoryview(data)))
         return op, payload
-
-    def agree(self, flag: bool) -> bool:
-        """True on every rank when rank 0 says so (the others pass False)."""
-        import mlx.core as mx
-
-        flag = mx.array([int(flag) if self.rank == 0 else 0])
-        return bool(self._all_sum(flag, behind_decode=True).item())
-
-
-class SharedCancel:
-    """The `cancel` the engines get on every rank: every CANCEL_EVERY-th check asks rank 0
-    (whose `local` event, or `forced`, decides), so every rank stops at the same token. The
-    engine checks it at the same points on every rank (same tokens, same stop decisions)."""
-
-    def __init__(self, link: Link, local=None):
-        self.link, self.local = link, local
-        self.forced = False
-        self.checks = 0
-
-    def is_set(self) -> bool:
-        self.checks += 1
-        if self.checks % CANCEL_EVERY:
-            return False
-        mine = self.forced or (self.local is not None and self.local.is_set())
-        return self.link.agree(mine)
 
 
 def _params_payload(params) -> dict:
@@ -226,8 +208,130 @@ def _params_payload(params) -> dict:
     return d
 
 
+def settle():
+    """Wait for the work queued on the generation stream (a decode step queued ahead): a loop
+    that goes idle does so on every rank, before the link's next op, which may run on another
+    stream, so that every rank runs its collectives in the same order."""
+    import mlx.core as mx
+    from mlx_lm.generate import generation_stream
+
+    mx.synchronize(generation_stream)
+
+
+def decides(loop, since: int) -> bool:
+    """Whether rank 0 sends a plan before this step of `loop`, `since` steps after the last
+    plan (every rank asks the same question of the same state; a loop's own step count would
+    not do, rank 0's loop outlives the others'): while a request prefills or none decodes, and
+    every CANCEL_EVERY steps."""
+    return bool(loop._prefilling) or not loop._rows or since >= CANCEL_EVERY
+
+
+class LeaderLoop:
+    """Rank 0's request loop: the Loop, its plans decided here and sent to the other ranks
+    (see the module docstring). Jobs added wait for the next plan; while it is busy the loop
+    holds the link (the pinger and other ops wait)."""
+
+    def __init__(self, engine, link: "Link", max_rows: int = 1):
+        from oss_mlx.engine.loop import Loop
+
+        self.loop = Loop(engine, max_rows, local_cancel=False, leads=True)
+        self.engine, self.link = engine, link
+        self.pending: list = []
+        self.held = False
+        self.since = 0  # steps since the last plan
+
+    @property
+    def busy(self) -> bool:
+        return self.loop.busy or bool(self.pending)
+
+    def __len__(self) -> int:
+        return len(self.loop) + len(self.pending)
+
+    def add(self, job):
+        """Check the request here (a prompt too long, parameters that cannot travel: raised to
+        this request only) and queue it for the next plan, with a seed every rank shares."""
+        import os as _os
+        from dataclasses import replace
+
+        prompt = list(job.conversation)
+        self.engine._check_fits(prompt)
+        if job.params.seed is None:
+            job.params = replace(job.params, seed=int.from_bytes(_os.urandom(7), "little"))
+        from oss_mlx.engine.loop import job_key
+
+        payload = {"tokens": prompt, "params": _params_payload(job.params), "key": job_key(job)}
+        self.pending.append((job, payload))
+
+    def step(self) -> list:
+        from oss_mlx.engine.loop import Plan
+
+        loop = self.loop
+        plan = Plan()
+        if decides(loop, self.since):
+            self.since = 0
+            adds, self.pending = self.pending, []
+            for job, _ in adds:
+                loop.add(job)
+            plan = loop.plan()
+            if not self.held:
+                self.link.lock.acquire()
+                self.held = True
+            self.link.send(STEP, {"add": [p for _, p in adds], "cancel": plan.cancel,
+                                  "chunk": plan.chunk}, behind_decode=True)
+        try:
+            self.since += 1
+            return loop.step(plan)
+        finally:
+            if not self.busy and self.held:
+                settle()
+                self.held = False
+                self.link.lock.release()
+
+    def abort(self, error: BaseException):
+        """A step failed on rank 0: the ranks would no longer agree; end them all."""
+        lost(self.link.rank, self.link.size, error)
+
+
+class _Follower:
+    """A request on a rank other than 0: its events go nowhere (rank 0 answers)."""
+
+    cancel = None
+
+    def __init__(self, payload: dict):
+        from oss_mlx.engine.types import SamplingParams
+
+        self.conversation = payload["tokens"]
+        self.params = SamplingParams(**payload["params"])
+        self.key = payload.get("key")
+
+    def put(self, item):
+        pass
+
+
+def follow_loop(engine, link: "Link", payload: dict):
+    """Every rank but 0: run rank 0's steps from its first plan until the loop is idle."""
+    from oss_mlx.engine.loop import Loop, Plan
+
+    loop = Loop(engine, local_cancel=False)
+    while True:
+        for add in payload["add"]:
+            loop.add(_Follower(add))
+        loop.step(Plan(payload["cancel"], payload["chunk"]))
+        since = 1
+        while loop.busy and not decides(loop, since):
+            loop.step(Plan())
+            since += 1
+        if not loop.busy:
+            settle()
+            return
+        op, payload = link.recv(behind_decode=True)
+        if op != STEP:
+            fatal(f"rank {link.rank}: rank 0 sent op {op} in the middle of a step; ending "
+                  "the session (the ranks would no longer agree)")
+
+
 class LeaderEngine:
-    """Rank 0's engine: the Engine interface, each request first broadcast to the followers."""
+    """Rank 0's engine: the Engine interface, each request run through a LeaderLoop."""
 
     def __init__(self, engine, link: Link, pinger: bool = True):
         self.engine, self.link = engine, link
@@ -251,7 +355,15 @@ class LeaderEngine:
         finally:
             release_streams()
 
-    def stream(self, conversation, params=None, cancel=None):
+    def make_loop(self, max_rows: int = 1) -> LeaderLoop:
+        return LeaderLoop(self.engine, self.link, max_rows)
+
+    def stream(self, conversation, params=None, cancel=None, key=None, progress=None):
+        """Engine.stream on every rank: a batch of one through a LeaderLoop."""
+        import mlx.core as mx
+        from mlx_lm.generate import generation_stream, wired_limit
+
+        from oss_mlx.engine.engine import StreamJob
         from oss_mlx.engine.types import SamplingParams
 
         params = params or SamplingParams()
@@ -259,29 +371,32 @@ class LeaderEngine:
             prompt = list(conversation)
         else:
             prompt = self.engine.render(conversation)
-        payload = {"tokens": prompt, "params": _params_payload(params)}
-        with self.link.lock:
-            self.link.send(GENERATE, payload)
-            shared = SharedCancel(self.link, cancel)
-            inner = self.engine.stream(prompt, params, shared)
+        job = StreamJob(prompt, params, cancel, key or params.cache_key, progress, None)
+        loop = self.make_loop(1)
+        loop.add(job)  # raises OssMlxError here, before any rank starts
+        mx.reset_peak_memory()
+        with self.engine._lock, wired_limit(self.engine.model, [generation_stream]):
             try:
-                yield from inner
+                while loop.busy:
+                    loop.step()
+                    yield from job.take()
             except GeneratorExit:
-                # The consumer left: the followers are still generating. Stop together at the
-                # next agreement, then return.
-                shared.forced = True
-                for _ in inner:
-                    pass
+                # The consumer left: the other ranks are still generating. Cancel it in the
+                # next plan, run the steps to there with every rank, then return.
+                for row in loop.loop._rows + list(loop.loop._prefilling):
+                    row.req.cancel = _Set()
+                while loop.busy:
+                    loop.step()
                 raise
-            except OssMlxError:
-                raise  # raised identically on every rank (e.g. the prompt is too long)
             except KeyboardInterrupt:
                 fatal("rank 0: interrupted; ending the session on every rank")
+            except OssMlxError:
+                raise
             except BaseException as e:  # noqa: BLE001 - the ranks would disagree from here on
                 lost(self.link.rank, self.link.size, e)
 
-    def complete(self, conversation, params=None, cancel=None):
-        for ev in self.stream(conversation, params, cancel):
+    def complete(self, conversation, params=None, cancel=None, key=None, progress=None):
+        for ev in self.stream(conversation, params, cancel, key, progress):
             if ev.type == "done":
                 return ev.completion
         raise RuntimeError("stream ended without a done event")  # pragma: no cover
@@ -307,19 +422,22 @@ class LeaderEngine:
             in_own_thread(lambda: self.link.send(STOP))
 
 
+class _Set:
+    """A cancel event that is set."""
+
+    def is_set(self) -> bool:
+        return True
+
+
 def follow(engine, link: Link):
     """Every rank but 0: run rank 0's requests until it says STOP."""
-    from oss_mlx.engine.types import SamplingParams
-
     while True:
         op, payload = link.recv()
         try:
             if op == STOP:
                 return
-            if op == GENERATE:
-                params = SamplingParams(**payload["params"])
-                for _ in engine.stream(payload["tokens"], params, SharedCancel(link)):
-                    pass
+            if op == STEP:
+                follow_loop(engine, link, payload)
             elif op == LOGITS:
                 engine.logits(payload["tokens"])
             elif op == RESET:
@@ -360,7 +478,9 @@ def load_sharded(model, dtype=None, group=None, moe: str | None = None):
     encoding = load_encoding(folder)
     sharding = Sharding(group, moe=moe or os.environ.get("OSS_MLX_MOE", MOE_SPLIT))
     m = load(folder, dtype=dtype or default_dtype(), shard=sharding)
-    return Engine(m, encoding), sharding
+    engine = Engine(m, encoding)
+    engine.pace.shared = True  # every rank cuts the chunks rank 0 decides (engine/pace.py)
+    return engine, sharding
 
 
 def agree_fits(group, check, moe: str):

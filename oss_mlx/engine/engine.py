@@ -13,20 +13,22 @@
 
 Events and stop reasons: oss_mlx/harmony/parser.py and oss_mlx/engine/types.py. How a request
 flows through the prompt cache, prefill chunks, the compiled decode step and the parser:
-docs/architecture.md. One engine serves one request at a time (a lock); `stream` is a
-generator, so errors such as a prompt longer than the context (OssMlxError) are raised at the
-first `next()`. A scheduler driving several requests uses the same steps as `stream`:
-`acquire`, `prefill_steps`, `snapshot`, `release` (oss_mlx/engine/batch.py).
+docs/architecture.md. `stream` runs the request through the same loop the server's scheduler
+runs (oss_mlx/engine/loop.py), as a batch of one; the loop uses the engine's steps: `acquire`,
+`prefill_steps`, `snapshot`, `release`. One loop drives the model at a time (a lock); `stream`
+is a generator, so errors such as a prompt longer than the context (OssMlxError) are raised at
+the first `next()`.
 """
 
 from __future__ import annotations
 
+import bisect
 import threading
 import time
 from typing import Iterator
 
 from oss_mlx.defaults import MAX_SNAPSHOTS, PREFILL_CHUNK, parse_size, DISK_CACHE_SIZE
-from oss_mlx.engine.request import Request
+from oss_mlx.engine.pace import PrefillPace
 from oss_mlx.engine.types import Completion, Event, SamplingParams
 from oss_mlx.errors import OssMlxError
 from oss_mlx.harmony.encoding import CLOSERS, END, load_encoding
@@ -65,7 +67,8 @@ class Engine:
 
         self.model = model
         self.encoding = encoding
-        self.prefill_chunk = prefill_chunk
+        self.prefill_chunk = prefill_chunk  # the largest prefill chunk (the memory plan's)
+        self.pace = PrefillPace(prefill_chunk)  # the size of each chunk (engine/pace.py)
         self.compiled = compiled  # False: always the plain forward (--no-compile)
         self._lock = threading.Lock()
         self.fingerprint = model_fingerprint(model)
@@ -140,22 +143,51 @@ class Engine:
                       cancel=None) -> Iterator[int]:
         """Prefill prompt[start:-1] into `cache` chunk by chunk, yielding after each chunk the
         number of tokens this call has prefilled so far; stops early (before a chunk) when
-        `cancel` is set. Chunks end at message boundaries too, where the prompt cache takes a
-        snapshot, and at the end. Afterwards the cache holds all but the last prompt token."""
+        `cancel` is set. Each chunk is as long as `self.pace` says (the measured prefill rate),
+        at most `prefill_chunk`; chunks end at message boundaries too, where the prompt cache
+        takes a snapshot, and at the end. Afterwards the cache holds all but the last prompt
+        token."""
         import mlx.core as mx
 
         end = len(prompt) - 1
-        pos = start
-        for cut, snap in _chunk_plan(prompt, start, end, self.prefill_chunk):
+        closers = [p + 1 for p in range(start, end) if prompt[p] in CLOSERS]
+        pos, pace = start, self.pace
+        whole = start == 0  # a `complete` snapshot follows the chunks (see _next_cut)
+        while pos < end:
             if cancel is not None and cancel.is_set():
                 return
+            asked = pace.size()
+            cut, snap = _next_cut(closers, pos, end, asked, self.prefill_chunk if whole else 0)
+            t = pace.clock()
             # Only fills the cache: no [T, vocab] unembedding for logits nobody reads.
             self.model.prefill(mx.array(prompt[pos:cut])[None], cache, self.prefill_chunk,
                                logits=False)
+            pace.measure(cut - pos, pace.clock() - t, asked)
+            if whole and pos > 0:
+                whole = self._extend_whole(cache, pos, cut)
+            elif snap:
+                self.prompt_cache.snapshot(cache, cut)
             pos = cut
-            if snap:
-                self.prompt_cache.snapshot(cache, pos)
+            whole = whole and pos < self.prefill_chunk
             yield pos - start
+
+    def _extend_whole(self, cache: list, pos: int, cut: int) -> bool:
+        """After a chunk pos..cut of a prompt prefilled from an empty cache: the `complete`
+        snapshot at pos (its rotating layers holding every position from 0) becomes one at
+        cut, so that a later prompt branching anywhere in the first prefill_chunk tokens (the
+        system message, mid-sentence) resumes there whatever the chunk sizes were. False when
+        there is none to extend."""
+        from oss_mlx.engine.prompt_cache import Snapshot
+
+        snaps = getattr(cache, "snapshots", None)
+        last = next((s for s in reversed(snaps or []) if s.pos == pos and s.complete), None)
+        if last is None:
+            return False
+        ad = self.prompt_cache.adapter
+        layers = {i: ad.extend(layer, cache[i], cut - pos) for i, layer in last.layers.items()}
+        snap = Snapshot(cut, layers, sum(ad.nbytes(c) for c in layers.values()), complete=True)
+        cache.snapshots = [s for s in snaps if s is not last] + [snap]
+        return True
 
     def release(self, tokens: list[int], cache: list, key: str | None = None):
         """Hand back a cache holding exactly `tokens` (prompt + generated, without the final stop
@@ -230,14 +262,14 @@ class Engine:
     # ---- generation ----
 
     def _use_compiled(self, cache: list) -> bool:
-        """The one rule for how a single request decodes: with the model's compiled step
-        (oss_mlx.decode), unless the engine was made with compiled=False (--no-compile), the
-        model has no `decoder()` of its own (a stand-in such as the tests' ScriptedModel, or a
-        wrapper around a model whose calls it watches: the step would bypass them), it is split
-        across the ranks of a launch (oss_mlx.shard: its collectives count their bytes and tick
-        the ranks' watchdogs as the graph is built, which a compiled replay never does), or a
-        layer's cache is not one of mlx-lm's plain KVCache / RotatingKVCache (the quantized
-        caches of --kv-bits). The batcher (oss_mlx.batch) always runs the plain forward."""
+        """The one rule for which step a request decodes on: the model's compiled step
+        (oss_mlx.model.decode), unless the engine was made with compiled=False (--no-compile),
+        the model has no `decoder()` of its own (a stand-in such as the tests' ScriptedModel, or
+        a wrapper around a model whose calls it watches: the step would bypass them), it is
+        split across the ranks of a launch (oss_mlx.model.shard: its collectives count their
+        bytes and tick the ranks' watchdogs as the graph is built, which a compiled replay
+        never does), or a layer's cache is not one of mlx-lm's plain KVCache / RotatingKVCache
+        (the quantized caches of --kv-bits). Otherwise the plain forward (engine/rows.py)."""
         from mlx_lm.models.cache import KVCache, RotatingKVCache
 
         decoder = getattr(self.model, "decoder", None)
@@ -246,16 +278,22 @@ class Engine:
                 and all(type(c) is KVCache or (type(c) is RotatingKVCache and c.keep == 0)
                         for c in cache))
 
+    def make_loop(self, max_rows: int = 1):
+        """The request loop over this engine (oss_mlx.engine.loop), `max_rows` requests at once."""
+        from oss_mlx.engine.loop import Loop
+
+        return Loop(self, max_rows)
+
     def complete(self, conversation, params: SamplingParams | None = None, cancel=None,
-                 key: str | None = None) -> Completion:
+                 key: str | None = None, progress=None) -> Completion:
         """Run `stream` to the end and return its Completion."""
-        for ev in self.stream(conversation, params, cancel, key):
+        for ev in self.stream(conversation, params, cancel, key, progress):
             if ev.type == "done":
                 return ev.completion
         raise RuntimeError("stream ended without a done event")  # pragma: no cover
 
     def stream(self, conversation, params: SamplingParams | None = None, cancel=None,
-               key: str | None = None) -> Iterator[Event]:
+               key: str | None = None, progress=None) -> Iterator[Event]:
         """Generate one assistant turn, yielding delta / message events and a final done event.
 
         conversation: an openai_harmony.Conversation (see harmony.build_conversation), a list of
@@ -263,6 +301,8 @@ class Engine:
         when set, prefill stops before its next chunk and generation before the next token, with
         stop_reason "cancelled". key: which conversation this continues (a Responses
         prompt_cache_key or a user id; default params.cache_key), a hint for the prompt cache.
+        progress: called as progress(read, total, tok_s) after each prefill chunk (prompt
+        tokens in the cache of the prompt's total, and the prefill rate so far).
         """
         params = params or SamplingParams()
         t0 = time.perf_counter()
@@ -271,131 +311,57 @@ class Engine:
         else:
             prompt = self.render(conversation)
         self._check_fits(prompt)
+        job = StreamJob(prompt, params, cancel, key or params.cache_key, progress, t0)
         with self._lock:
-            yield from self._generate(prompt, params, cancel, t0, key or params.cache_key)
+            yield from self._run(job)
 
-    def _generate(self, prompt, params, cancel, t0, key):
+    def _run(self, job: "StreamJob"):
+        """One request through the loop, in this thread, as a batch of one."""
         import mlx.core as mx
         from mlx_lm.generate import generation_stream, wired_limit
 
         mx.reset_peak_memory()
-        cache, start = self.acquire(prompt, key)
-        req = Request.start(prompt, params, self.encoding, self.max_context, cached=start,
-                            cancel=cancel, t0=t0)
-        tokens = list(prompt[:start])  # what `cache` holds, in order
-        decoder = self.model.decoder() if self._use_compiled(cache) else None
-
-        def step(y):
-            with mx.stream(generation_stream):
-                if decoder is not None:  # `cache` holds the decoder's caches while decoding
-                    logits = decoder(y[None], cache)
-                else:
-                    logits = self.model(y[None], cache=cache)[:, -1, :]
-                return req.sampler(lambda: req.history(y), logits)  # y: fed, not yet read
-
-        reason = None
-        try:
-            with wired_limit(self.model, [generation_stream]):
-                if req.limit > 0:
-                    with mx.stream(generation_stream):
-                        if decoder is not None:  # the full layers' buffers, on its grid
-                            decoder.presize(cache, len(prompt) + 1)
-                        for done in self.prefill_steps(prompt, cache, start, cancel):
-                            tokens = list(prompt[: start + done])
-                    if len(tokens) < len(prompt) - 1:
-                        reason = "cancelled"
-                else:
-                    reason = req.limit_reason
-                if reason is None:
-                    reason = yield from self._decode(req, cache, tokens, step,
-                                                     decoder is not None)
-        except GeneratorExit:
-            # The consumer stopped at an event: the cache and `tokens` agree; keep them.
-            self.release(tokens, cache, key)
-            raise
-        mx.synchronize()
-        self.release(req.kept_tokens(tokens, reason), cache, key)
-        self.history.remember(prompt[-2:], req.generated, req.parser.done)
-        completion = req.finish(reason)
-        yield from req.parser.drain()
-        yield Event("done", completion=completion)
-
-    def _decode(self, req: Request, cache, tokens, step, compiled: bool = False):
-        """Sample up to `req.limit` tokens after the prompt, appending to `tokens` each one fed
-        to the model (the pipeline feeds a token before it is read; the last one of the limit
-        is never fed); returns the stop reason. `compiled`: `step` runs the compiled decoder,
-        so `cache` (prefilled on mlx-lm's caches) holds the decoder's caches from the first
-        step on, and mlx-lm's again for each snapshot and when this returns or is closed."""
-        import mlx.core as mx
-        from mlx_lm.generate import generation_stream
-
-        from oss_mlx.model.decode import to_decoder, to_mlx_lm
-
-        prompt = req.prompt
-        with mx.stream(generation_stream):
-            y = req.sampler(req.history, self._last_logits(prompt, cache))
-            if compiled:
-                cache[:] = to_decoder(cache, self.max_context)  # in place: keeps its snapshots
-        tokens.append(prompt[-1])
-        mx.async_eval(y)
-        try:
-            return (yield from self._sample_loop(req, cache, tokens, step, y, compiled))
-        finally:
-            if compiled:
-                cache[:] = to_mlx_lm(cache)  # what the prompt cache keeps
-
-    def _snapshot_decoding(self, cache: list, pos: int, compiled: bool):
-        """A snapshot while decoding; the prompt cache snapshots mlx-lm's rotating caches."""
-        from oss_mlx.model.decode import to_decoder, to_mlx_lm
-
-        if compiled:
-            cache[:] = to_mlx_lm(cache)
-        self.snapshot(cache, pos)
-        if compiled:
-            cache[:] = to_decoder(cache, self.max_context)  # the same arrays back: no data moves
-
-    def _sample_loop(self, req: Request, cache, tokens, step, y, compiled):
-        import mlx.core as mx
-
-        n = 0
-        while True:
-            # Queue the next step before reading this token, so the device never waits.
-            fed = n + 1 < req.limit
-            if fed:
-                next_y = step(y)
-                mx.async_eval(next_y)
-            tok = int(y.item())
-            n += 1
-            if fed:
-                tokens.append(tok)
-                if tok == END:  # a message boundary: a later prompt may branch here
-                    self._snapshot_decoding(cache, len(tokens), compiled)
-            reason = req.emit(tok)
-            yield from req.parser.drain()
-            reason = req.stop_reason(reason)
-            if reason is not None:
-                return reason
-            if n % 256 == 0:
-                mx.clear_cache()
-            y = next_y
+        loop = self.make_loop(1)
+        with wired_limit(self.model, [generation_stream]):
+            loop.add(job)
+            try:
+                while loop.busy:
+                    loop.step()
+                    yield from job.take()
+            except GeneratorExit:
+                # The consumer stopped at an event: the caches and the tokens agree; keep them.
+                loop.close()
+                raise
 
 
-def _chunk_plan(prompt: list[int], start: int, end: int, chunk: int) -> list[tuple[int, bool]]:
-    """Where prefill chunks of prompt[start:end] end, and whether to snapshot there: at most
-    `chunk` tokens each, also ending after every message closer (a later prompt may branch at a
-    message boundary: a dropped analysis, an edited turn) and at `end`."""
-    cuts = {p + 1 for p in range(start, end) if prompt[p] in CLOSERS}
-    if start == 0:
-        # The first chunk into an empty cache leaves its rotating layers holding all of it,
-        # so its snapshot serves every boundary inside it (PromptCache: complete snapshots).
-        first = min(chunk, end)
-        cuts = {c for c in cuts if c > first} | {first}
-    plan, pos = [], start
-    for b in sorted(cuts | {end}):
-        while b - pos > chunk:
-            pos += chunk
-            plan.append((pos, False))
-        if b > pos:
-            plan.append((b, True))
-            pos = b
-    return plan
+class StreamJob:
+    """A request of `Engine.stream`: the loop puts its events here, the stream yields them."""
+
+    def __init__(self, prompt, params, cancel, key, progress, t0):
+        self.conversation, self.params, self.cancel, self.key = prompt, params, cancel, key
+        self.progress, self.t0 = progress, t0
+        self.items: list = []
+
+    def put(self, item):
+        self.items.append(item)
+
+    def take(self) -> list:
+        items, self.items = self.items, []
+        return items
+
+
+def _next_cut(closers: list[int], pos: int, end: int, chunk: int,
+              whole: int = 0) -> tuple[int, bool]:
+    """Where the prefill chunk starting at `pos` ends, and whether to snapshot there: at most
+    `chunk` tokens, ending early after a message closer (a later prompt may branch at a message
+    boundary: a dropped analysis, an edited turn), and at `end`. While the prompt's first
+    `whole` tokens are prefilled from an empty cache, chunks take no early end: the rotating
+    layers' first write holds all of it, and the engine extends that `complete` snapshot chunk
+    by chunk (Engine._extend_whole), which serves every boundary inside (PromptCache)."""
+    if pos < whole:
+        return min(pos + chunk, end, whole), True
+    limit = min(pos + chunk, end)
+    i = bisect.bisect_right(closers, pos)
+    if i < len(closers) and closers[i] <= limit:
+        return closers[i], True
+    return limit, limit == end

@@ -92,6 +92,19 @@ class KVAdapter:
         new.offset = new._idx = n
         return new
 
+    def extend(self, whole, c, n: int):
+        """A `holds_all` copy of a rotating layer: `whole` (one, holding positions 0..k-1)
+        followed by the n positions the last write added to `c`, the same layer after one more
+        multi-token write of those n (mlx-lm keeps a write's tokens last, in order)."""
+        import mlx.core as mx
+
+        new = self.copy(whole)
+        new.keys = mx.concatenate([whole.keys, c.keys[..., c._idx - n : c._idx, :]], axis=2)
+        new.values = mx.concatenate([whole.values, c.values[..., c._idx - n : c._idx, :]],
+                                    axis=2)
+        new.offset = new._idx = whole.offset + n
+        return new
+
     @staticmethod
     def arrays(c) -> list:
         import mlx.core as mx

@@ -1,6 +1,6 @@
 """One request in flight: its token limit, its sampler, its harmony parser, its stop handling and
-its figures. The engine's single-request path and the batcher both drive a `Request`, so a
-request ends, counts and reports the same way whichever runs it.
+its figures: what the request loop (engine/loop.py) keeps of each row, so a request ends,
+counts and reports the same way alone or beside others.
 
     req = Request.start(prompt, params, encoding, max_context, cached=n, cancel=event)
     reason = req.emit(token)                # each sampled token: None, or why the turn ends
@@ -83,7 +83,7 @@ class Request:
         if not self.parser.tokens:
             self.t_first = time.perf_counter()
             self.stats.ttft_s = self.t_first - self.t0
-            prefilled = self.stats.prompt_tokens - self.stats.cached_tokens
+            prefilled = self.stats.prefilled_tokens
             self.stats.prefill_tps = prefilled / max(self.t_first - self.t_prefill, 1e-9)
         reason = self.parser.feed(tok)
         if reason is None and len(self.parser.tokens) >= self.limit:

@@ -6,13 +6,15 @@
         ...
     scheduler.close()
 
-Requests wait in a FIFO queue. With max_concurrency 1 the worker runs them one at a time through
-Engine.stream. With more, up to max_concurrency requests are in flight at once in an
-oss_mlx.batch.Batcher: they decode together in one batched model step, a newcomer's prefill is
-interleaved chunk by chunk, and the rest wait their turn in arrival order. Either way a job's
-events travel from the worker to the request's event loop through an asyncio queue (streaming
-never blocks the loop), and a client that goes away sets the job's cancel event: a queued job is
-never run, a running one stops before its next token.
+Requests wait in a FIFO queue. The worker runs them through the engine's request loop
+(oss_mlx/engine/loop.py, the same loop `Engine.stream` runs a lone request through): up to
+max_concurrency requests are in flight at once and decode together in one step (the compiled
+step when the model has one), a newcomer's prefill is interleaved chunk by chunk, and the rest
+wait their turn in arrival order. With max_concurrency 1 they run one at a time, each through
+`Engine.stream` (the same loop with one row; an engine that wraps `stream` sees every request). A job's events
+travel from the worker to the request's event loop through an asyncio queue (streaming never
+blocks the loop), and a client that goes away sets the job's cancel event: a queued job is never
+run, a running one stops before its next token (or its next prefill chunk).
 """
 
 from __future__ import annotations
@@ -101,11 +103,13 @@ class Scheduler:
 
     def _run(self):
         try:
-            self._run_serial() if self.max_concurrency == 1 else self._run_batched()
+            self._run_serial() if self.max_concurrency == 1 else self._run_loop()
         finally:
             release_streams()
 
     def _run_serial(self):
+        """One at a time: each job through `engine.stream` (the same loop, with one row), so
+        an engine that wraps `stream` (a tool runner, the tests' doubles) sees every request."""
         while (job := self._next(block=True)) is not None:
             self._running.add(job)
             try:
@@ -117,47 +121,51 @@ class Scheduler:
                 self._running.discard(job)
             job.put(_END)
 
-    def _admit(self, batcher, block: bool) -> bool:
-        """Move queued jobs into the batcher while it has room; False once close() was called."""
-        while len(batcher) < self.max_concurrency:
-            job = self._next(block=block and not batcher.busy)
-            if job is False:
-                return True
-            if job is None:
-                return False
-            try:
-                batcher.add(job)
-            except Exception as e:  # noqa: BLE001 - e.g. a prompt too long: that request only
-                job.put(e)
-                job.put(_END)
-                continue
-            self._running.add(job)
-        return True
-
-    def _run_batched(self):
+    def _run_loop(self):
         from mlx_lm.generate import generation_stream, wired_limit
 
-        from oss_mlx.engine.batch import Batcher
-
-        batcher = Batcher(self.engine)
-        open_ = True
+        loop = self.engine.make_loop(self.max_concurrency)
         with wired_limit(self.engine.model, [generation_stream]):
-            while open_ or batcher.busy:
-                if open_:
-                    open_ = self._admit(batcher, block=True)
-                if not open_:
-                    for job in self._running:
-                        job.cancel.set()
-                if not batcher.busy:
-                    continue
-                try:
-                    finished = batcher.step()
-                except Exception as e:  # noqa: BLE001 - the requests in flight fail, not the server
-                    log.error("batched step failed: %s: %s", type(e).__name__, e)
-                    finished = batcher.abort(e)
-                for job in finished:
-                    self._running.discard(job)
-                    job.put(_END)
+            while (job := self._next(block=True)) is not None:
+                with self.engine._lock:  # the model is this loop's until it is idle
+                    if not self._serve(loop, job):
+                        break
+
+    def _serve(self, loop, first: Job) -> bool:
+        """Run the loop from `first` until it is idle, admitting queued jobs while it has
+        room; False once close() was called (the jobs in flight are cancelled and finish)."""
+        open_ = self._admit(loop, first)
+        while loop.busy:
+            while open_ and len(loop) < self.max_concurrency:
+                job = self._next(block=False)
+                if job is False:
+                    break
+                open_ = self._admit(loop, job)
+            if not open_:
+                for job in self._running:
+                    job.cancel.set()
+            try:
+                finished = loop.step()
+            except Exception as e:  # noqa: BLE001 - the requests in flight fail, not the server
+                log.error("step failed: %s: %s", type(e).__name__, e)
+                finished = loop.abort(e)
+            for job in finished:
+                self._running.discard(job)
+                job.put(_END)
+        return open_
+
+    def _admit(self, loop, job) -> bool:
+        """Add a job to the loop; False when it is close()'s None."""
+        if job is None:
+            return False
+        try:
+            loop.add(job)
+        except Exception as e:  # noqa: BLE001 - e.g. a prompt too long: that request only
+            job.put(e)
+            job.put(_END)
+            return True
+        self._running.add(job)
+        return True
 
 
 async def events(job: Job):

@@ -43,11 +43,14 @@ class SamplingParams:
 
 @dataclass
 class Stats:
-    """Figures for one request. prefill_tps counts only the tokens actually prefilled
-    (prompt_tokens - cached_tokens); ttft_s runs from the request to the first sampled token."""
+    """Figures for one request. cached_tokens: the prompt's tokens the prompt cache held;
+    prefilled_tokens: those computed (prompt_tokens - cached_tokens, fewer when cancelled during
+    the prefill); prefill_tps counts only those; ttft_s runs from the request to the first
+    sampled token."""
 
     prompt_tokens: int = 0
     cached_tokens: int = 0
+    prefilled_tokens: int = 0
     generated_tokens: int = 0
     ttft_s: float = 0.0
     prefill_tps: float = 0.0

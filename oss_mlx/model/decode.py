@@ -336,12 +336,21 @@ class Decoder:
         kv = [(c.keys, c.values) for c in cache]
         for c in cache:  # the step's outputs replace the buffers: let MLX update them in place
             c.keys = c.values = None
-        logits, new_kv = self._step(tokens, mx.array(offset, dtype=mx.int32), kv)
+        logits, new_kv = self.rows(tokens, [offset] * tokens.shape[0], kv)
         del kv
         for c, (k, v) in zip(cache, new_kv):
             c.keys, c.values = k, v
             c.offset += 1
         return logits
+
+    def rows(self, tokens, offsets: list[int], kv: list) -> tuple[mx.array, list]:
+        """The step for B rows at their own positions: tokens [B, 1], row b's token written at
+        position offsets[b]; kv: per layer (keys, values) buffers [B, n_kv, C, D], a full
+        layer's C on the grid (positions 0..C-1) and past every offset, a sliding layer's the
+        window (position p in slot p % window). Returns (logits [B, V], the new buffers); the
+        caller drops its references to `kv` first, so MLX writes them in place. Traced once
+        per (B, buffer shapes)."""
+        return self._step(tokens, mx.array(offsets, dtype=mx.int32), kv)
 
     def _like(self, B: int):
         a = self.model.layers[0].attention
@@ -349,24 +358,34 @@ class Decoder:
         z = mx.zeros((B, a.n_kv, 0, a.head_dim), dt)
         return z, z
 
-    def _forward(self, tokens, offset, kv):
+    def _forward(self, tokens, offsets, kv):
         self.traces += 1
         m = self.model
+        B = tokens.shape[0]
         x = m.embedding(tokens).astype(mx.float32)
-        pos = offset.reshape(1)
+        # One row: a scalar position for RoPE and one dynamic slice write (the single stream's
+        # kernels); several: RoPE at a vector of positions and one scatter per buffer.
+        rope_at = offsets.reshape(()) if B == 1 else offsets
         masks, new_kv = {}, []
         for layer, (k_buf, v_buf), sliding in zip(m.layers, kv, m._sliding):
             C = k_buf.shape[2]
             if C not in masks:  # slots 0..offset written (a ring of C: all, once offset >= C)
                 # Additive, in the keys' dtype: on the CPU backend attention under a boolean
                 # mask ran ~15% slower than under the same mask added (32k keys).
-                open_ = (mx.arange(C) <= offset).reshape(1, 1, 1, C)
+                open_ = mx.arange(C).reshape(1, 1, 1, C) <= offsets.reshape(B, 1, 1, 1)
                 masks[C] = mx.where(open_, 0.0, -mx.inf).astype(k_buf.dtype)
-            slot = pos % C if sliding else pos
+            slot = offsets % C if sliding else offsets
             att = layer.attention
-            q, k, v = att.qkv_rope(x, offset, m._periods)
-            k_buf = mx.slice_update(k_buf, k, slot, axes=(2,))
-            v_buf = mx.slice_update(v_buf, v, slot, axes=(2,))
+            q, k, v = att.qkv_rope(x, rope_at, m._periods)
+            k_buf, v_buf = _write(k_buf, k, slot), _write(v_buf, v, slot)
             x = layer.mlp(att.attend(x, q, k_buf, v_buf, masks[C]))
             new_kv.append((k_buf, v_buf))
         return m.unembedding(m.norm(x)).squeeze(1), new_kv  # (x[:, -1] would be a gather)
+
+
+def _write(buf, new, slots):
+    """buf [B, H, C, D] with row b's new [b, H, 1, D] at position slots[b]."""
+    if buf.shape[0] == 1:
+        return mx.slice_update(buf, new, slots, axes=(2,))
+    idx = mx.broadcast_to(slots.reshape(-1, 1, 1, 1), new.shape)
+    return mx.put_along_axis(buf, idx, new, axis=2)

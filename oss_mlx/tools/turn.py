@@ -72,14 +72,16 @@ class TurnDone:
 
 
 def run_turn(engine, conversation, toolbox: Toolbox, params=None, cancel=None,
-             max_tool_calls: int = MAX_TOOL_CALLS) -> Iterator:
-    """Yield the turn's events (engine delta/message events, ToolEvents), then a TurnDone."""
+             max_tool_calls: int = MAX_TOOL_CALLS, progress=None) -> Iterator:
+    """Yield the turn's events (engine delta/message events, ToolEvents), then a TurnDone.
+    `progress`: told of each prefill chunk (Engine.stream), when given."""
     base = list(toolbox.declare(conversation).messages)
     new: list[Message] = []
     calls, completions = 0, []
     while True:
         completion = None
-        for ev in engine.stream(Conversation.from_messages(base + new), params, cancel):
+        more = {} if progress is None else {"progress": progress}  # engines that take it
+        for ev in engine.stream(Conversation.from_messages(base + new), params, cancel, **more):
             if ev.type == "done":
                 completion = ev.completion
             else:

@@ -184,7 +184,8 @@ def test_released_caches_hold_exactly_prompt_and_completion(tiny):
 
 def test_a_follow_up_through_the_batcher_reuses_the_previous_prompt(tiny):
     """A next turn that branches after the previous prompt (as harmony's re-rendering does)
-    reuses all of it but its last token, across the wrapped window, and decodes as cold."""
+    reuses all of it, across the wrapped window (the snapshot taken once the last prompt token
+    was fed, as for a lone request), and decodes as cold."""
     model, enc = tiny
     first = prompts((20,))[0]
     engine = Engine(model, enc, prefill_chunk=4)
@@ -193,7 +194,7 @@ def test_a_follow_up_through_the_batcher_reuses_the_previous_prompt(tiny):
     follow = first + [4321, 4322, 4323]
     job = Job(follow, GREEDY)
     run(batcher, [job])
-    assert job.completion.stats.cached_tokens == len(first) - 1
+    assert job.completion.stats.cached_tokens == len(first)
     assert job.completion.tokens == alone(model, enc, follow, GREEDY).tokens
 
 

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
@@ -383,10 +384,26 @@ def test_serve_two_ranks_answers_openai_then_ends_when_rank1_dies(tiny_model):
                                                messages=[{"role": "user", "content": "Hi"}])
         assert again.choices[0].message == r.choices[0].message
         assert again.usage.completion_tokens == 6
+        # Two requests in flight at once decode as one batch on every rank (rank 0's plan
+        # says who joins and when): each gets what it got alone, and the ranks stay in step.
+        other = client.chat.completions.create(
+            model="tiny", temperature=0, max_tokens=9,
+            messages=[{"role": "user", "content": "Tell me more"}])
+        with ThreadPoolExecutor(2) as pool:
+            both = list(pool.map(lambda a: client.chat.completions.create(
+                model="tiny", temperature=0, max_tokens=a[1],
+                messages=[{"role": "user", "content": a[0]}]), [("Hi", 6), ("Tell me more", 9)]))
+        assert [b.choices[0].message for b in both] == [r.choices[0].message,
+                                                         other.choices[0].message]
+        assert [b.usage.completion_tokens for b in both] == [6, 9]
+        assert "one at a time" not in err.text  # a launch once served them one by one
         # Idle (no request in flight): rank 1 dies, mlx.launch SIGTERMs rank 0, whose exit
         # hook's STOP meets the lost peer. (That hook once ran on the main thread after serve
         # had released its MLX streams: "There is no Stream(cpu, 1) in current thread".)
         assert_ends_naming_rank1(p, err)
+    except BaseException:
+        print("STDERR>>>", err.text, "<<<")
+        raise
     finally:
         end_launch(p)
 

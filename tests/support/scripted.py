@@ -234,11 +234,11 @@ def engine_from_env(model_dir):
     index, _, fifo = pause.partition(":") if pause else (None, None, None)
 
     class LoggedEngine(Engine):
-        def stream(self, conversation, params=None, cancel=None):
+        def stream(self, conversation, params=None, cancel=None, **kw):
             if log:
                 with open(log, "a") as f:
                     f.write(json.dumps(self.encoding.decode(self.render(conversation))) + "\n")
-            return super().stream(conversation, params, cancel)
+            return super().stream(conversation, params, cancel, **kw)
 
     if "SCRIPTED_REPLIES" not in os.environ:
         engine = Engine.load(model_dir)

@@ -140,7 +140,8 @@ class Chat:
         completion, streamed = None, {"final": "", "analysis": "", "visible": False}
         previous = signal.signal(signal.SIGINT, on_sigint)
         try:
-            for ev in self.tools.stream(self.engine, conversation, self.params(), cancel):
+            for ev in self.tools.stream(self.engine, conversation, self.params(), cancel,
+                                        progress=self.view.progress):
                 if ev.type == "delta":
                     section = section_of(ev.channel, ev.recipient)
                     streamed["visible"] = streamed["visible"] or section is not None
@@ -214,7 +215,7 @@ class Chat:
         self.totals["turns"] += 1
         self.totals["generated"] += stats.generated_tokens
         self.totals["cached"] += stats.cached_tokens
-        self.totals["prefilled"] += stats.prompt_tokens - stats.cached_tokens
+        self.totals["prefilled"] += stats.prefilled_tokens
         text, frac = footer_text(stats, self.max_context)
         self.view.footer(text)
         stop = completion.stop_reason
@@ -349,7 +350,8 @@ class Chat:
         used = st.prompt_tokens + st.generated_tokens
         v.info(f"last answer: prompt tokens {st.prompt_tokens:,}, cached tokens "
                f"{st.cached_tokens:,}, generated tokens {st.generated_tokens:,}")
-        v.info(f"  time to first token {st.ttft_s:.2f} s · prefill {st.prefill_tps:.1f} tok/s · "
+        v.info(f"  time to first token {st.ttft_s:.2f} s · {st.prefilled_tokens:,} prompt tokens "
+               f"read at {st.prefill_tps:.1f} tok/s · "
                f"decode {st.decode_tps:.1f} tok/s · peak memory "
                f"{st.peak_memory_bytes / 2**30:.2f} GiB")
         v.info(f"context used: {used:,} of {self.max_context:,} "

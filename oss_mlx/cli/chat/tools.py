@@ -120,14 +120,14 @@ class ChatTools:
 
     # ---- a turn ----
 
-    def stream(self, engine, conversation, params, cancel):
+    def stream(self, engine, conversation, params, cancel, progress=None):
         """The turn's events, as engine.stream gives them; with tools on, the built-in calls
         are run and shown here, and citations in the answer become links
         (cli/tools.turn_events)."""
         self._running, self.shown = None, False
         try:
             yield from cli_tools.turn_events(engine, conversation, params, cancel,
-                                             self.toolbox(), self._show)
+                                             self.toolbox(), self._show, progress)
         finally:
             self._stop_status()
             if self._running == "python" and self.python is not None:

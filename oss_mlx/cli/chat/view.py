@@ -18,7 +18,10 @@ def footer_text(stats, max_context: int) -> tuple[str, float]:
     parts.append(f"context {used:,}/{max_context:,} ({100 * frac:.0f}%)")
     if stats.cached_tokens:
         parts.append(f"{stats.cached_tokens:,} cached")
+    if stats.prefilled_tokens and stats.cached_tokens:
+        parts.append(f"{stats.prefilled_tokens:,} read")
     return " · ".join(parts), frac
+
 
 
 class TerminalView:
@@ -52,9 +55,30 @@ class TerminalView:
 
     # a turn
     def start(self):
+        from oss_mlx.cli.output import LongPrefill
+
         self.section, self.text, self.thinking_tokens = None, "", 0
+        self.status, self.long = None, LongPrefill()
+
+    def progress(self, read: int, total: int, tps: float):
+        """A status line while a long prompt is read (the engine's prefill), until the turn's
+        first text."""
+        if not self.long.due():
+            return
+        text = self.long.text(read, total, tps)
+        if self.status is None:
+            self.status = self.console.status(text, spinner="dots")
+            self.status.start()
+        else:
+            self.status.update(text)
+
+    def _end_status(self):
+        if getattr(self, "status", None) is not None:
+            self.status.stop()
+            self.status = None
 
     def delta(self, channel: str | None, recipient: str | None, text: str):
+        self._end_status()
         kind = section_of(channel, recipient)
         if kind is None:
             return  # a channel harmony does not have: shown nowhere
@@ -71,6 +95,7 @@ class TerminalView:
         self.text += text  # the answer's Live reads it at each refresh (see _open)
 
     def finish(self, interrupted: bool = False):
+        self._end_status()
         self._close(interrupted)
 
     def _open(self, kind, recipient):
@@ -185,6 +210,9 @@ class PipeView:
 
     def start(self):
         self.section = None
+
+    def progress(self, read: int, total: int, tps: float):
+        pass  # a pipe gets the answer only
 
     def delta(self, channel, recipient, text):
         kind = section_of(channel, recipient)
