@@ -31,7 +31,7 @@ from oss_mlx.defaults import MAX_SNAPSHOTS, PREFILL_CHUNK, parse_size, DISK_CACH
 from oss_mlx.engine.pace import PrefillPace
 from oss_mlx.engine.types import Completion, Event, SamplingParams
 from oss_mlx.errors import OssMlxError
-from oss_mlx.harmony.encoding import CLOSERS, END, load_encoding
+from oss_mlx.harmony.encoding import CLOSERS, load_encoding
 
 
 # ---- the engine -----------------------------------------------------------------------------

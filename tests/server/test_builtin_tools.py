@@ -10,7 +10,6 @@ model is shown; the scripted replies themselves.
 from __future__ import annotations
 
 import datetime
-import json
 import logging
 
 import httpx

@@ -4,7 +4,6 @@ issue 22 is refused and comes back as the tool's text, and the session keeps its
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import tempfile
 import threading
