@@ -78,6 +78,18 @@ SHELL = [(section, cmds) for section, lang, text in fenced(README) if lang in ("
 # ---- the environment: a store, a Hugging Face cache and an `oss-mlx` that keeps answers short
 
 
+def dev_only() -> set[str]:
+    """The import names of what only the dev extra installs: neither a dependency of
+    `pip install .` nor of another extra (pyproject.toml)."""
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    name = lambda req: re.split(r"[<>=!~;\[ ]", req, maxsplit=1)[0].lower().replace("-", "_")  # noqa: E731
+    extras = project["optional-dependencies"]
+    others = {name(r) for k, reqs in extras.items() if k != "dev" for r in reqs}
+    return {name(r) for r in extras["dev"]} - {name(r) for r in project["dependencies"]} - others
+
+
 WRAPPER = '''#!{python}
 """`oss-mlx` for README's commands on a CPU test machine (tests/test_readme.py), as installed by
 `pip install .`: the packages only the dev extra brings cannot be imported."""
@@ -86,7 +98,7 @@ import sys
 
 class DevOnly:
     def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in {{"httpx", "openai", "pytest", "pexpect", "jsonschema"}}:
+        if name.split(".")[0] in {dev_only!r}:
             raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
 
 
@@ -128,7 +140,7 @@ def world(tiny_hf, tmp_path_factory):
         fake_hub(root / "hub", repo, tiny_hf)
     bin_dir = root / "bin"
     bin_dir.mkdir()
-    (bin_dir / "oss-mlx").write_text(WRAPPER.format(python=sys.executable))
+    (bin_dir / "oss-mlx").write_text(WRAPPER.format(python=sys.executable, dev_only=dev_only()))
     (bin_dir / "oss-mlx").chmod(0o755)
     work = root / "work"
     work.mkdir()
@@ -213,6 +225,7 @@ def _has_option(command: str, option: str) -> bool:
     return any(option in a.option_strings for a in parsers[command]._actions)
 
 
+@pytest.mark.subprocess
 @pytest.mark.slow
 @pytest.mark.parametrize("section, lines", SHELL, ids=[f"{i}-{s}" for i, (s, _) in enumerate(SHELL)])
 def test_readme_commands_run_as_shown(section, lines, world):
@@ -264,6 +277,7 @@ def test_readme_shows_the_three_client_configs():
 @pytest.mark.slow
 @pytest.mark.parametrize("page, section, lang, text", CLIENTS,
                          ids=[f"{p.name}-{lang}" for p, _, lang, _ in CLIENTS])
+@pytest.mark.subprocess
 def test_client_examples_work_against_the_demo_server(page, section, lang, text, demo_server,
                                                        world):
     """Unchanged but for the port: the demo answers under the name the examples use."""

@@ -186,10 +186,12 @@ class Progress:
         self.stream.flush()
 
     def clear(self):
+        """The prompt is read; the next prefill (after a built-in tool's call) starts afresh."""
         if self.shown and self.tty:
             self.stream.write("\r\x1b[K")
             self.stream.flush()
-        self.shown = False
+        self.shown, self.tenth = False, 0
+        self.long.reset()
 
 
 def _print_stats(s) -> None:

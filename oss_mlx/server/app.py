@@ -292,7 +292,7 @@ class StoppingServer(uvicorn.Server):
     def handle_exit(self, sig, frame):
         import signal
 
-        from oss_mlx.engine.distributed import ending
+        from oss_mlx.engine.link import ending
 
         if sig == signal.SIGTERM:  # mlx.launch ending the session: a peer may no longer answer
             ending()

@@ -44,6 +44,7 @@ def system(*tools):
     return content
 
 
+@pytest.mark.subprocess
 @needs_sandbox
 def test_python_in_a_piped_chat(monkeypatch, capsys, encoding, scripted_dir):
     turn2 = ["<|channel|>analysis to=python code<|message|>print(x * 2)<|call|>",
@@ -176,6 +177,7 @@ def finish(child):
     assert child.exitstatus == 0 and "Traceback" not in (child.before or "")
 
 
+@pytest.mark.subprocess
 @needs_sandbox
 def test_tty_python_session(scripted_dir, tmp_path):
     endless = ("<|channel|>analysis to=python code<|message|>while True:\n    pass<|call|>")
@@ -205,6 +207,7 @@ def test_tty_python_session(scripted_dir, tmp_path):
     finish(child)
 
 
+@pytest.mark.subprocess
 @needs_sandbox
 def test_tty_a_cell_that_ignores_ctrl_c(scripted_dir, tmp_path):
     """A cell that ignores the interrupt is ended (2 s later), the model is told its session
@@ -227,6 +230,7 @@ def test_tty_a_cell_that_ignores_ctrl_c(scripted_dir, tmp_path):
     finish(child)
 
 
+@pytest.mark.subprocess
 def test_tty_browser_citation_is_a_link(scripted_dir, tmp_path):
     notes = write_notes(tmp_path)
     child = spawn(tmp_path, BROWSE_TURN, "--model", str(scripted_dir), "--browse", str(notes))
@@ -241,6 +245,7 @@ def test_tty_browser_citation_is_a_link(scripted_dir, tmp_path):
     finish(child)
 
 
+@pytest.mark.subprocess
 @needs_sandbox
 def test_a_chat_cut_inside_a_call_restarts_python(monkeypatch, capsys, encoding, scripted_dir):
     """A KeyboardInterrupt inside a call (a third Ctrl-C, while the cell ignores the first two):

@@ -186,6 +186,7 @@ sys.exit(main())
 """
 
 
+@pytest.mark.subprocess
 def test_ctrl_c_while_importing_is_one_line(tmp_path):
     for argv in (["convert", "x"], ["bench", "--help"]):
         r = subprocess.run([sys.executable, "-c", INTERRUPT_AT_IMPORT, *argv],
@@ -320,6 +321,7 @@ sys.exit(main(sys.argv[2:]))
 DEV_ONLY = "httpx,openai,pytest,pexpect,jsonschema,matplotlib"
 
 
+@pytest.mark.subprocess
 def test_bench_serve_needs_no_extra(tiny_model, tmp_path):
     """`bench --serve` on a user install: its clients are the standard library's http.client;
     its table, piped, is whole lines."""
@@ -339,6 +341,7 @@ def test_bench_serve_needs_no_extra(tiny_model, tmp_path):
 # ---- item 9: piped output is plain, whole lines -----------------------------------------------
 
 
+@pytest.mark.subprocess
 def test_piped_list_is_whole_lines(tmp_path):
     home = tmp_path / ("a-store-whose-path-is-longer-than-eighty-columns-" * 2)
     fake_model(home / "models" / "gpt-oss-20b-with-a-long-name-q8")
@@ -426,6 +429,7 @@ def test_help_says_every_default_and_placeholders_agree():
         assert "narrow (the 20b's" in text, name
 
 
+@pytest.mark.subprocess
 def test_top_level_help_has_examples_and_points_at_the_demo():
     r = run_cli(["--help"])
     assert r.returncode == 0
@@ -455,7 +459,7 @@ def test_generate_system_is_the_developer_instructions(encoding, scripted_dir, c
     seen = []
 
     class Recording(Engine):
-        def stream(self, conversation, params=None, cancel=None):
+        def stream(self, conversation, params=None, cancel=None, key=None, progress=None):
             seen.append(self.encoding.decode(self.render(conversation)))
             return super().stream(conversation, params, cancel)
 

@@ -32,6 +32,7 @@ def system(tool):
             .with_conversation_start_date(datetime.date.today().isoformat()).with_tools(tool))
 
 
+@pytest.mark.subprocess
 @needs_sandbox
 def test_python_turn(capsys, encoding, scripted_dir):
     model = ScriptedModel(*PYTHON_TURN, encoding=encoding)
@@ -46,6 +47,7 @@ def test_python_turn(capsys, encoding, scripted_dir):
                        first=first)
 
 
+@pytest.mark.subprocess
 @needs_sandbox
 def test_python_turn_as_json(capsys, encoding, scripted_dir):
     model = ScriptedModel(*PYTHON_TURN, encoding=encoding)
@@ -64,6 +66,7 @@ def test_python_turn_as_json(capsys, encoding, scripted_dir):
          "error": None}]
 
 
+@pytest.mark.subprocess
 @needs_sandbox
 def test_an_error_in_the_code_is_the_models_to_read(capsys, encoding, scripted_dir):
     model = ScriptedModel("<|channel|>analysis to=python code<|message|>1/0<|call|>",

@@ -157,6 +157,7 @@ def expected_bytes(folder, n: int, rank: int) -> int:
 
 @pytest.mark.parametrize("n,moe,fixture", [(2, "tp", "tiny_model"), (4, "tp", "tiny4_model"),
                                            (2, "ep", "tiny4_model")])
+@pytest.mark.subprocess
 def test_sharded_matches_single_process(n, moe, fixture, request, tmp_path):
     folder = request.getfixturevalue(fixture)
     out, err = run_launch(n, [str(SUPPORT / "dist_worker.py"), str(folder), str(tmp_path), moe])
@@ -173,6 +174,7 @@ def test_sharded_matches_single_process(n, moe, fixture, request, tmp_path):
             assert rep["bytes_read"] == expected_bytes(folder, n, rep["rank"])
 
 
+@pytest.mark.subprocess
 @pytest.mark.slow
 @pytest.mark.parametrize("kv_bits", [8, 4])
 def test_generate_json_tokens_two_ranks_kv_bits(tiny_model, kv_bits):
@@ -255,6 +257,7 @@ def test_rank_plan_is_what_the_sharded_load_holds(tiny_model, moe, kv_bits):
         assert abs(plan.kv * n - single_plan.kv) <= n  # the plan's int() of each share
 
 
+@pytest.mark.subprocess
 @pytest.mark.slow
 def test_rank_that_does_not_fit_ends_every_rank(uneven_model):
     """A limit between the two ranks' plans: rank 0 refuses with its own figures, rank 1 ends
@@ -361,6 +364,7 @@ def openai_client(port):
     return OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=60)
 
 
+@pytest.mark.subprocess
 @pytest.mark.slow
 def test_serve_two_ranks_answers_openai_then_ends_when_rank1_dies(tiny_model):
     p, port, out, err = serve_two_ranks(tiny_model)
@@ -432,6 +436,7 @@ def assert_ends_naming_rank1(p, err, within: float = 30):
     assert "ERROR" not in err.text, err.text  # e.g. uvicorn's graceful-shutdown timeout
 
 
+@pytest.mark.subprocess
 @pytest.mark.slow
 def test_serve_two_ranks_ends_when_rank1_dies_mid_request(tiny_model):
     from openai import APIConnectionError
@@ -455,6 +460,7 @@ def test_serve_two_ranks_ends_when_rank1_dies_mid_request(tiny_model):
         end_launch(p)
 
 
+@pytest.mark.subprocess
 def test_stopped_rank_ends_rank0_within_the_timeout(tiny_model):
     p, port, out, err = serve_two_ranks(tiny_model, env={"OSS_MLX_RANK_TIMEOUT": "3"})
     pids = rank_pids(p)
@@ -476,6 +482,7 @@ def test_stopped_rank_ends_rank0_within_the_timeout(tiny_model):
         end_launch(p, pids)
 
 
+@pytest.mark.subprocess
 def test_bench_two_ranks_reports_communication(tiny_model, tmp_path):
     from oss_mlx.store import read_model_config
 

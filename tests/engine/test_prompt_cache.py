@@ -258,6 +258,7 @@ def test_saved_conversation_resumes_without_prefill(tiny, tmp_path):
     assert other.cached_tokens == []
 
 
+@pytest.mark.subprocess
 def test_chat_save_and_load_resume_the_kv_state(tiny_model, tmp_path):
     """`oss-mlx chat` through a pipe: /save writes the conversation and its KV state beside it;
     a second chat process /loads both and its first turn reuses the whole conversation."""

@@ -71,6 +71,7 @@ def system(tool):
             .with_conversation_start_date(datetime.date.today().isoformat()).with_tools(tool))
 
 
+@pytest.mark.subprocess
 @needs_sandbox
 def test_code_interpreter_runs_here(client, srv, encoding):
     for reply in PYTHON_TURN:
@@ -102,6 +103,7 @@ def test_code_interpreter_runs_here(client, srv, encoding):
     assert r2.output[0].container_id == calls[0].container_id
 
 
+@pytest.mark.subprocess
 @needs_sandbox
 def test_code_interpreter_streams_the_openai_events(srv):
     for reply in PYTHON_TURN:
@@ -132,6 +134,7 @@ def test_code_interpreter_streams_the_openai_events(srv):
     assert [e["sequence_number"] for e in events] == list(range(len(events)))
 
 
+@pytest.mark.subprocess
 @needs_sandbox
 def test_a_stateless_client_sends_the_calls_back(client, srv, encoding):
     """store=false and the whole output sent back as input (as Codex does): the calls and
@@ -246,6 +249,7 @@ def test_without_the_flag_the_log_says_how_to_enable(caplog):
 # ---- sessions: one per conversation, a cap on live workers, an idle timeout ------------------
 
 
+@pytest.mark.subprocess
 @needs_sandbox
 def test_live_workers_are_capped_and_idle_ones_closed(tmp_path):
     tools = BuiltinTools(python=True, max_sessions=1, idle_s=60)
@@ -268,6 +272,7 @@ def test_live_workers_are_capped_and_idle_ones_closed(tmp_path):
         tools.close()
 
 
+@pytest.mark.subprocess
 @needs_sandbox
 def test_a_busy_server_tells_the_model(client, srv, encoding):
     held = [srv.tools.acquire([f"held-{i}"]) for i in range(2)]
@@ -287,6 +292,7 @@ def test_a_busy_server_tells_the_model(client, srv, encoding):
 # ---- the command ------------------------------------------------------------------------------
 
 
+@pytest.mark.subprocess
 @needs_sandbox
 def test_the_serve_command(tmp_path, notes):
     """`serve --builtin-tools python --browse FOLDER` (tests/support/serve_scripted.py: the real

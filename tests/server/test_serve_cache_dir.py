@@ -57,6 +57,7 @@ def files(folder) -> list:
     return sorted(folder.rglob("*.safetensors"))
 
 
+@pytest.mark.subprocess
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_cache_dir_survives_a_signal_and_restart(tmp_path, sig):
@@ -76,6 +77,7 @@ def test_cache_dir_survives_a_signal_and_restart(tmp_path, sig):
     assert files(folder)
 
 
+@pytest.mark.subprocess
 @pytest.mark.slow
 def test_a_conversation_continued_after_a_restart_is_written_at_the_next_stop(tmp_path):
     """The entry restored from disk (its sliding-window snapshots read lazily by the engine's
@@ -109,6 +111,7 @@ def session(first_message: str) -> dict:
                      {"role": "user", "content": first_message}]}
 
 
+@pytest.mark.subprocess
 @pytest.mark.slow
 def test_the_next_session_starts_warm_from_the_default_folder(tmp_path):
     """No --cache-dir: the cache is kept under $OSS_MLX_HOME/prompt-cache/<model>; after a

@@ -101,6 +101,7 @@ def test_a_stream_that_fails_says_why_at_warning(srv):
     assert "generation failed: RuntimeError: the device went away" in line["rest"]
 
 
+@pytest.mark.subprocess
 @pytest.mark.slow
 def test_serve_log_level_and_max_body(tmp_path):
     """The real command: at info each request has its line on stderr (a body over --max-body

@@ -702,6 +702,7 @@ def test_tiny_model_end_to_end(tiny_model):
 # ---- the command ------------------------------------------------------------------------------
 
 
+@pytest.mark.subprocess
 def test_serve_command_errors_are_one_line(tmp_path):
     import subprocess
     import sys

@@ -101,6 +101,7 @@ def one_request(url: str, client: int, i: int) -> dict:
     return seen
 
 
+@pytest.mark.subprocess
 @pytest.mark.slow
 def test_sixteen_streaming_clients(server):
     t0 = time.perf_counter()

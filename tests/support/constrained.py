@@ -68,8 +68,8 @@ class Steered(Engine):
 
     prefix: str = FINAL
 
-    def stream(self, conversation, params=None, cancel=None):
+    def stream(self, conversation, params=None, cancel=None, key=None, progress=None):
         procs = list(params.logits_processors) if params else []
         params = dataclasses.replace(params, logits_processors=[
             Forced(tokens(self.encoding, self.prefix)), *procs, short_json_bias(self.encoding)])
-        return super().stream(conversation, params, cancel)
+        return super().stream(conversation, params, cancel, key, progress)

@@ -53,9 +53,9 @@ def responsive_reply(prompt: str) -> str:
 class Responsive(Engine):
     """An engine over a ScriptedModel that queues `responsive_reply(prompt)` per request."""
 
-    def stream(self, conversation, params=None, cancel=None):
+    def stream(self, conversation, params=None, cancel=None, key=None, progress=None):
         self.model.push(responsive_reply(self.encoding.decode(conversation)))
-        yield from super().stream(conversation, params, cancel)
+        yield from super().stream(conversation, params, cancel, key, progress)
 
 
 def main(argv=None) -> int:

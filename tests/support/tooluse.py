@@ -59,12 +59,12 @@ def write_notes(folder: Path) -> Path:
 class RecordingEngine(Engine):
     """The real engine; remembers the whole prompt of each request (what it renders)."""
 
-    def stream(self, conversation, params=None, cancel=None, key=None):
+    def stream(self, conversation, params=None, cancel=None, key=None, progress=None):
         if not (isinstance(conversation, list) and conversation
                 and isinstance(conversation[0], int)):
             conversation = self.render(conversation)
         self.rendered = getattr(self, "rendered", []) + [list(conversation)]
-        return super().stream(conversation, params, cancel, key)
+        return super().stream(conversation, params, cancel, key, progress)
 
 
 def tool_tokens(enc, name: str, text: str, channel: str = "analysis") -> list[int]:

@@ -23,9 +23,9 @@ needs_sandbox = pytest.mark.skipif(not python_support().available, reason=python
 class RecordingEngine(Engine):
     """The real engine; remembers the whole prompt of each request (what it renders)."""
 
-    def stream(self, conversation, params=None, cancel=None, key=None):
+    def stream(self, conversation, params=None, cancel=None, key=None, progress=None):
         self.rendered = getattr(self, "rendered", []) + [self.render(conversation)]
-        return super().stream(conversation, params, cancel, key)
+        return super().stream(conversation, params, cancel, key, progress)
 
 
 def _tool_tokens(enc, name, text, channel):

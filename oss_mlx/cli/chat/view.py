@@ -73,6 +73,9 @@ class TerminalView:
             self.status.update(text)
 
     def _end_status(self):
+        """The prompt is read: the status line goes, and the next prefill (a built-in tool's
+        result, the next turn) is timed afresh."""
+        self.long.reset()
         if getattr(self, "status", None) is not None:
             self.status.stop()
             self.status = None

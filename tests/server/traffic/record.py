@@ -62,12 +62,12 @@ class PolicyEngine:
     def __getattr__(self, name):
         return getattr(self._engine, name)
 
-    def stream(self, conversation, params=None, cancel=None, key=None):
+    def stream(self, conversation, params=None, cancel=None, key=None, progress=None):
         tokens = conversation if isinstance(conversation, list) else self._engine.render(conversation)
         reply = choose_reply(self._model.encoding.decode(tokens), self._calls)
         self._log.append(reply)
         self._model.push(reply)
-        return self._engine.stream(conversation, params, cancel, key)
+        return self._engine.stream(conversation, params, cancel, key, progress)
 
 
 def sanitize(body):
