@@ -17,8 +17,8 @@ Reported per mode: that request's prompt and cached tokens (the server's usage),
 first token as the client sees it, and the first session's wall time.
 
     python benchmarks/agent_warm_start.py --model gpt-oss-20b --session opencode
-    python benchmarks/agent_warm_start.py --model ~/.cache/oss-mlx/bench/synth-20b-L4-seed0/mlx
-    python benchmarks/agent_warm_start.py --tiny --session opencode --requests 2   # runs?
+    python benchmarks/agent_warm_start.py --model 20b-L4      # oss-mlx synth 20b-L4-ck --preset 20b --layers 4 && oss-mlx convert 20b-L4-ck -o 20b-L4
+    python benchmarks/agent_warm_start.py --tiny --session opencode --requests 2   # a quick check
 
 `--tiny` builds the tiny random-weight preset (what `--demo` serves) once in a temporary folder:
 its figures only show that the script works.
