@@ -70,8 +70,9 @@ def start(server: str, src: Path, ours: Path) -> tuple[subprocess.Popen, str, st
                str(port), "--name", "bench", "--no-cache-dir", "--log-level", "warning"]
         model = "bench"
     else:
+        # Its prefill chunk as large as ours can grow (serve's --prefill-chunk, 512).
         cmd = [sys.executable, "-m", "mlx_lm", "server", "--model", str(src), "--port", str(port),
-               "--log-level", "WARNING"]
+               "--log-level", "WARNING", "--prefill-step-size", "512"]
         model = "default_model"  # mlx_lm.server: the model given on its command line
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
@@ -114,7 +115,7 @@ def request(http: httpx.Client, body: dict) -> dict:
 
 
 def replay(server: str, url: str, model: str, session: dict, max_tokens: int) -> list[dict]:
-    sys.path.insert(0, str(TRAFFIC))
+    sys.path[:0] = [str(TRAFFIC), str(ROOT / "tests")]
     from record import sanitize
 
     rows = []

@@ -43,8 +43,11 @@ class Steered:
 
         enc = lambda s: encoding.encode(s, allowed_special="all")  # noqa: E731
         head, la = enc("<|channel|>final<|message|>"), enc(" la")[0]
-        table = [la] * model.config.vocab_size
         assistant = enc("<|start|>assistant")[-1]
+        if max(head + [assistant]) >= model.config.vocab_size:
+            raise OssMlxError(f"--serve needs a model with harmony's vocabulary (this one has "
+                              f"{model.config.vocab_size:,} tokens, without its special tokens)")
+        table = [la] * model.config.vocab_size
         for cur, nxt in zip([assistant] + head[:-1], head):  # assistant -> <|channel|> -> ...
             table[cur] = nxt
         self.model, self.table = model, mx.array(table, dtype=mx.uint32)
