@@ -24,7 +24,7 @@ from support.scripted import ScriptedModel
 
 def oss_mlx(args, tmp_path, stdin=None, offline=True, **env_extra):
     """Run the CLI like a user with an empty HOME and no OSS_MLX_HOME, without a network.
-    TMPDIR stays this session's: MLX keeps the CPU kernels it compiles under $TMPDIR/mlx, and a
+    TMPDIR stays the test run's: MLX keeps the CPU kernels it compiles under $TMPDIR/mlx, and a
     fresh one costs a child some 25 s of compiling them again."""
     home = tmp_path / "home"
     home.mkdir(exist_ok=True)
