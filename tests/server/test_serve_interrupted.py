@@ -19,7 +19,7 @@ import openai
 import pytest
 import uvicorn
 from support.scripted import ScriptedModel
-from support.serverkit import JobLog, StrictTransport, gated
+from support.serverkit import JobLog, Ready, StrictTransport, gated
 
 from oss_mlx.engine import Engine
 from oss_mlx.server import create_app
@@ -30,14 +30,8 @@ LONG = "<|channel|>final<|message|>" + "la " * 400 + "<|return|>"
 ASK = [{"role": "user", "content": "Sing."}]
 
 
-class _Server(StoppingServer):
-    def __init__(self, config):
-        super().__init__(config)
-        self.ready = threading.Event()
-
-    async def startup(self, sockets=None):
-        await super().startup(sockets=sockets)
-        self.ready.set()
+class _Server(Ready, StoppingServer):
+    pass
 
 
 class Stopping:

@@ -26,8 +26,9 @@ from openai.types.shared import ErrorObject
 EXTRA_OK = {"reasoning_content"}
 
 
-class _Server(uvicorn.Server):
-    """uvicorn with an event set once it listens (its `started` flag has none to wait on)."""
+class Ready:
+    """A uvicorn server class with an event set once it listens (its `started` flag has none to
+    wait on): `class S(Ready, uvicorn.Server)`."""
 
     def __init__(self, config):
         super().__init__(config)
@@ -36,6 +37,10 @@ class _Server(uvicorn.Server):
     async def startup(self, sockets=None):
         await super().startup(sockets=sockets)
         self.ready.set()
+
+
+class _Server(Ready, uvicorn.Server):
+    pass
 
 
 class ServerThread:
