@@ -10,12 +10,29 @@ tools, stop strings, finish reasons, reasoning kept across tool calls): docs/ser
 
 
 import logging
+import sys
 
 from oss_mlx.cli import options, tools as cli_tools
 from oss_mlx.defaults import DEFAULT_MODEL, DEMO_MAX_TOKENS, MAX_BODY, parse_size
 
 log = logging.getLogger("oss_mlx.server")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class _Stderr(logging.StreamHandler):
+    """A handler writing to whatever sys.stderr is when a line is logged (a server run
+    in-process, as the tests do, may outlive the stream that was stderr when it started)."""
+
+    def __init__(self):
+        super().__init__()
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
 
 
 def setup_logging(level: str):
@@ -25,7 +42,7 @@ def setup_logging(level: str):
     root = logging.getLogger("oss_mlx")
     root.setLevel(level.upper())
     if not any(h.get_name() == "oss-mlx" for h in root.handlers):
-        handler = logging.StreamHandler()
+        handler = _Stderr()
         handler.set_name("oss-mlx")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s",
                                                "%Y-%m-%d %H:%M:%S"))
