@@ -141,7 +141,7 @@ class BuiltinTools:
                 session.keys.add(key)
 
     def make_room(self, session: Session) -> bool:
-        """Before a python call: close least recently used idle workers until this session may
+        """Before a python call: close least recently used idle workers until `session` may
         have one; False when every other worker is busy."""
         with self._lock:
             if session.live:

@@ -7,8 +7,8 @@
 
 The tools' descriptions start from openai-harmony's own (`SystemContent.with_python_tool()` /
 `.with_browser_tool()`, the text the model was trained on), with the sentences that would be
-false here made true: the python timeout is the session's, the working folder replaces
-'/mnt/data', and internet access is "disabled" instead of "UNKNOWN"; the browser's
+false here made true: the python timeout is the session's, the working folder replaces the
+reference's data drive, and internet access is "disabled" instead of "UNKNOWN"; the browser's
 `sources=` names the backend (docs/harmony.md §5.10-5.11).
 """
 
@@ -21,6 +21,9 @@ from openai_harmony import Conversation, Message, Role, SystemContent, ToolNames
 from oss_mlx.tools.browser import Browser
 from oss_mlx.tools.python_tool import PythonSession
 
+# openai-harmony's own sentences, quoted exactly (a replacement must match them): the drive is
+# the reference's container path, and "session" is its word, kept in ours, for the python
+# session of one conversation, the text the model was trained on.
 _DRIVE = "The drive at '/mnt/data' can be used to save and persist user files."
 _OUR_DRIVE = ("The current working directory can be used to save files; it is deleted when "
               "the conversation ends.")
