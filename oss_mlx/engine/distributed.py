@@ -234,8 +234,10 @@ class LeaderEngine:
             except GeneratorExit:
                 # The consumer left: the other ranks are still generating. Cancel it in the
                 # next plan, run the steps to there with every rank, then return.
+                gone = threading.Event()
+                gone.set()
                 for row in loop.loop._rows + list(loop.loop._prefilling):
-                    row.req.cancel = _Set()
+                    row.req.cancel = gone
                 while loop.busy:
                     loop.step()
                 raise
@@ -271,13 +273,6 @@ class LeaderEngine:
         self._closed.set()
         with self.link.lock:
             in_own_thread(lambda: self.link.send(STOP))
-
-
-class _Set:
-    """A cancel event that is set."""
-
-    def is_set(self) -> bool:
-        return True
 
 
 def follow(engine, link: Link):
